@@ -1,0 +1,27 @@
+"""Flow matching: one time convention everywhere.
+
+t = 0 is pure noise x0 ~ N(0, I), t = 1 is data x1. The path is the straight line
+
+    x_t = t * x1 + (1 - t) * x0
+
+whose velocity, the model's regression target, is x1 - x0 (Lipman et al., 2022; Liu et al.,
+"Rectified Flow", 2022). Sampling integrates dx/dt = v(x, t) from t = 0 to t = 1.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def interpolate(noise: Tensor, data: Tensor, times: Tensor) -> Tensor:
+    """x_t for `times` broadcastable against the data, e.g. (N, 1) for (N, dim) tokens."""
+    return times * data + (1. - times) * noise
+
+
+def velocity_target(noise: Tensor, data: Tensor) -> Tensor:
+    return data - noise
+
+
+def uniform_times(num: int, device: torch.device | str | None = None, generator: torch.Generator | None = None) -> Tensor:
+    return torch.rand(num, device = device, generator = generator)

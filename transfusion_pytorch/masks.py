@@ -1,0 +1,95 @@
+"""Attention masks, from the per-token tensors of a `PackedBatch`.
+
+One rule: a query may attend to a key of the same sample (document) that comes no later than
+itself (causal), or that lies in the same modality span (bidirectional inside a modality):
+
+    allowed(q, k) = same_doc(q, k) and (k <= q or same_span(q, k))
+
+It is evaluated by elementwise lookups on per-token ids, never by a loop over spans, in two
+layouts:
+
+- padded (SDPA): samples become the rows of a (B, L) grid, L the longest sample, so the mask
+  costs B * L^2 rather than (total packed length)^2, and a batch without modalities needs no
+  mask at all (plain causal attention: padding lies after every real token);
+- flat (flex attention): a block mask over the packed sequence; blocks of different samples
+  are skipped, so the cost follows the sum of squared sample lengths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .packing import PackedBatch
+
+
+def mask_rule(q_doc: Tensor, q_idx: Tensor, q_span: Tensor, k_doc: Tensor, k_idx: Tensor, k_span: Tensor) -> Tensor:
+    causal = k_idx <= q_idx
+    same_span = (q_span == k_span) & (q_span >= 0)
+    return (q_doc == k_doc) & (causal | same_span)
+
+
+@dataclass
+class AttentionLayout:
+    """How attention sees a packed batch; built once per batch and shared by every layer."""
+    num_tokens: int
+    batch_size: int
+    max_len: int
+    gather: Tensor | None = None        # (B * L,) flat index for each padded slot; None when samples need no padding
+    scatter: Tensor | None = None       # (N,) padded slot of each flat token
+    mask: Tensor | None = None          # (B, 1, L, L) bool; None means plain causal
+    block_mask: object = None           # flex attention BlockMask over the flat sequence, when using flex
+
+
+def padded_layout(packed: PackedBatch) -> AttentionLayout:
+    device = packed.tokens.device
+    lengths = packed.seq_lengths
+    batch_size, max_len = packed.batch_size, int(lengths.max())
+
+    # padded slot (b, i) holds flat token cu_seqlens[b] + i when i < length[b]
+    slot = torch.arange(max_len, device = device)
+    valid = slot[None, :] < lengths[:, None]                                     # (B, L)
+    flat = packed.cu_seqlens[:-1, None] + slot[None, :]                           # (B, L)
+
+    layout = AttentionLayout(packed.num_tokens, batch_size, max_len)
+
+    if not bool(valid.all()):
+        layout.gather = torch.where(valid, flat, torch.zeros_like(flat)).reshape(-1)
+        offset_in_sample = torch.arange(packed.num_tokens, device = device) - packed.cu_seqlens[packed.doc]
+        layout.scatter = packed.doc * max_len + offset_in_sample
+
+    if packed.num_spans == 0:
+        return layout   # text only: causal attention, padding sits after every real token
+
+    span = torch.where(valid, packed.span[flat.clamp(max = packed.num_tokens - 1)], torch.full_like(flat, -1))
+    doc = valid.long() - 1                                                        # 0 for tokens, -1 for padding
+    layout.mask = mask_rule(
+        doc[:, :, None], slot[None, :, None], span[:, :, None],
+        doc[:, None, :], slot[None, None, :], span[:, None, :],
+    )[:, None]                                                                     # (B, 1, L, L)
+    return layout
+
+
+def flex_layout(packed: PackedBatch) -> AttentionLayout:
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    doc, span, n = packed.doc, packed.span, packed.num_tokens
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return mask_rule(doc[q_idx], q_idx, span[q_idx], doc[kv_idx], kv_idx, span[kv_idx])
+
+    block_mask = create_block_mask(mask_mod, B = None, H = None, Q_LEN = n, KV_LEN = n, device = packed.tokens.device)
+    return AttentionLayout(n, 1, n, block_mask = block_mask)
+
+
+def build_layout(packed: PackedBatch, use_flex_attn: bool = False) -> AttentionLayout:
+    return flex_layout(packed) if use_flex_attn else padded_layout(packed)
+
+
+def dense_mask(packed: PackedBatch) -> Tensor:
+    """(N, N) mask over the flat sequence. Costs (total length)^2: for tests and small batches."""
+    idx = torch.arange(packed.num_tokens, device = packed.tokens.device)
+    doc, span = packed.doc, packed.span
+    return mask_rule(doc[:, None], idx[:, None], span[:, None], doc[None, :], idx[None, :], span[None, :])

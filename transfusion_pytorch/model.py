@@ -1,0 +1,220 @@
+"""Transfusion: one transformer, next-token prediction on text and flow matching on modalities
+(Zhou et al., "Transfusion", 2024, https://arxiv.org/abs/2408.11039, with diffusion replaced
+by flow matching).
+
+The forward pass, in order:
+
+    inputs (contract forms)  --inputs.py-->   samples of Text / Modality segments
+    samples                  --packing.py-->  PackedBatch (flat tokens + per-token ids)
+    PackedBatch              --masks.py-->    AttentionLayout, built once per batch
+    noise each modality at its own time t, embed text ids and noised latents
+    Transformer              --transformer.py--> hidden states
+    text head at text targets, velocity heads at latent tokens --losses.py--> loss
+
+Initialisation lives in `_init_weights`; the adaLN-zero and U-ViT skip projections set their
+own starting values where they are made.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from . import flow
+from .config import TransfusionConfig, per_type
+from .inputs import ModalitySpec, Sample, modality_batch, normalize_samples, text_batch
+from .losses import LossBreakdown, combine, flow_loss_per_token, text_loss_per_token
+from .masks import build_layout
+from .packing import IGNORE, PackedBatch, pack
+from .transformer import Transformer
+from .vocab import Vocab
+
+
+class AxialPositions(nn.Module):
+    """A learned embedding of a token's coordinate on each axis of its modality's grid, summed
+    over the axes. Each axis has a small MLP of the coordinate, so any grid size works."""
+
+    def __init__(self, num_axes: int, dim: int):
+        super().__init__()
+        self.axes = nn.ModuleList([nn.Sequential(nn.Linear(1, dim), nn.SiLU(), nn.Linear(dim, dim)) for _ in range(num_axes)])
+
+    def forward(self, coords: Tensor) -> Tensor:
+        """(N, num_axes) integer coordinates -> (N, dim)"""
+        return sum(mlp(coords[:, axis:axis + 1].float()) for axis, mlp in enumerate(self.axes))
+
+
+def optional_modules(value, num_types: int, name: str) -> nn.ModuleList:
+    modules = per_type(value, num_types, name, lambda v: v is None or isinstance(v, nn.Module))
+    return nn.ModuleList([nn.Identity() if module is None else module for module in modules])
+
+
+class Transfusion(nn.Module):
+    def __init__(
+        self,
+        *,
+        num_text_tokens: int,
+        transformer: dict,
+        dim_latent: int | tuple[int, ...] | None = None,
+        channel_first_latent: bool | tuple[bool, ...] = False,
+        add_pos_emb: bool | tuple[bool, ...] = False,
+        modality_encoder: nn.Module | tuple[nn.Module | None, ...] | None = None,
+        modality_decoder: nn.Module | tuple[nn.Module | None, ...] | None = None,
+        modality_default_shape: tuple[int, ...] | tuple[tuple[int, ...], ...] | None = None,
+        modality_num_dim: int | tuple[int, ...] | None = None,
+        text_loss_weight: float = 1.,
+        flow_loss_weight: float | tuple[float, ...] = 1.,
+    ):
+        super().__init__()
+
+        self.config = config = TransfusionConfig.from_kwargs(
+            num_text_tokens = num_text_tokens, transformer = transformer, dim_latent = dim_latent,
+            channel_first_latent = channel_first_latent, add_pos_emb = add_pos_emb,
+            modality_default_shape = modality_default_shape, modality_num_dim = modality_num_dim,
+            text_loss_weight = text_loss_weight, flow_loss_weight = flow_loss_weight,
+        )
+
+        num_types, dim = config.num_modality_types, config.transformer.dim
+        self.vocab = Vocab(num_text_tokens, num_types)
+        self.specs = tuple(
+            ModalitySpec(d, channel_first, num_dim)
+            for d, channel_first, num_dim in zip(config.dim_latent, config.channel_first_latent, config.modality_num_dim)
+        )
+
+        # the encoders turn raw modalities into latents before noising; the decoders turn sampled latents back
+        self.modality_encoders = optional_modules(modality_encoder, num_types, 'modality_encoder')
+        self.modality_decoders = optional_modules(modality_decoder, num_types, 'modality_decoder')
+
+        self.transformer = Transformer(config.transformer)
+
+        self.token_embed = nn.Embedding(self.vocab.size, dim)
+        self.latent_to_model = nn.ModuleList([nn.Linear(d, dim) for d in config.dim_latent])
+        self.model_to_velocity = nn.ModuleList([nn.Linear(dim, d) for d in config.dim_latent])
+        self.pos_embs = nn.ModuleList([
+            AxialPositions(num_dim, dim) if add else nn.Identity()
+            for add, num_dim in zip(config.add_pos_emb, config.modality_num_dim)
+        ])
+        self.to_logits = nn.Linear(dim, self.vocab.size, bias = False)
+
+        self._init_weights()
+
+    def _init_weights(self):
+        for module in (self.token_embed, self.to_logits, *self.latent_to_model, *self.model_to_velocity):
+            nn.init.normal_(module.weight, std = 0.02)
+            if getattr(module, 'bias', None) is not None:
+                nn.init.zeros_(module.bias)
+
+    @property
+    def device(self) -> torch.device:
+        return self.token_embed.weight.device
+
+    @property
+    def num_modality_types(self) -> int:
+        return self.config.num_modality_types
+
+    # inputs -> packed batch
+
+    def encode_modality(self, modality_type: int, raw: Tensor) -> Tensor:
+        """Runs the modality's encoder (if any) on one raw modality, without gradient."""
+        encoder = self.modality_encoders[modality_type]
+        if isinstance(encoder, nn.Identity):
+            return raw
+        with torch.no_grad():
+            return encoder(raw[None])[0]
+
+    def to_samples(self, modalities, modality_type: int | None = None) -> tuple[list[Sample], bool]:
+        """The contract's input forms -> (samples, whether they are framed by SOS / EOS)."""
+        if torch.is_tensor(modalities) and not modalities.is_floating_point():
+            return text_batch(modalities, self.config.num_text_tokens), False
+        if torch.is_tensor(modalities):
+            return modality_batch(modalities, modality_type, self.specs, self.encode_modality), True
+        return normalize_samples(modalities, self.config.num_text_tokens, self.specs, self.encode_modality), True
+
+    def pack(self, modalities, modality_type: int | None = None) -> PackedBatch:
+        samples, wrap = self.to_samples(modalities, modality_type)
+        return pack(samples, self.vocab, wrap = wrap).to(self.device)
+
+    # times and noise
+
+    def span_times(
+        self, packed: PackedBatch,
+        times: Tensor | None = None,
+        num_modalities_to_times_fn: Callable[[Tensor], Tensor] | None = None,
+    ) -> Tensor:
+        """(S,) the time of each modality span: from `times` (B, max modalities per sample),
+        from `num_modalities_to_times_fn(num_modalities: (B,)) -> (B, max)`, or uniform."""
+        if times is None and num_modalities_to_times_fn is not None:
+            num_modalities = torch.zeros(packed.batch_size, dtype = torch.long, device = self.device).index_add(
+                0, packed.span_doc, torch.ones_like(packed.span_doc))
+            times = num_modalities_to_times_fn(num_modalities)
+
+        if times is None:
+            return flow.uniform_times(packed.num_spans, device = self.device)
+
+        times = torch.as_tensor(times, dtype = torch.float32, device = self.device)
+        most = int(packed.span_rank.max()) + 1 if packed.num_spans > 0 else 0
+        if times.ndim != 2 or times.shape[0] != packed.batch_size or times.shape[1] < most:
+            raise ValueError(f'`times` must have shape (batch, max modalities per sample) = ({packed.batch_size}, >= {most}), got {tuple(times.shape)}')
+        span_times = times[packed.span_doc, packed.span_rank]
+        if ((span_times < 0) | (span_times > 1)).any():
+            raise ValueError('`times` must lie in [0, 1] (0 is noise, 1 is data)')
+        return span_times
+
+    # the forward pass
+
+    def forward(
+        self,
+        modalities: list | Tensor,
+        times: Tensor | None = None,
+        num_modalities_to_times_fn: Callable[[Tensor], Tensor] | None = None,
+        modality_type: int | None = None,
+        return_breakdown: bool = False,
+    ) -> Tensor | tuple[Tensor, LossBreakdown]:
+        """The training loss of a batch in any of the contract's forms (see `inputs.py`)."""
+        packed = self.pack(modalities, modality_type)
+        span_times = self.span_times(packed, times, num_modalities_to_times_fn)
+        noise = tuple(torch.randn_like(latents, dtype = torch.float32) for latents in packed.latents)
+
+        breakdown = self.compute_loss(packed, span_times, noise)
+        return (breakdown.total, breakdown) if return_breakdown else breakdown.total
+
+    def embed(self, packed: PackedBatch, noised: tuple[Tensor, ...]) -> Tensor:
+        """(N, dim): token embeddings, with the noised latents projected in at latent tokens."""
+        x = self.token_embed(packed.tokens)
+        for m, (latents, index) in enumerate(zip(noised, packed.latent_index)):
+            if index.numel() == 0:
+                continue
+            tokens = self.latent_to_model[m](latents.to(x.dtype))
+            if self.config.add_pos_emb[m]:
+                tokens = tokens + self.pos_embs[m](packed.latent_coords[m])
+            x = x.index_put((index,), tokens)
+        return x
+
+    def hidden_states(self, packed: PackedBatch, noised: tuple[Tensor, ...], span_times: Tensor) -> Tensor:
+        use_flex = self.config.transformer.use_flex_attn
+        use_flex = self.device.type == 'cuda' if use_flex is None else use_flex
+        layout = build_layout(packed, use_flex_attn = use_flex)
+        return self.transformer(self.embed(packed, noised), layout, packed.position, span_times, packed.span)
+
+    def compute_loss(self, packed: PackedBatch, span_times: Tensor, noise: tuple[Tensor, ...]) -> LossBreakdown:
+        """The loss for given times and noise: deterministic, for tests and custom training loops."""
+        token_times = tuple(span_times[packed.span[index]][:, None] for index in packed.latent_index)   # (N_m, 1)
+        noised = tuple(flow.interpolate(n, x1, t) for n, x1, t in zip(noise, packed.latents, token_times))
+
+        hidden = self.hidden_states(packed, noised, span_times)
+
+        text_index = (packed.text_target != IGNORE).nonzero().squeeze(-1)
+        text_losses = text_loss_per_token(self.to_logits(hidden[text_index]), packed.text_target[text_index])
+
+        flow_losses = tuple(
+            flow_loss_per_token(self.model_to_velocity[m](hidden[index]), flow.velocity_target(n, x1))
+            if index.numel() > 0 else hidden.new_zeros(0)
+            for m, (index, n, x1) in enumerate(zip(packed.latent_index, noise, packed.latents))
+        )
+
+        return combine(
+            text_losses, packed.doc[text_index],
+            flow_losses, tuple(packed.doc[index] for index in packed.latent_index),
+            packed.batch_size, self.config.text_loss_weight, self.config.flow_loss_weight,
+        )

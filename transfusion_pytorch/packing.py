@@ -1,0 +1,262 @@
+"""Packing: a batch of samples -> one flat `PackedBatch`. Pure functions, no model code.
+
+Each sample is laid out as (see `vocab.py` for the ids)::
+
+    SOS  text ...  META <shape tokens> BOM_m  x x x ... x  EOM_m  text ...  EOS
+
+where `x` are the latent tokens of the modality (prod(shape) of them, row-major). All samples
+are concatenated without padding; per-token integer tensors say which sample (document) a
+token belongs to, its rotary position (every latent token of one modality shares one
+position), which modality span it is in, and which token the model must predict from it.
+Lists and tuples stop here: everything downstream works on these tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .inputs import Modality, Sample, Text
+from .vocab import Vocab
+
+IGNORE = -1     # text target of positions that predict nothing
+
+
+@dataclass(frozen = True)
+class SegmentRecord:
+    """Where a segment of a sample landed in the packed sequence (for unpacking)."""
+    kind: str                   # 'text' or 'modality'
+    start: int                  # flat index of its first token (first latent for a modality)
+    length: int
+    modality_type: int = -1
+    shape: tuple[int, ...] = ()
+
+
+@dataclass
+class PackedBatch:
+    # per token, (N,)
+    tokens: Tensor              # token id; 0 at latent tokens, whose values are in `latents`
+    doc: Tensor                 # index of the sample
+    position: Tensor            # rotary position
+    span: Tensor                # modality span id of a latent token, -1 elsewhere
+    modality_type: Tensor       # modality type of a latent token, -1 elsewhere
+    text_target: Tensor         # token to predict from this position, IGNORE where none
+
+    # per sample, (B + 1,)
+    cu_seqlens: Tensor          # offsets of the samples in the flat sequence
+
+    # per modality span, (S,)
+    span_type: Tensor
+    span_doc: Tensor
+    span_rank: Tensor           # index of the modality within its sample
+    span_start: Tensor          # flat index of its first latent token
+    span_length: Tensor         # number of latent tokens
+
+    # per modality type m, in sequence order
+    latents: tuple[Tensor, ...]         # (N_m, dim_latent_m), clean data (t = 1)
+    latent_index: tuple[Tensor, ...]    # (N_m,) flat index of each latent token
+    latent_coords: tuple[Tensor, ...]   # (N_m, num_axes_m) coordinate of each token in its modality's grid
+
+    layout: tuple[tuple[SegmentRecord, ...], ...]
+    wrapped: bool               # whether samples were framed by SOS / EOS
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def batch_size(self) -> int:
+        return self.cu_seqlens.shape[0] - 1
+
+    @property
+    def num_spans(self) -> int:
+        return self.span_type.shape[0]
+
+    @property
+    def seq_lengths(self) -> Tensor:
+        return self.cu_seqlens.diff()
+
+    @property
+    def is_latent(self) -> Tensor:
+        return self.span >= 0
+
+    def to(self, device: torch.device | str) -> PackedBatch:
+        moved = {}
+        for name, value in vars(self).items():
+            if torch.is_tensor(value):
+                value = value.to(device)
+            elif isinstance(value, tuple) and len(value) > 0 and torch.is_tensor(value[0]):
+                value = tuple(tensor.to(device) for tensor in value)
+            moved[name] = value
+        return PackedBatch(**moved)
+
+
+def grid_coords(shape: tuple[int, ...]) -> Tensor:
+    """(prod(shape), len(shape)) row-major coordinates of every cell of a grid."""
+    if len(shape) == 0:
+        return torch.zeros(1, 0, dtype = torch.long)
+    axes = [torch.arange(size) for size in shape]
+    return torch.stack(torch.meshgrid(*axes, indexing = 'ij'), dim = -1).reshape(-1, len(shape))
+
+
+def pack(samples: list[Sample], vocab: Vocab, wrap: bool = True) -> PackedBatch:
+    """Lays out and concatenates samples. With `wrap = False` (language pretraining on raw
+    text rows) no SOS / EOS is added and a sample may hold only text. Everything is built on
+    the device of the samples' tensors."""
+
+    num_types = vocab.num_modality_types
+    device = samples[0][0].ids.device if isinstance(samples[0][0], Text) else samples[0][0].latent.device
+    long = dict(dtype = torch.long, device = device)
+
+    tokens, positions, spans, types, docs = [], [], [], [], []
+    span_type, span_doc, span_rank, span_start, span_length = [], [], [], [], []
+    latents = [[] for _ in range(num_types)]
+    latent_index = [[] for _ in range(num_types)]
+    latent_coords = [[] for _ in range(num_types)]
+    layout = []
+
+    offset = 0
+
+    for doc, sample in enumerate(samples):
+        position, rank = 0, 0
+        records = []
+        doc_start = offset
+
+        def emit(ids: list[int] | Tensor, span = -1, modality_type = -1, shared_position = False):
+            nonlocal offset, position
+            ids = torch.as_tensor(ids, **long)
+            length = ids.shape[0]
+            tokens.append(ids)
+            if shared_position:
+                positions.append(torch.full((length,), position, **long))
+                position += 1
+            else:
+                positions.append(torch.arange(position, position + length, device = device))
+                position += length
+            spans.append(torch.full((length,), span, **long))
+            types.append(torch.full((length,), modality_type, **long))
+            offset += length
+
+        if wrap:
+            emit([vocab.sos])
+
+        for segment in sample:
+            if isinstance(segment, Text):
+                records.append(SegmentRecord('text', offset, segment.ids.shape[0]))
+                emit(segment.ids)
+                continue
+
+            assert isinstance(segment, Modality) and wrap, 'modalities need the SOS / EOS framing'
+            m, shape = segment.modality_type, segment.shape
+            emit([vocab.meta, *vocab.encode_shape(shape), vocab.bom(m)])
+
+            span_id = len(span_type)
+            length = segment.latent[..., 0].numel()
+            records.append(SegmentRecord('modality', offset, length, m, shape))
+
+            span_type.append(m)
+            span_doc.append(doc)
+            span_rank.append(rank)
+            rank += 1
+            span_start.append(offset)
+            span_length.append(length)
+
+            latents[m].append(segment.latent.reshape(length, -1))
+            latent_index[m].append(torch.arange(offset, offset + length, device = device))
+            latent_coords[m].append(grid_coords(shape).to(device))
+
+            emit(torch.zeros(length, **long), span = span_id, modality_type = m, shared_position = True)
+            emit([vocab.eom(m)])
+
+        if wrap:
+            emit([vocab.eos])
+
+        if offset == doc_start:
+            raise ValueError(f'sample {doc} is empty')
+
+        docs.append(torch.full((offset - doc_start,), doc, **long))
+        layout.append(tuple(records))
+
+    tokens = torch.cat(tokens)
+    doc = torch.cat(docs)
+    span = torch.cat(spans)
+    lengths = torch.tensor([len(d) for d in docs], **long)
+
+    def cat_or_empty(parts, *shape, dtype = torch.long):
+        return torch.cat(parts) if len(parts) > 0 else torch.zeros(0, *shape, dtype = dtype, device = device)
+
+    latent_dtype = next((part.dtype for parts in latents for part in parts), torch.float32)
+
+    return PackedBatch(
+        tokens = tokens,
+        doc = doc,
+        position = torch.cat(positions),
+        span = span,
+        modality_type = torch.cat(types),
+        text_target = next_token_targets(tokens, doc, span, vocab),
+        cu_seqlens = torch.cat((torch.zeros(1, **long), lengths.cumsum(0))),
+        span_type = torch.tensor(span_type, **long),
+        span_doc = torch.tensor(span_doc, **long),
+        span_rank = torch.tensor(span_rank, **long),
+        span_start = torch.tensor(span_start, **long),
+        span_length = torch.tensor(span_length, **long),
+        latents = tuple(cat_or_empty([part.to(latent_dtype) for part in latents[m]], dim_of(latents[m]), dtype = latent_dtype) for m in range(num_types)),
+        latent_index = tuple(cat_or_empty(latent_index[m]) for m in range(num_types)),
+        latent_coords = tuple(cat_coords(latent_coords[m], device) for m in range(num_types)),
+        layout = tuple(layout),
+        wrapped = wrap,
+    )
+
+
+def dim_of(parts: list[Tensor]) -> int:
+    return parts[0].shape[-1] if len(parts) > 0 else 0
+
+
+def cat_coords(parts: list[Tensor], device: torch.device) -> Tensor:
+    """Concatenates coordinates of grids with possibly different numbers of axes (missing axes are 0)."""
+    if len(parts) == 0:
+        return torch.zeros(0, 0, dtype = torch.long, device = device)
+    num_axes = max(part.shape[-1] for part in parts)
+    return torch.cat([torch.nn.functional.pad(part, (0, num_axes - part.shape[-1])) for part in parts])
+
+
+def is_predicted(tokens: Tensor, span: Tensor, vocab: Vocab) -> Tensor:
+    """Which tokens the model must learn to produce by next-token prediction: text, META, shape
+    digits, BOM and EOS. Not SOS (given), not latents (flow matching) and not EOM (the sampler
+    closes a modality itself once its tokens are denoised)."""
+    first_eom = vocab.eom(0)
+    is_eom = (tokens >= first_eom) & ((tokens - first_eom) % 2 == 0)
+    return (span < 0) & (tokens != vocab.sos) & ~is_eom
+
+
+def next_token_targets(tokens: Tensor, doc: Tensor, span: Tensor, vocab: Vocab) -> Tensor:
+    next_tokens = tokens.roll(-1)
+    valid = is_predicted(tokens, span, vocab).roll(-1) & (doc == doc.roll(-1))
+    valid[-1] = False
+    return torch.where(valid, next_tokens, torch.full_like(tokens, IGNORE))
+
+
+def unpack(packed: PackedBatch, latents: tuple[Tensor, ...] | None = None) -> list[list]:
+    """The inverse of `pack`: samples in the contract's list form, text as 1-d long tensors and
+    modalities as `(modality_type, latent)` with channel-last latents of their original shape.
+    `latents` replaces the packed latents (e.g. by a model's predictions) when given."""
+
+    latents = packed.latents if latents is None else latents
+    offsets = [0] * len(latents)
+    samples = []
+
+    for records in packed.layout:
+        sample = []
+        for record in records:
+            if record.kind == 'text':
+                sample.append(packed.tokens[record.start:record.start + record.length])
+                continue
+            m, start = record.modality_type, offsets[record.modality_type]
+            offsets[m] += record.length
+            values = latents[m][start:start + record.length]
+            sample.append((m, values.reshape(*record.shape, values.shape[-1])))
+        samples.append(sample)
+
+    return samples

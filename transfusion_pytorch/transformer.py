@@ -1,0 +1,183 @@
+"""The transformer: pre-norm blocks over a flat, packed token sequence.
+
+Choices, with where they come from:
+
+- RMSNorm, SwiGLU feed-forward (Shazeer, 2020), no biases;
+- rotary positions (Su et al., 2021) from per-token position ids: every token of a modality
+  span shares one position, as the tokens of a patch grid have no order among themselves;
+- time conditioning by adaptive norms with adaLN-zero gates (Peebles & Xie, "DiT", 2022):
+  each modality span's time t is embedded once per span, turned into (scale, shift, gate)
+  once per span and block, and looked up by every token of the span. Text tokens are not
+  conditioned (scale 0, shift 0, gate 1);
+- U-ViT long skips from the first half of the blocks to the second (Bao et al., 2022).
+
+The transformer returns hidden states; it computes no loss.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .attention import attend
+from .config import TransformerConfig
+from .masks import AttentionLayout
+
+
+class Rotary(nn.Module):
+    def __init__(self, dim_head: int, theta: float):
+        super().__init__()
+        inv_freq = theta ** -(torch.arange(0, dim_head, 2, dtype = torch.float32) / dim_head)
+        self.register_buffer('inv_freq', inv_freq, persistent = False)
+
+    def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """(N,) positions -> cos, sin of shape (N, 1, dim_head / 2)"""
+        angles = positions.float()[:, None] * self.inv_freq[None, :]
+        return angles.cos()[:, None], angles.sin()[:, None]
+
+
+def apply_rotary(t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """(N, heads, dim_head): rotates the pairs (first half, second half) of each head."""
+    first, second = t.float().chunk(2, dim = -1)
+    rotated = torch.cat((first * cos - second * sin, first * sin + second * cos), dim = -1)
+    return rotated.type_as(t)
+
+
+def time_features(times: Tensor, dim: int) -> Tensor:
+    """(S,) times in [0, 1] -> (S, dim) sinusoidal features."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.) * torch.arange(half, device = times.device, dtype = torch.float32) / half)
+    angles = times.float()[:, None] * 1000. * freqs[None, :]
+    return torch.cat((angles.sin(), angles.cos()), dim = -1)
+
+
+class Conditioning:
+    """Per-span time embeddings and, for every token, the row of its span (S for text tokens)."""
+
+    def __init__(self, span_embed: Tensor, token_span: Tensor):
+        self.span_embed = span_embed        # (S, dim)
+        self.token_row = torch.where(token_span >= 0, token_span, span_embed.shape[0])  # (N,)
+
+    def lookup(self, per_span: Tensor, text_row: Tensor) -> Tensor:
+        """(S, k) values per span + (k,) value for text tokens -> (N, k)"""
+        return F.embedding(self.token_row, torch.cat((per_span, text_row[None]), dim = 0))
+
+
+class AdaptiveNorm(nn.Module):
+    """RMSNorm, then for conditioned tokens x * (1 + scale) + shift, and a gate for the branch output."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = nn.RMSNorm(dim)
+        self.to_modulation = nn.Linear(dim, dim * 3)
+        nn.init.zeros_(self.to_modulation.weight)       # adaLN-zero: conditioned branches start closed
+        nn.init.zeros_(self.to_modulation.bias)
+        identity = torch.cat((torch.zeros(dim), torch.zeros(dim), torch.ones(dim)))
+        self.register_buffer('text_row', identity, persistent = False)
+
+    def forward(self, x: Tensor, cond: Conditioning | None) -> tuple[Tensor, Tensor | None]:
+        x = self.norm(x)
+        if cond is None:
+            return x, None
+        per_span = self.to_modulation(F.silu(cond.span_embed))                        # (S, 3 * dim)
+        scale, shift, gate = cond.lookup(per_span, self.text_row).chunk(3, dim = -1)  # (N, dim) each
+        return x * (1. + scale) + shift, gate
+
+
+class Attention(nn.Module):
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.heads, self.dim_head = config.heads, config.dim_head
+        dim_inner = config.heads * config.dim_head
+        self.to_qkv = nn.Linear(config.dim, dim_inner * 3, bias = False)
+        self.to_out = nn.Linear(dim_inner, config.dim, bias = False)
+        self.attn_dropout = config.attn_dropout
+
+    def forward(self, x: Tensor, layout: AttentionLayout, rotary: tuple[Tensor, Tensor]) -> Tensor:
+        q, k, v = self.to_qkv(x).view(x.shape[0], 3, self.heads, self.dim_head).unbind(dim = 1)  # (N, heads, dim_head)
+        q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        out = attend(q, k, v, layout, dropout_p = self.attn_dropout if self.training else 0.)
+        return self.to_out(out.reshape(x.shape[0], -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        dim_hidden = int(config.dim * config.ff_expansion * 2 / 3)
+        self.proj_in = nn.Linear(config.dim, dim_hidden * 2, bias = False)
+        self.proj_out = nn.Linear(dim_hidden, config.dim, bias = False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x, gate = self.proj_in(x).chunk(2, dim = -1)
+        return self.proj_out(x * F.silu(gate))
+
+
+class Block(nn.Module):
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.attn_norm, self.attn = AdaptiveNorm(config.dim), Attention(config)
+        self.ff_norm, self.ff = AdaptiveNorm(config.dim), FeedForward(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, layout, rotary, cond):
+        for norm, branch, args in ((self.attn_norm, self.attn, (layout, rotary)), (self.ff_norm, self.ff, ())):
+            h, gate = norm(x, cond)
+            h = self.dropout(branch(h, *args))
+            x = x + (h if gate is None else h * gate)
+        return x
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.config = config
+        dim = config.dim
+
+        self.rotary = Rotary(config.dim_head, config.rotary_theta)
+        self.to_time_embed = nn.Sequential(nn.Linear(config.dim_time, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.blocks = nn.ModuleList([Block(config) for _ in range(config.depth)])
+
+        # U-ViT: block i of the second half also sees the output of its mirror in the first half
+        num_skips = config.depth // 2 if config.unet_skips else 0
+        self.skip_projs = nn.ModuleList([nn.Linear(dim * 2, dim, bias = False) for _ in range(num_skips)])
+        for proj in self.skip_projs:
+            nn.init.zeros_(proj.weight)
+            proj.weight.data[:, :dim].copy_(torch.eye(dim))     # starts as the plain residual stream
+
+        self.final_norm = nn.RMSNorm(dim)
+
+    @property
+    def dim(self) -> int:
+        return self.config.dim
+
+    def forward(
+        self,
+        x: Tensor,                      # (N, dim) embedded tokens
+        layout: AttentionLayout,
+        positions: Tensor,              # (N,) rotary positions
+        span_times: Tensor | None = None,   # (S,) time of each modality span
+        token_span: Tensor | None = None,   # (N,) span of each token, -1 for text
+    ) -> Tensor:
+        rotary = self.rotary(positions)
+
+        cond = None
+        if span_times is not None and span_times.numel() > 0:
+            span_embed = self.to_time_embed(time_features(span_times, self.config.dim_time))
+            cond = Conditioning(span_embed, token_span)
+
+        depth, num_skips = len(self.blocks), len(self.skip_projs)
+        skips = []
+
+        for index, block in enumerate(self.blocks):
+            if index >= depth - num_skips:
+                x = self.skip_projs[index - (depth - num_skips)](torch.cat((x, skips.pop()), dim = -1))
+
+            x = block(x, layout, rotary, cond)
+
+            if index < num_skips:
+                skips.append(x)
+
+        return self.final_norm(x)
