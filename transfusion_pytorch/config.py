@@ -75,6 +75,8 @@ class TransfusionConfig:
     dim_latent: tuple[int, ...]                             # latent width of each modality type
     channel_first_latent: tuple[bool, ...]                  # latents given as (dim, *shape) instead of (*shape, dim)
     add_pos_emb: tuple[bool, ...]                           # learned axial positions over each modality's grid
+                                                            # (default: on wherever the number of axes is known,
+                                                            # since latent tokens share one rotary position)
     modality_default_shape: tuple[tuple[int, ...] | None, ...]  # shape to sample when the model writes an invalid one
     modality_num_dim: tuple[int | None, ...]                # number of axes of each type, None: any
     text_loss_weight: float = 1.
@@ -100,7 +102,7 @@ class TransfusionConfig:
 
     @classmethod
     def from_kwargs(
-        cls, *, num_text_tokens, transformer, dim_latent = None, channel_first_latent = False, add_pos_emb = False,
+        cls, *, num_text_tokens, transformer, dim_latent = None, channel_first_latent = False, add_pos_emb = None,
         modality_default_shape = None, modality_num_dim = None, text_loss_weight = 1., flow_loss_weight = 1.,
     ) -> TransfusionConfig:
         transformer = transformer if isinstance(transformer, TransformerConfig) else TransformerConfig.from_dict(dict(transformer))
@@ -117,7 +119,10 @@ class TransfusionConfig:
             transformer = transformer,
             dim_latent = tuple(dim_latent),
             channel_first_latent = per_type(channel_first_latent, num_types, 'channel_first_latent', lambda v: isinstance(v, bool)),
-            add_pos_emb = per_type(add_pos_emb, num_types, 'add_pos_emb', lambda v: isinstance(v, bool)),
+            add_pos_emb = tuple(
+                (num_dim is not None and num_dim > 0) if add is None else add
+                for add, num_dim in zip(per_type(add_pos_emb, num_types, 'add_pos_emb', lambda v: v is None or isinstance(v, bool)), num_dims)
+            ),
             modality_default_shape = shapes,
             modality_num_dim = num_dims,
             text_loss_weight = float(text_loss_weight),

@@ -58,7 +58,7 @@ class Transfusion(nn.Module):
         transformer: dict,
         dim_latent: int | tuple[int, ...] | None = None,
         channel_first_latent: bool | tuple[bool, ...] = False,
-        add_pos_emb: bool | tuple[bool, ...] = False,
+        add_pos_emb: bool | tuple[bool, ...] | None = None,
         modality_encoder: nn.Module | tuple[nn.Module | None, ...] | None = None,
         modality_decoder: nn.Module | tuple[nn.Module | None, ...] | None = None,
         modality_default_shape: tuple[int, ...] | tuple[tuple[int, ...], ...] | None = None,

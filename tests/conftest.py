@@ -1,0 +1,44 @@
+import random
+
+import pytest
+import torch
+
+from transfusion_pytorch import Transfusion
+
+NUM_TEXT_TOKENS = 32
+DIM_LATENTS = (6, 4)
+
+
+@pytest.fixture(autouse = True)
+def seed():
+    torch.manual_seed(0)
+    random.seed(0)
+
+
+def tiny_model(**kwargs) -> Transfusion:
+    options = dict(
+        num_text_tokens = NUM_TEXT_TOKENS,
+        dim_latent = DIM_LATENTS,
+        modality_default_shape = ((2,), (2, 2)),
+        transformer = dict(dim = 32, depth = 2, dim_head = 8, heads = 2),
+    )
+    options.update(kwargs)
+    return Transfusion(**options)
+
+
+def random_sample(rng: random.Random, max_elements: int = 5) -> list:
+    """A random interleaving of text runs and modalities of type 0 (1 axis) and 1 (2 axes)."""
+    sample = []
+    for _ in range(rng.randint(1, max_elements)):
+        kind = rng.choice(['text', 'type0', 'type1'])
+        if kind == 'text':
+            sample.append(torch.randint(0, NUM_TEXT_TOKENS, (rng.randint(1, 6),)))
+        elif kind == 'type0':
+            sample.append((0, torch.randn(rng.randint(1, 4), DIM_LATENTS[0])))
+        else:
+            sample.append((1, torch.randn(rng.randint(1, 3), rng.randint(1, 3), DIM_LATENTS[1])))
+    return sample
+
+
+def random_batch(rng: random.Random, max_samples: int = 4) -> list:
+    return [random_sample(rng) for _ in range(rng.randint(1, max_samples))]

@@ -1,0 +1,53 @@
+import random
+import warnings
+
+import pytest
+import torch
+
+from transfusion_pytorch.attention import attend
+from transfusion_pytorch.masks import flex_layout, padded_layout
+
+from reference import reference_attention, reference_mask
+from test_packing import packed_from
+from conftest import random_batch
+
+
+def qkv(n, heads = 2, dim_head = 8):
+    return tuple(torch.randn(n, heads, dim_head, dtype = torch.float64) for _ in range(3))
+
+
+@pytest.mark.parametrize('seed', range(10))
+def test_sdpa_agrees_with_reference(seed):
+    packed = packed_from(random_batch(random.Random(seed)))
+    q, k, v = qkv(packed.num_tokens)
+    expected = reference_attention(q, k, v, reference_mask(packed))
+    out = attend(q, k, v, padded_layout(packed))
+    torch.testing.assert_close(out, expected)
+
+
+def test_sdpa_text_only_agrees_with_reference():
+    packed = packed_from([[torch.tensor([1, 2, 3, 4])], [torch.tensor([5])], [torch.tensor([6, 7])]])
+    q, k, v = qkv(packed.num_tokens)
+    torch.testing.assert_close(attend(q, k, v, padded_layout(packed)), reference_attention(q, k, v, reference_mask(packed)))
+
+
+@pytest.mark.parametrize('seed', range(3))
+def test_flex_agrees_with_reference(seed):
+    packed = packed_from(random_batch(random.Random(seed)))
+    q, k, v = (t.float() for t in qkv(packed.num_tokens))
+    expected = reference_attention(q, k, v, reference_mask(packed))
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')     # flex attention warns that it runs uncompiled on CPU
+        out = attend(q, k, v, flex_layout(packed))
+    torch.testing.assert_close(out, expected, atol = 1e-5, rtol = 1e-4)
+
+
+def test_backends_give_the_same_gradients():
+    packed = packed_from(random_batch(random.Random(11)))
+    q, k, v = (t.float().requires_grad_() for t in qkv(packed.num_tokens))
+    grads = []
+    for layout in (padded_layout(packed), None):
+        out = attend(q, k, v, layout) if layout is not None else reference_attention(q, k, v, reference_mask(packed))
+        grads.append(torch.autograd.grad(out.square().sum(), (q, k, v)))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol = 1e-5, rtol = 1e-4)

@@ -1,0 +1,91 @@
+"""Each input error names the argument, what was expected and what was given."""
+
+import pytest
+import torch
+
+from conftest import DIM_LATENTS, NUM_TEXT_TOKENS, tiny_model
+
+MODEL = None
+
+
+def model():
+    global MODEL
+    MODEL = MODEL or tiny_model()
+    return MODEL
+
+
+def text(n = 3):
+    return torch.randint(0, NUM_TEXT_TOKENS, (n,))
+
+
+CASES = [
+    # (id, batch, error type, fragments the message must contain)
+    ('latent dim mismatch', [[text(), (0, torch.randn(2, 5))]], ValueError, ['modalities[0][1]', 'latent dim 6', '(2, 5)']),
+    ('wrong number of dims', [[text(), (1, torch.randn(3, DIM_LATENTS[1]))]], ValueError, ['modalities[0][1]', 'expects 2 axes', 'got 1']),
+    ('modality type out of range', [[text(), (2, torch.randn(2, 6))]], ValueError, ['modalities[0][1]', '[0, 2)', 'got 2']),
+    ('negative modality type', [[(-1, torch.randn(2, 6))]], ValueError, ['modalities[0][0]', 'got -1']),
+    ('text id too large', [[text(), torch.tensor([1, NUM_TEXT_TOKENS])]], ValueError, ['modalities[0][1]', f'[0, {NUM_TEXT_TOKENS})', f'id {NUM_TEXT_TOKENS}']),
+    ('negative text id', [[torch.tensor([-3])]], ValueError, ['modalities[0][0]', 'id -3']),
+    ('empty sample', [[text()], []], ValueError, ['modalities[1]', 'empty sample']),
+    ('empty batch', [], ValueError, ['modalities', 'at least one sample']),
+    ('non-finite modality', [[(0, torch.tensor([[float('nan')] * 6]))]], ValueError, ['modalities[0][0]', 'finite']),
+    ('infinite modality', [[text(), (0, torch.full((1, 6), float('inf')))]], ValueError, ['modalities[0][1]', 'finite']),
+    ('float text', [[torch.randn(4)]], ValueError, ['modalities[0][0]', 'latent dim 6', 'text must be an integer tensor']),
+    ('integer modality in a tuple', [[(0, torch.ones(2, 6, dtype = torch.long))]], TypeError, ['modalities[0][0]', 'float tensor', 'torch.int64']),
+    ('2-d text', [[torch.ones(2, 2, dtype = torch.long)]], ValueError, ['modalities[0][0]', '1-d', '(2, 2)']),
+    ('bool tensor', [[torch.ones(3, dtype = torch.bool)]], TypeError, ['modalities[0][0]', 'torch.bool']),
+    ('not a tensor', [[text(), 'hello']], TypeError, ['modalities[0][1]', 'str']),
+    ('sample not a list', [text(), 7], TypeError, ['modalities[1]', 'int']),
+    ('bad tuple', [[(0, torch.randn(2, 6), 1)]], TypeError, ['modalities[0][0]', '(modality_type, tensor)']),
+    ('float modality type', [[(0.5, torch.randn(2, 6))]], TypeError, ['modalities[0][0]', 'modality type must be an int']),
+    ('zero-sized modality', [[(0, torch.randn(0, 6))]], ValueError, ['modalities[0][0]', 'at least one token']),
+]
+
+
+@pytest.mark.parametrize('batch, error, fragments', [case[1:] for case in CASES], ids = [case[0] for case in CASES])
+def test_bad_list_input_raises(batch, error, fragments):
+    with pytest.raises(error) as info:
+        model()(batch)
+    for fragment in fragments:
+        assert fragment in str(info.value), (fragment, str(info.value))
+
+
+def test_bad_text_batch():
+    with pytest.raises(ValueError, match = r'\[0, 32\)'):
+        model()(torch.full((2, 4), NUM_TEXT_TOKENS))
+    with pytest.raises(ValueError, match = 'Int\\[b n\\]'):
+        model()(torch.ones(2, 3, 4, dtype = torch.long))
+
+
+def test_bad_modality_batch():
+    with pytest.raises(ValueError, match = '`modality_type` must be given'):
+        model()(torch.randn(2, 3, 6))
+    with pytest.raises(ValueError, match = r'`modality_type` must lie in \[0, 2\), got 5'):
+        model()(torch.randn(2, 3, 6), modality_type = 5)
+    with pytest.raises(ValueError, match = r'modalities\[0\].*latent dim 6'):
+        model()(torch.randn(2, 3, 5), modality_type = 0)
+    bad = torch.randn(2, 3, 6)
+    bad[1, 0, 0] = float('nan')
+    with pytest.raises(ValueError, match = r'modalities\[1\].*finite'):
+        model()(bad, modality_type = 0)
+
+
+def test_bad_times():
+    batch = [[text(), (0, torch.randn(2, 6)), (0, torch.randn(1, 6))]]
+    with pytest.raises(ValueError, match = r'`times` must have shape \(batch, max modalities per sample\) = \(1, >= 2\)'):
+        model()(batch, times = torch.tensor([[0.5]]))
+    with pytest.raises(ValueError, match = r'`times` must lie in \[0, 1\]'):
+        model()(batch, times = torch.tensor([[0.5, 1.5]]))
+
+
+def test_bad_config():
+    with pytest.raises(TypeError, match = "unknown key 'dpth'; did you mean 'depth'"):
+        tiny_model(transformer = dict(dim = 32, dpth = 2))
+    with pytest.raises(ValueError, match = 'dim_latent'):
+        tiny_model(dim_latent = (6, 0))
+    with pytest.raises(ValueError, match = 'modality_default_shape'):
+        tiny_model(modality_default_shape = ((2,),))
+    with pytest.raises(ValueError, match = 'modality_num_dim is 3'):
+        tiny_model(modality_num_dim = (1, 3))
+    with pytest.raises(ValueError, match = 'dim_head must be even'):
+        tiny_model(transformer = dict(dim = 32, depth = 1, dim_head = 7))

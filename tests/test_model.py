@@ -1,0 +1,255 @@
+import copy
+import random
+
+import pytest
+import torch
+from torch import nn
+
+from transfusion_pytorch import Transfusion
+from transfusion_pytorch.flow import interpolate
+
+from conftest import DIM_LATENTS, NUM_TEXT_TOKENS, random_batch, tiny_model
+
+
+def fixed_noise_and_times(model, batch, noise_per_sample, times_per_sample):
+    """Packs `batch` and lays out per-sample noise and times in the batch's flat order."""
+    packed = model.pack(batch)
+    noise = tuple(
+        torch.cat([noise_per_sample[doc][m] for doc in range(len(batch))]) if packed.latents[m].numel() > 0 else packed.latents[m]
+        for m in range(len(DIM_LATENTS))
+    )
+    most = max(1, max(len(t) for t in times_per_sample))
+    times = torch.zeros(len(batch), most)
+    for doc, t in enumerate(times_per_sample):
+        times[doc, :len(t)] = torch.tensor(t)
+    return packed, model.span_times(packed, times = times), noise
+
+
+def per_sample_noise(sample):
+    noise = [[], []]
+    for element in sample:
+        if isinstance(element, tuple):
+            m, latent = element
+            noise[m].append(torch.randn(latent[..., 0].numel(), DIM_LATENTS[m]))
+    return [torch.cat(n) if n else torch.zeros(0, DIM_LATENTS[m]) for m, n in enumerate(noise)]
+
+
+def num_modalities(sample):
+    return sum(isinstance(element, tuple) for element in sample)
+
+
+@pytest.mark.parametrize('seed', range(6))
+def test_no_leakage_across_samples(seed):
+    """Each sample's loss is the same inside a batch as alone, whatever the other samples are."""
+    rng = random.Random(seed)
+    batch = random_batch(rng, max_samples = 3) + random_batch(rng, max_samples = 2)
+    model = tiny_model().eval()
+
+    noise = [per_sample_noise(sample) for sample in batch]
+    times = [[rng.random() for _ in range(num_modalities(sample))] for sample in batch]
+
+    together = model.compute_loss(*fixed_noise_and_times(model, batch, noise, times))
+
+    for doc, sample in enumerate(batch):
+        alone = model.compute_loss(*fixed_noise_and_times(model, [sample], [noise[doc]], [times[doc]]))
+        torch.testing.assert_close(together.per_sample_text[doc], alone.per_sample_text[0], atol = 1e-5, rtol = 1e-5)
+        torch.testing.assert_close(together.per_sample_flow[doc], alone.per_sample_flow[0], atol = 1e-5, rtol = 1e-5, equal_nan = True)
+
+
+def test_changing_one_sample_leaves_the_others_alone():
+    rng = random.Random(1)
+    batch = [random_batch(rng, 1)[0] for _ in range(3)]
+    model = tiny_model().eval()
+    noise = [per_sample_noise(sample) for sample in batch]
+    times = [[0.5] * num_modalities(sample) for sample in batch]
+
+    before = model.compute_loss(*fixed_noise_and_times(model, batch, noise, times))
+    batch[1] = [torch.randint(0, NUM_TEXT_TOKENS, (7,))]
+    noise[1], times[1] = per_sample_noise(batch[1]), []
+    after = model.compute_loss(*fixed_noise_and_times(model, batch, noise, times))
+
+    for doc in (0, 2):
+        torch.testing.assert_close(before.per_sample_text[doc], after.per_sample_text[doc], atol = 1e-5, rtol = 1e-5)
+        torch.testing.assert_close(before.per_sample_flow[doc], after.per_sample_flow[doc], atol = 1e-5, rtol = 1e-5, equal_nan = True)
+    assert not torch.allclose(before.per_sample_text[1], after.per_sample_text[1])
+
+
+def test_each_modality_is_noised_at_its_own_time():
+    model = tiny_model().eval()
+    first, second = torch.randn(3, DIM_LATENTS[0]), torch.randn(2, DIM_LATENTS[0])
+    batch = [[torch.tensor([1, 2]), (0, first), torch.tensor([3]), (0, second)]]
+
+    seen = {}
+    original_embed = model.embed
+    def recording_embed(packed, noised):
+        seen['noised'] = noised
+        return original_embed(packed, noised)
+    model.embed = recording_embed
+
+    noise = per_sample_noise(batch[0])
+    packed, span_times, noise = fixed_noise_and_times(model, batch, [noise], [[0.2, 0.9]])
+    model.compute_loss(packed, span_times, noise)
+
+    noised = seen['noised'][0]
+    torch.testing.assert_close(noised[:3], interpolate(noise[0][:3], first, torch.tensor(0.2)))
+    torch.testing.assert_close(noised[3:], interpolate(noise[0][3:], second, torch.tensor(0.9)))
+
+
+def test_default_times_differ_per_modality_instance():
+    model = tiny_model()
+    batch = [[(0, torch.randn(2, DIM_LATENTS[0])), (0, torch.randn(2, DIM_LATENTS[0])), (1, torch.randn(1, 1, DIM_LATENTS[1]))]] * 2
+    span_times = model.span_times(model.pack(batch))
+    assert span_times.shape == (6,)
+    assert len(set(span_times.tolist())) == 6
+    assert ((span_times >= 0) & (span_times <= 1)).all()
+
+
+def test_num_modalities_to_times_fn_sets_the_times():
+    model = tiny_model()
+    batch = [[(0, torch.randn(2, DIM_LATENTS[0])), torch.tensor([1]), (1, torch.randn(1, 2, DIM_LATENTS[1]))], [(0, torch.randn(1, DIM_LATENTS[0]))]]
+    seen = {}
+    def times_fn(num_modalities):
+        seen['num'] = num_modalities.tolist()
+        return torch.tensor([[0.1, 0.2], [0.3, 0.0]])
+    span_times = model.span_times(model.pack(batch), num_modalities_to_times_fn = times_fn)
+    assert seen['num'] == [2, 1]
+    torch.testing.assert_close(span_times, torch.tensor([0.1, 0.2, 0.3]))
+
+    loss_a = model(batch, num_modalities_to_times_fn = lambda n: torch.full((2, 2), 0.99))
+    loss_b = model(batch, num_modalities_to_times_fn = lambda n: torch.full((2, 2), 0.01))
+    assert loss_a.item() != loss_b.item()
+
+
+def test_return_breakdown():
+    model = tiny_model()
+    batch = random_batch(random.Random(2))
+    loss, breakdown = model(batch, return_breakdown = True)
+    assert loss is breakdown.total
+    expected = breakdown.text + sum(breakdown.flow)
+    torch.testing.assert_close(loss, expected)
+    assert len(breakdown.flow) == len(DIM_LATENTS)
+
+
+def test_loss_weights_are_applied():
+    batch = [[torch.tensor([1, 2]), (0, torch.randn(2, DIM_LATENTS[0])), (1, torch.randn(1, 2, DIM_LATENTS[1]))]]
+    model = tiny_model(text_loss_weight = 0.5, flow_loss_weight = (2., 3.))
+    loss, breakdown = model(batch, return_breakdown = True)
+    torch.testing.assert_close(loss, 0.5 * breakdown.text + 2. * breakdown.flow[0] + 3. * breakdown.flow[1])
+
+
+def assert_finite_grads_on_touched_params(model, untouched = ()):
+    """Every transformer parameter but the `untouched` ones has a finite gradient, and no
+    parameter anywhere has a non-finite one."""
+    for name, param in model.named_parameters():
+        assert param.grad is None or torch.isfinite(param.grad).all(), name
+    for name, param in model.transformer.named_parameters():
+        if not any(part in name for part in untouched):
+            assert param.grad is not None, name
+
+
+def test_text_only_pretraining():
+    model = tiny_model()
+    text = torch.randint(0, NUM_TEXT_TOKENS, (3, 20))
+    loss, breakdown = model(text, return_breakdown = True)
+    loss.backward()
+    assert all(f.item() == 0 for f in breakdown.flow)
+    assert breakdown.text > 0
+    assert_finite_grads_on_touched_params(model, untouched = ('to_time_embed', 'to_modulation'))
+
+
+def test_text_only_matches_a_plain_causal_lm_loss():
+    """Raw text rows: every token predicts the next, nothing else is added."""
+    model = tiny_model().eval()
+    text = torch.randint(0, NUM_TEXT_TOKENS, (2, 9))
+    packed = model.pack(text)
+    hidden = model.hidden_states(packed, tuple(l for l in packed.latents), torch.zeros(0))
+    logits = model.to_logits(hidden).view(2, 9, -1)
+    expected = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), text[:, 1:].reshape(-1))
+    torch.testing.assert_close(model(text), expected)
+
+
+def test_modality_only_pretraining():
+    model = tiny_model()
+    images = torch.randn(4, 2, 3, DIM_LATENTS[1])
+    loss, breakdown = model(images, modality_type = 1, return_breakdown = True)
+    loss.backward()
+    assert breakdown.flow[1] > 0 and breakdown.flow[0] == 0
+    assert model.latent_to_model[1].weight.grad.abs().sum() > 0
+    assert_finite_grads_on_touched_params(model)
+
+
+def test_inputs_are_not_mutated():
+    model = tiny_model(channel_first_latent = (False, True))
+    batch = [[torch.tensor([1, 2]), (0, torch.randn(2, DIM_LATENTS[0])), (1, torch.randn(DIM_LATENTS[1], 2, 2))], [torch.tensor([5])]]
+    snapshot = copy.deepcopy(batch)
+    model(batch).backward()
+    assert len(batch) == len(snapshot)
+    for sample, original in zip(batch, snapshot):
+        assert len(sample) == len(original)
+        for a, b in zip(sample, original):
+            a, b = (a[1], b[1]) if isinstance(a, tuple) else (a, b)
+            assert torch.equal(a, b) and a.shape == b.shape
+
+
+def test_channel_first_latents_equal_channel_last():
+    torch.manual_seed(1)
+    last = tiny_model()
+    torch.manual_seed(1)
+    first = tiny_model(channel_first_latent = True)
+    image = torch.randn(2, 3, DIM_LATENTS[1])
+    batch_last = [[torch.tensor([1]), (1, image)]]
+    batch_first = [[torch.tensor([1]), (1, image.permute(2, 0, 1))]]
+    times = torch.tensor([[0.3]])
+    torch.manual_seed(2)
+    a = last(batch_last, times = times)
+    torch.manual_seed(2)
+    b = first(batch_first, times = times)
+    torch.testing.assert_close(a, b)
+
+
+def test_encoder_runs_without_gradient_before_noising():
+    encoder = nn.Conv2d(3, DIM_LATENTS[1], 3, padding = 1)
+    model = tiny_model(channel_first_latent = (False, True), modality_encoder = (None, encoder))
+    batch = [[torch.tensor([1, 2]), (1, torch.randn(3, 4, 5))]]
+    packed = model.pack(batch)
+    assert packed.latents[1].shape == (20, DIM_LATENTS[1])
+    with torch.no_grad():
+        expected = encoder(batch[0][1][1][None])[0].permute(1, 2, 0).reshape(20, -1)
+    torch.testing.assert_close(packed.latents[1], expected)
+    model(batch).backward()
+    assert encoder.weight.grad is None
+
+
+def test_zero_dim_modalities():
+    model = tiny_model(modality_default_shape = ((), (2, 2)))
+    batch = [[torch.tensor([1]), (0, torch.randn(DIM_LATENTS[0])), (0, torch.randn(DIM_LATENTS[0]))]]
+    packed = model.pack(batch)
+    assert packed.span_length.tolist() == [1, 1]
+    assert packed.tokens.tolist()[2:4] == [model.vocab.meta, model.vocab.bom(0)]   # the empty shape writes no digits
+    loss = model(batch)
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
+def test_overfits_a_tiny_fixed_mixed_batch():
+    torch.manual_seed(0)
+    batch = [
+        [torch.randint(0, NUM_TEXT_TOKENS, (5,)), (0, torch.randn(3, DIM_LATENTS[0])), torch.randint(0, NUM_TEXT_TOKENS, (3,)), (1, torch.randn(2, 2, DIM_LATENTS[1]))],
+        [(1, torch.randn(1, 3, DIM_LATENTS[1])), torch.randint(0, NUM_TEXT_TOKENS, (4,))],
+    ]
+    model = tiny_model(transformer = dict(dim = 64, depth = 2, dim_head = 16, heads = 4))
+    steps = 300
+    optimizer = torch.optim.AdamW(model.parameters(), lr = 3e-3)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+
+    losses = []
+    for _ in range(steps):
+        loss = model(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+
+    first, last = losses[0], sum(losses[-20:]) / 20
+    assert last < first / 10, (first, last)
