@@ -58,3 +58,9 @@ def _attend_sdpa(q: Tensor, k: Tensor, v: Tensor, layout: AttentionLayout, dropo
 
     out = out.transpose(1, 2).reshape(batch * length, heads, dim_head)
     return out if layout.scatter is None else out[layout.scatter]
+
+
+def attend_cached(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """Generation against a KV cache: (B, heads, Q, dim_head) queries, (B, heads, L, dim_head)
+    cached keys and values, (B, 1, Q, L) bool mask -> (B, heads, Q, dim_head)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask = mask)

@@ -96,10 +96,14 @@ class Attention(nn.Module):
         self.to_out = nn.Linear(dim_inner, config.dim, bias = False)
         self.attn_dropout = config.attn_dropout
 
-    def forward(self, x: Tensor, layout: AttentionLayout, rotary: tuple[Tensor, Tensor]) -> Tensor:
+    def forward(self, x: Tensor, layout: AttentionLayout | None, rotary: tuple[Tensor, Tensor], cache = None) -> Tensor:
         q, k, v = self.to_qkv(x).view(x.shape[0], 3, self.heads, self.dim_head).unbind(dim = 1)  # (N, heads, dim_head)
         q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-        out = attend(q, k, v, layout, dropout_p = self.attn_dropout if self.training else 0.)
+        if cache is not None:
+            # generation: keys are stored after rotary, and the queries attend to the cached prefix
+            out = cache.attend(q, k, v)
+        else:
+            out = attend(q, k, v, layout, dropout_p = self.attn_dropout if self.training else 0.)
         return self.to_out(out.reshape(x.shape[0], -1))
 
 
@@ -122,8 +126,8 @@ class Block(nn.Module):
         self.ff_norm, self.ff = AdaptiveNorm(config.dim), FeedForward(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, layout, rotary, cond):
-        for norm, branch, args in ((self.attn_norm, self.attn, (layout, rotary)), (self.ff_norm, self.ff, ())):
+    def forward(self, x, layout, rotary, cond, cache = None):
+        for norm, branch, args in ((self.attn_norm, self.attn, (layout, rotary, cache)), (self.ff_norm, self.ff, ())):
             h, gate = norm(x, cond)
             h = self.dropout(branch(h, *args))
             x = x + (h if gate is None else h * gate)
@@ -160,6 +164,7 @@ class Transformer(nn.Module):
         positions: Tensor,              # (N,) rotary positions
         span_times: Tensor | None = None,   # (S,) time of each modality span
         token_span: Tensor | None = None,   # (N,) span of each token, -1 for text
+        cache = None,                       # a `kv_cache.KVCache` prepared for this step, when generating
     ) -> Tensor:
         rotary = self.rotary(positions)
 
@@ -175,7 +180,7 @@ class Transformer(nn.Module):
             if index >= depth - num_skips:
                 x = self.skip_projs[index - (depth - num_skips)](torch.cat((x, skips.pop()), dim = -1))
 
-            x = block(x, layout, rotary, cond)
+            x = block(x, layout, rotary, cond, None if cache is None else cache.layer(index))
 
             if index < num_skips:
                 skips.append(x)

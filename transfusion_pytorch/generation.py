@@ -1,0 +1,393 @@
+"""Generation: a small state machine per row, run in lockstep over a batch.
+
+    text  --META-->  shape  --BOM_m-->  modality (ODE steps against the prefix)
+      ^                                      |
+      +------- commit clean latents + EOM ---+
+    text  --EOS or max_length-->  done
+
+- text: the next token is sampled among text, META and EOS;
+- shape: among the shape digits, ',' and the BOM tokens (only BOM with a fixed shape, whose
+  tokens are then written for the model). At BOM the written shape is read; an invalid one
+  (unreadable, wrong number of axes, or too long to fit) is replaced by the default shape,
+  with a warning, and the shape tokens are rewritten so the sequence stays the one that
+  `pack` would lay out for the returned sample;
+- modality: noise at t = 0 is integrated to t = 1 by a fixed-grid solver, each stage one
+  model call on the modality's tokens alone; then the clean latents (at t = 1, as training
+  sees a finished sequence) and the EOM token are committed in one step.
+
+Every row advances through its own phase; each step is one model call for the whole batch.
+The generation loop owns guidance-free sampling; the sampler (`sampling.py`) and the solver
+(`solvers.py`) are pure.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from . import solvers
+from .backends import CachedBackend, Latents, ReferenceBackend, Request, items_to_sample, sequence_length
+from .inputs import Modality, Text
+from .sampling import sample_token
+from .vocab import Vocab
+
+
+@dataclass(frozen = True, kw_only = True)
+class SampleOptions:
+    max_length: int = 2048                          # tokens per sequence, SOS, structure and latent tokens included
+    text_temperature: float = 1.                    # 0 is greedy
+    text_min_p: float | None = 0.1
+    text_top_k: int | None = None
+    fixed_modality_shape: tuple[int, ...] | None = None     # the shape of every generated modality
+    force_modality_at_start: int | tuple | None = None     # modality type, or (type, shape), started right after the prompt
+    modality_steps: int = 16                        # ODE steps per modality
+    ode_method: str = 'euler'                       # a fixed-grid method of `solvers.py`
+    time_shift: float = 1.
+
+    def __post_init__(self):
+        if self.max_length < 2:
+            raise ValueError(f'max_length must be at least 2, got {self.max_length}')
+        if self.text_temperature < 0:
+            raise ValueError(f'text_temperature must be >= 0, got {self.text_temperature}')
+        if self.ode_method not in solvers.FIXED_METHODS:
+            raise ValueError(f'sample() steps a fixed grid, so ode_method must be one of {solvers.FIXED_METHODS}, got {self.ode_method!r}')
+
+
+@dataclass
+class Row:
+    generator: torch.Generator | None
+    items: list = field(default_factory = list)     # the sequence so far
+    phase: str = 'text'                             # text, shape, modality, done
+    shape_tokens: list[int] = field(default_factory = list)
+    opening: tuple[int, tuple[int, ...]] | None = None      # (type, shape) of a modality whose BOM is being fed
+    modality: tuple | None = None                   # (type, shape, grid, step index, stages) while denoising
+
+    @property
+    def length(self) -> int:
+        return sequence_length(self.items)
+
+
+class Sampler:
+    def __init__(self, model, options: SampleOptions, backend):
+        self.model, self.options, self.backend = model, options, backend
+        self.vocab: Vocab = model.vocab
+        self.masks = self.allowed_masks()
+
+    def allowed_masks(self) -> dict[str, Tensor]:
+        vocab, device = self.vocab, self.model.device
+        def mask_of(ids):
+            mask = torch.zeros(vocab.size, dtype = torch.bool, device = device)
+            mask[list(ids)] = True
+            return mask
+        text = range(vocab.num_text_tokens)
+        boms = [vocab.bom(m) for m in range(vocab.num_modality_types)]
+        digits = range(vocab.digit0, vocab.sep + 1)
+        return dict(
+            text = mask_of([*text, vocab.eos, *([vocab.meta] if vocab.num_modality_types > 0 else [])]),
+            shape = mask_of([*digits, *boms]),
+            fixed_shape = mask_of(boms),
+        )
+
+    # the loop
+
+    def run(self, prompts: list[list], generators: list[torch.Generator | None]) -> list[list]:
+        rows = [Row(generator) for generator in generators]
+        requests = [self.open(row, prompt) for row, prompt in zip(rows, prompts)]
+
+        while any(request is not None for request in requests):
+            outputs = self.backend.step(requests)
+            for row, request in zip(rows, requests):
+                if request is not None and request.keep:
+                    row.items.extend(request.items)
+            requests = self.advance(rows, outputs)
+
+        return [row.items for row in rows]
+
+    def open(self, row: Row, prompt: list) -> Request:
+        items = [self.vocab.sos]
+        for segment in prompt:
+            if isinstance(segment, Text):
+                items.extend(segment.ids.tolist())
+            else:
+                m, shape = segment.modality_type, segment.shape
+                items.extend([self.vocab.meta, *self.vocab.encode_shape(shape), self.vocab.bom(m)])
+                items.extend([Latents(m, segment.latent.reshape(-1, segment.latent.shape[-1]), shape), self.vocab.eom(m)])
+
+        forced = self.options.force_modality_at_start
+        if forced is not None:
+            m, shape = forced if isinstance(forced, tuple) else (forced, self.options.fixed_modality_shape or self.default_shape(forced))
+            items.extend([self.vocab.meta, *self.vocab.encode_shape(shape), self.vocab.bom(m)])
+            row.opening = (m, tuple(shape))
+
+        needed = sequence_length(items) + (math.prod(row.opening[1]) + 1 if row.opening is not None else 0)
+        if needed > self.options.max_length:
+            raise ValueError(f'the prompt (and forced modality) takes {needed} tokens, more than max_length = {self.options.max_length}')
+        return Request(items)
+
+    def advance(self, rows: list[Row], outputs: list[Tensor | None]) -> list[Request | None]:
+        requests: list[Request | None] = [None] * len(rows)
+        needs_token = []
+
+        for index, (row, output) in enumerate(zip(rows, outputs)):
+            if output is None:
+                continue
+            if row.opening is not None:
+                requests[index] = self.start_modality(row)
+            elif row.phase == 'modality':
+                requests[index] = self.ode_stage(row, output)
+            elif row.length >= self.options.max_length:
+                self.finish(row)
+            else:
+                needs_token.append(index)
+
+        if len(needs_token) > 0:
+            tokens = self.sample_tokens([rows[i] for i in needs_token], torch.stack([outputs[i] for i in needs_token]))
+            for index, token in zip(needs_token, tokens):
+                requests[index] = self.on_token(index, rows[index], token)
+
+        return requests
+
+    def sample_tokens(self, rows: list[Row], logits: Tensor) -> list[int]:
+        options = self.options
+        kinds = ['fixed_shape' if row.phase == 'shape' and options.fixed_modality_shape is not None else row.phase for row in rows]
+        allowed = torch.stack([self.masks[kind] for kind in kinds])
+        tokens = sample_token(logits, allowed, options.text_temperature, options.text_top_k, options.text_min_p,
+                              [row.generator for row in rows])
+        return tokens.tolist()
+
+    # text and shape
+
+    def on_token(self, index: int, row: Row, token: int) -> Request | None:
+        vocab = self.vocab
+
+        if row.phase == 'text':
+            if token == vocab.eos:
+                row.items.append(token)
+                row.phase = 'done'
+                return None
+            if token == vocab.meta:
+                row.phase, row.shape_tokens = 'shape', []
+                fixed = self.options.fixed_modality_shape
+                if fixed is not None:
+                    row.shape_tokens = vocab.encode_shape(fixed)
+                    if row.length + 1 + len(row.shape_tokens) + 1 + math.prod(fixed) + 1 > self.options.max_length:
+                        row.phase = 'done'      # the fixed modality would not fit: stop before its header
+                        return None
+                return Request([token, *row.shape_tokens])
+            return Request([token])
+
+        if not vocab.is_bom(token):
+            row.shape_tokens.append(token)
+            return Request([token])
+
+        m = vocab.modality_type_of(token)
+        shape = self.read_shape(row, m)
+        if shape is None:
+            self.finish(row)
+            return None
+
+        written = vocab.encode_shape(shape)
+        if written == row.shape_tokens:
+            tokens = [token]
+        else:
+            # rewrite the shape, so the sequence is the one `pack` lays out for the returned sample
+            self.backend.rewind(index, len(row.shape_tokens))
+            del row.items[len(row.items) - len(row.shape_tokens):]
+            tokens = [*written, token]
+
+        row.opening = (m, shape)
+        return Request(tokens)
+
+    def read_shape(self, row: Row, m: int) -> tuple[int, ...] | None:
+        """The shape the model wrote, or the default with a warning when it is invalid; None
+        when not even the default fits in what is left of max_length."""
+        model, vocab = self.model, self.vocab
+        room = self.options.max_length - (row.length - len(row.shape_tokens)) - 2     # less BOM and EOM
+
+        def fits(shape):
+            return len(vocab.encode_shape(shape)) + math.prod(shape) <= room
+
+        shape = vocab.decode_shape(row.shape_tokens)
+        num_dim = model.config.modality_num_dim[m]
+        if shape is not None and (num_dim is None or len(shape) == num_dim) and fits(shape):
+            return shape
+
+        default = self.default_shape(m)
+        if not fits(default):
+            return None
+        warnings.warn(f'the model wrote an invalid shape {row.shape_tokens} for modality type {m} '
+                      f'(or one that does not fit in max_length); using modality_default_shape {default}')
+        return default
+
+    def default_shape(self, m: int) -> tuple[int, ...]:
+        shape = self.model.config.modality_default_shape[m]
+        if shape is None:
+            raise ValueError(f'modality type {m} has no modality_default_shape to fall back to')
+        return shape
+
+    def finish(self, row: Row):
+        """Stops a row at max_length, dropping an unfinished modality header (META and shape)."""
+        if row.phase == 'shape':
+            del row.items[len(row.items) - len(row.shape_tokens) - 1:]
+        row.phase = 'done'
+
+    # modality
+
+    def start_modality(self, row: Row) -> Request:
+        m, shape = row.opening
+        row.opening, row.phase = None, 'modality'
+        model, options = self.model, self.options
+        noise = torch.randn(math.prod(shape), model.config.dim_latent[m], generator = row.generator).to(model.device)
+        grid = solvers.time_grid(options.modality_steps, options.time_shift).tolist()
+        row.modality = (m, shape, grid, 0, solvers.stages(options.ode_method, noise, grid[0], grid[1]))
+        x, t = next(row.modality[-1])
+        return Request([Latents(m, x, shape)], time = t, keep = False)
+
+    def ode_stage(self, row: Row, velocity: Tensor) -> Request:
+        m, shape, grid, step, stages = row.modality
+        try:
+            x, t = stages.send(velocity)
+            return Request([Latents(m, x, shape)], time = t, keep = False)
+        except StopIteration as done:
+            x = done.value
+
+        step += 1
+        if step < len(grid) - 1:
+            stages = solvers.stages(self.options.ode_method, x, grid[step], grid[step + 1])
+            row.modality = (m, shape, grid, step, stages)
+            x, t = next(stages)
+            return Request([Latents(m, x, shape)], time = t, keep = False)
+
+        row.phase, row.modality = 'text', None
+        return Request([Latents(m, x, shape), self.vocab.eom(m)])
+
+
+# public entry points (Transfusion's methods delegate here)
+
+def row_generators(batch_size: int, generator, seed: int | None) -> list[torch.Generator | None]:
+    """One generator per row, so that a row samples the same alone or in a batch."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != batch_size:
+            raise ValueError(f'expected one generator per prompt ({batch_size}), got {len(generator)}')
+        return list(generator)
+    if generator is not None:
+        return [generator] * batch_size
+    if seed is not None:
+        return [torch.Generator().manual_seed(seed + row) for row in range(batch_size)]
+    return [None] * batch_size
+
+
+def is_batch(prompt) -> bool:
+    """A list of prompts (each a list) rather than one prompt."""
+    return isinstance(prompt, list) and len(prompt) > 0 and all(isinstance(p, list) for p in prompt)
+
+
+def to_output(model, items: list, return_latents: bool) -> list:
+    """The items of a finished row -> the contract's list form: text ids and (type, modality) tuples."""
+    vocab = model.vocab
+    if items[-1] == vocab.eos:
+        items = items[:-1]
+    sample = []
+    for segment in items_to_sample(items, vocab, wrapped = True):
+        if isinstance(segment, Text):
+            sample.append(segment.ids)
+            continue
+        m, latent = segment.modality_type, segment.latent                  # (*shape, dim_latent)
+        if model.config.channel_first_latent[m]:
+            latent = latent.movedim(-1, 0)
+        if not return_latents and not isinstance(model.modality_decoders[m], torch.nn.Identity):
+            latent = model.modality_decoders[m](latent[None])[0]
+        sample.append((m, latent))
+    return sample
+
+
+def sample(model, prompt = None, *, batch_size: int | None = None, return_latents: bool = False,
+           generator = None, seed: int | None = None, use_cache: bool = True, **options) -> list:
+    options = SampleOptions(**options)
+    batched = is_batch(prompt) or batch_size is not None
+    prompts = prompt if is_batch(prompt) else [prompt] * (batch_size or 1)
+    prompts = [[] if p is None else model.to_samples([p if isinstance(p, list) else [p]])[0][0] for p in prompts]
+
+    generators = row_generators(len(prompts), generator, seed)
+    backend = CachedBackend(model, len(prompts), options.max_length) if use_cache else ReferenceBackend(model, len(prompts))
+
+    with torch.no_grad(), eval_mode(model):
+        sequences = Sampler(model, options, backend).run(prompts, generators)
+        samples = [to_output(model, items, return_latents) for items in sequences]
+
+    return samples if batched else samples[0]
+
+
+def generate_text_only(model, prompt: Tensor, seq_len: int, *, temperature: float = 1., min_p: float | None = 0.1,
+                       top_k: int | None = None, generator = None, seed: int | None = None, use_cache: bool = True) -> Tensor:
+    """Continues raw text rows (no SOS, as `model(Int[b n])` trains them) up to `seq_len`
+    tokens in all; returns the (b, seq_len - n) new tokens."""
+    batch, prompt_len = prompt.shape
+    steps = max(0, seq_len - prompt_len)
+    generators = row_generators(batch, generator, seed)
+    backend = CachedBackend(model, batch, max(seq_len, prompt_len)) if use_cache else ReferenceBackend(model, batch, wrapped = False)
+
+    allowed = torch.zeros(model.vocab.size, dtype = torch.bool, device = model.device)
+    allowed[:model.vocab.num_text_tokens] = True
+
+    out = torch.zeros(batch, steps, dtype = torch.long, device = prompt.device)
+    requests = [Request(row.tolist()) for row in prompt]
+
+    with torch.no_grad(), eval_mode(model):
+        for step in range(steps):
+            logits = torch.stack(backend.step(requests))
+            tokens = sample_token(logits, allowed, temperature, top_k, min_p, generators)
+            out[:, step] = tokens.to(prompt.device)
+            requests = [Request([token]) for token in tokens.tolist()]
+    return out
+
+
+def generate_modality_only(model, *, batch_size: int = 1, modality_type: int = 0,
+                           fixed_modality_shape: tuple[int, ...] | None = None, modality_steps: int = 16,
+                           ode_method: str = 'euler', time_shift: float = 1., return_latents: bool = False,
+                           generator = None, seed: int | None = None, use_cache: bool = True) -> Tensor:
+    """A batch of modalities of one type and shape, each after SOS and its header alone:
+    (batch, *shape, dim_latent), or channel first, decoded unless `return_latents`."""
+    m, vocab = modality_type, model.vocab
+    shape = tuple(fixed_modality_shape) if fixed_modality_shape is not None else model.config.modality_default_shape[m]
+    if shape is None:
+        raise ValueError(f'modality type {m} has no modality_default_shape: pass fixed_modality_shape')
+
+    header = [vocab.sos, vocab.meta, *vocab.encode_shape(shape), vocab.bom(m)]
+    length = len(header) + math.prod(shape)
+    backend = CachedBackend(model, batch_size, length) if use_cache else ReferenceBackend(model, batch_size)
+
+    generators = row_generators(batch_size, generator, seed)
+    noise = torch.stack([torch.randn(math.prod(shape), model.config.dim_latent[m], generator = g) for g in generators]).to(model.device)
+
+    def velocity_fn(x: Tensor, t: Tensor) -> Tensor:
+        requests = [Request([Latents(m, row, shape)], time = float(t), keep = False) for row in x]
+        return torch.stack(backend.step(requests))
+
+    with torch.no_grad(), eval_mode(model):
+        backend.step([Request(list(header)) for _ in range(batch_size)])
+        grid = solvers.time_grid(modality_steps, time_shift, device = model.device)
+        latents = solvers.integrate(velocity_fn, noise, grid, method = ode_method)
+
+        out = []
+        for latent in latents:
+            sample = to_output(model, [*header, Latents(m, latent, shape), vocab.eom(m)], return_latents)
+            out.append(sample[0][1])
+    return torch.stack(out)
+
+
+class eval_mode:
+    """Puts a model in eval mode for a block and restores its training flag after."""
+
+    def __init__(self, model):
+        self.model, self.was_training = model, model.training
+
+    def __enter__(self):
+        self.model.eval()
+
+    def __exit__(self, *exc):
+        self.model.train(self.was_training)
