@@ -236,3 +236,21 @@ class Transfusion(nn.Module):
         """A batch of modalities generated alone; see `generation.generate_modality_only`."""
         from .generation import generate_modality_only
         return generate_modality_only(self, **kwargs)
+
+    # saving, loading and weight averaging (see pretrained.py and ema.py)
+
+    def save_pretrained(self, directory, **kwargs):
+        """Writes config.json, model.safetensors and, with encoders / decoders, codecs.pt; see `pretrained.py`."""
+        from .pretrained import save_pretrained
+        return save_pretrained(self, directory, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, directory, **kwargs) -> Transfusion:
+        """A model written by `save_pretrained`; see `pretrained.from_pretrained` for the options."""
+        from .pretrained import from_pretrained
+        return from_pretrained(cls, directory, **kwargs)
+
+    def create_ema(self, beta: float = 0.99):
+        """An `ema.EMA` of this model's weights; call its `update()` after each optimizer step."""
+        from .ema import EMA
+        return EMA(self, beta)
