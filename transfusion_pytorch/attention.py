@@ -27,20 +27,44 @@ def _compiled_flex_attention():
     return torch.compile(flex_attention, dynamic = False) if torch.cuda.is_available() else flex_attention
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, layout: AttentionLayout, dropout_p: float = 0.) -> Tensor:
+def softcap_scores(scores: Tensor, softcap: float) -> Tensor:
+    """Bounds attention logits smoothly to (-softcap, softcap) (Gemma 2; tanh keeps gradients alive)."""
+    return softcap * torch.tanh(scores / softcap)
+
+
+def scaled_dot_product(
+    q: Tensor, k: Tensor, v: Tensor,
+    mask: Tensor | None = None, is_causal: bool = False, dropout_p: float = 0., softcap: float | None = None,
+) -> Tensor:
+    """(B, heads, Q, dim_head) attention. SDPA's fused kernels where they apply; with logit
+    softcapping, the textbook formula (SDPA has no hook for the scores)."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask = mask, is_causal = is_causal, dropout_p = dropout_p)
+
+    scores = softcap_scores(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, softcap)       # (B, heads, Q, L)
+    if is_causal:
+        mask = torch.ones(scores.shape[-2:], dtype = torch.bool, device = q.device).tril()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float('-inf'))
+    weights = F.dropout(scores.softmax(dim = -1), p = dropout_p)
+    return weights @ v
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, layout: AttentionLayout, dropout_p: float = 0., softcap: float | None = None) -> Tensor:
     """(N, heads, dim_head) x 3 -> (N, heads, dim_head)"""
     if layout.block_mask is not None:
-        return _attend_flex(q, k, v, layout)
-    return _attend_sdpa(q, k, v, layout, dropout_p)
+        return _attend_flex(q, k, v, layout, softcap)
+    return _attend_sdpa(q, k, v, layout, dropout_p, softcap)
 
 
-def _attend_flex(q: Tensor, k: Tensor, v: Tensor, layout: AttentionLayout) -> Tensor:
+def _attend_flex(q: Tensor, k: Tensor, v: Tensor, layout: AttentionLayout, softcap: float | None) -> Tensor:
     q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))                  # (1, heads, N, dim_head)
-    out = _compiled_flex_attention()(q, k, v, block_mask = layout.block_mask)
+    score_mod = None if softcap is None else (lambda score, b, h, q_idx, kv_idx: softcap_scores(score, softcap))
+    out = _compiled_flex_attention()(q, k, v, block_mask = layout.block_mask, score_mod = score_mod)
     return out[0].transpose(0, 1)
 
 
-def _attend_sdpa(q: Tensor, k: Tensor, v: Tensor, layout: AttentionLayout, dropout_p: float) -> Tensor:
+def _attend_sdpa(q: Tensor, k: Tensor, v: Tensor, layout: AttentionLayout, dropout_p: float, softcap: float | None) -> Tensor:
     batch, length = layout.batch_size, layout.max_len
     heads, dim_head = q.shape[-2:]
 
@@ -49,18 +73,16 @@ def _attend_sdpa(q: Tensor, k: Tensor, v: Tensor, layout: AttentionLayout, dropo
             t = t[layout.gather]
         return t.view(batch, length, heads, dim_head).transpose(1, 2)         # (B, heads, L, dim_head)
 
-    out = F.scaled_dot_product_attention(
+    out = scaled_dot_product(
         to_padded(q), to_padded(k), to_padded(v),
-        attn_mask = layout.mask,
-        is_causal = layout.mask is None,
-        dropout_p = dropout_p,
+        mask = layout.mask, is_causal = layout.mask is None, dropout_p = dropout_p, softcap = softcap,
     )
 
     out = out.transpose(1, 2).reshape(batch * length, heads, dim_head)
     return out if layout.scatter is None else out[layout.scatter]
 
 
-def attend_cached(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+def attend_cached(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, softcap: float | None = None) -> Tensor:
     """Generation against a KV cache: (B, heads, Q, dim_head) queries, (B, heads, L, dim_head)
     cached keys and values, (B, 1, Q, L) bool mask -> (B, heads, Q, dim_head)."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask = mask)
+    return scaled_dot_product(q, k, v, mask = mask, softcap = softcap)

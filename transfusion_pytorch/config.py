@@ -18,26 +18,38 @@ class TransformerConfig:
     depth: int                          # number of blocks
     dim_head: int = 64                  # width of one attention head
     heads: int = 8                      # number of attention heads
-    ff_expansion: float = 4.            # feed-forward hidden width over dim (SwiGLU keeps 2/3 of it)
+    ff_expansion_factor: float = 4.     # feed-forward hidden width over dim (SwiGLU keeps 2/3 of it)
     dropout: float = 0.                 # dropout on the residual branches
     attn_dropout: float = 0.            # dropout on the attention weights
     unet_skips: bool = True             # U-ViT long skips, first half of the blocks to the second (Bao et al., 2022)
     use_flex_attn: bool | None = None   # flex attention with block masks; None: on CUDA only
     rotary_theta: float = 10000.        # base of the rotary position frequencies
     dim_time: int = 256                 # width of the sinusoidal time features
+    unit_offset_norms: bool = True      # norm gains stored as g and used as g + 1 (Rubin, 2024)
+    qk_rmsnorm: bool = True             # RMSNorm on queries and keys per head (Dehghani et al., 2023)
+    attn_gate_values: bool = True       # a per-token, per-head sigmoid gate on the attention output (Qiu et al., 2025)
+    attn_softcap: float | None = None   # bound attention logits by softcap * tanh(logit / softcap); None: off
+    attn_laser: bool = False            # LASER: attention over exp(values), log of the result (Duvvuri & Dhillon, 2024)
+    use_value_residual: bool = False    # mix each layer's values with the first layer's (Zhou et al., 2024)
+    num_residual_streams: int = 1       # hyper-connections: number of residual streams (Zhu et al., 2024)
+    num_residual_fracs: int = 1         # frac-connections: fractions of the residual width (Zhu et al., 2025)
 
     def __post_init__(self):
-        for name in ('dim', 'depth', 'dim_head', 'heads', 'dim_time'):
+        for name in ('dim', 'depth', 'dim_head', 'heads', 'dim_time', 'num_residual_streams', 'num_residual_fracs'):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f'transformer.{name} must be a positive int, got {value!r}')
         if self.dim_head % 2 != 0:
             raise ValueError(f'transformer.dim_head must be even for rotary positions, got {self.dim_head}')
-        if self.ff_expansion <= 0:
-            raise ValueError(f'transformer.ff_expansion must be positive, got {self.ff_expansion}')
+        if self.ff_expansion_factor <= 0:
+            raise ValueError(f'transformer.ff_expansion_factor must be positive, got {self.ff_expansion_factor}')
         for name in ('dropout', 'attn_dropout'):
             if not 0. <= getattr(self, name) < 1.:
                 raise ValueError(f'transformer.{name} must lie in [0, 1), got {getattr(self, name)}')
+        if self.attn_softcap is not None and not self.attn_softcap > 0:
+            raise ValueError(f'transformer.attn_softcap must be positive or None, got {self.attn_softcap}')
+        if self.dim % self.num_residual_fracs != 0:
+            raise ValueError(f'transformer.num_residual_fracs must divide dim = {self.dim}, got {self.num_residual_fracs}')
 
     @classmethod
     def from_dict(cls, values: dict) -> TransformerConfig:

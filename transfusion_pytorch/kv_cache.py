@@ -92,7 +92,7 @@ class LayerCache:
     cache: KVCache
     index: int
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, softcap: float | None = None) -> Tensor:
         """(B * Q, heads, dim_head) x 3 -> (B * Q, heads, dim_head): writes k, v at the step's
         slots and attends the queries to the row's cache."""
         cache = self.cache
@@ -105,5 +105,5 @@ class LayerCache:
         values[rows, :, cache.write_slots] = v.view(batch, chunk, heads, dim_head).to(values.dtype)
 
         q = q.view(batch, chunk, heads, dim_head).transpose(1, 2)                     # (B, heads, Q, dim_head)
-        out = attend_cached(q, keys[:, :, :cache.key_len].to(q.dtype), values[:, :, :cache.key_len].to(q.dtype), cache.mask)
+        out = attend_cached(q, keys[:, :, :cache.key_len].to(q.dtype), values[:, :, :cache.key_len].to(q.dtype), cache.mask, softcap = softcap)
         return out.transpose(1, 2).reshape(batch * chunk, heads, dim_head)

@@ -1,15 +1,21 @@
 """The transformer: pre-norm blocks over a flat, packed token sequence.
 
-Choices, with where they come from:
+Choices, with where they come from (each switch lives in `TransformerConfig`):
 
-- RMSNorm, SwiGLU feed-forward (Shazeer, 2020), no biases;
+- RMSNorm with unit-offset gains (Rubin, 2024), SwiGLU feed-forward (Shazeer, 2020), no biases
+  in the main projections;
 - rotary positions (Su et al., 2021) from per-token position ids: every token of a modality
-  span shares one position, as the tokens of a patch grid have no order among themselves;
+  span shares one position, as the tokens of a grid have no order among themselves;
+- queries and keys RMS-normalised per head (Dehghani et al., 2023), an optional logit
+  softcap (Gemma 2), a sigmoid gate per head on the attention output (Qiu et al., 2025),
+  optional LASER attention (Duvvuri & Dhillon, 2024) and value residual learning (Zhou et
+  al., 2024);
 - time conditioning by adaptive norms with adaLN-zero gates (Peebles & Xie, "DiT", 2022):
   each modality span's time t is embedded once per span, turned into (scale, shift, gate)
   once per span and block, and looked up by every token of the span. Text tokens are not
   conditioned (scale 0, shift 0, gate 1);
-- U-ViT long skips from the first half of the blocks to the second (Bao et al., 2022).
+- U-ViT long skips from the first half of the blocks to the second (Bao et al., 2022);
+- optional hyper- and frac-connections for the residual stream (`residual.py`).
 
 The transformer returns hidden states; it computes no loss.
 """
@@ -17,6 +23,7 @@ The transformer returns hidden states; it computes no loss.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +32,10 @@ from torch import Tensor, nn
 from .attention import attend
 from .config import TransformerConfig
 from .masks import AttentionLayout
+from .norms import RMSNorm
+from .residual import ResidualMix
+
+LASER_BOUND = 15.   # values are softclamped to (-15, 15) before exp, so exp never overflows
 
 
 class Rotary(nn.Module):
@@ -44,6 +55,10 @@ def apply_rotary(t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     first, second = t.float().chunk(2, dim = -1)
     rotated = torch.cat((first * cos - second * sin, first * sin + second * cos), dim = -1)
     return rotated.type_as(t)
+
+
+def softclamp(t: Tensor, bound: float) -> Tensor:
+    return bound * torch.tanh(t / bound)
 
 
 def time_features(times: Tensor, dim: int) -> Tensor:
@@ -69,9 +84,9 @@ class Conditioning:
 class AdaptiveNorm(nn.Module):
     """RMSNorm, then for conditioned tokens x * (1 + scale) + shift, and a gate for the branch output."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, unit_offset: bool):
         super().__init__()
-        self.norm = nn.RMSNorm(dim)
+        self.norm = RMSNorm(dim, unit_offset = unit_offset)
         self.to_modulation = nn.Linear(dim, dim * 3)
         nn.init.zeros_(self.to_modulation.weight)       # adaLN-zero: conditioned branches start closed
         nn.init.zeros_(self.to_modulation.bias)
@@ -87,50 +102,104 @@ class AdaptiveNorm(nn.Module):
         return x * (1. + scale) + shift, gate
 
 
+@dataclass
+class Context:
+    """What every block of one forward pass shares."""
+    layout: AttentionLayout | None
+    rotary: tuple[Tensor, Tensor]
+    cond: Conditioning | None
+    first_values: Tensor | None = None      # (N, heads, dim_head) values of the first layer, for value residuals
+
+
 class Attention(nn.Module):
-    def __init__(self, config: TransformerConfig):
+    def __init__(self, config: TransformerConfig, is_first: bool):
         super().__init__()
+        self.config = config
         self.heads, self.dim_head = config.heads, config.dim_head
         dim_inner = config.heads * config.dim_head
         self.to_qkv = nn.Linear(config.dim, dim_inner * 3, bias = False)
         self.to_out = nn.Linear(dim_inner, config.dim, bias = False)
-        self.attn_dropout = config.attn_dropout
 
-    def forward(self, x: Tensor, layout: AttentionLayout | None, rotary: tuple[Tensor, Tensor], cache = None) -> Tensor:
+        self.q_norm = RMSNorm(config.dim_head, config.unit_offset_norms) if config.qk_rmsnorm else None
+        self.k_norm = RMSNorm(config.dim_head, config.unit_offset_norms) if config.qk_rmsnorm else None
+        self.to_gates = nn.Linear(config.dim, config.heads) if config.attn_gate_values else None
+        self.to_value_mix = nn.Linear(config.dim, config.heads) if config.use_value_residual and not is_first else None
+
+    def forward(self, x: Tensor, ctx: Context, cache = None) -> Tensor:
+        config = self.config
         q, k, v = self.to_qkv(x).view(x.shape[0], 3, self.heads, self.dim_head).unbind(dim = 1)  # (N, heads, dim_head)
-        q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, *ctx.rotary), apply_rotary(k, *ctx.rotary)
+
+        if config.use_value_residual:
+            if ctx.first_values is None:
+                ctx.first_values = v
+            else:
+                mix = self.to_value_mix(x).sigmoid()[..., None]                              # (N, heads, 1)
+                v = v * mix + ctx.first_values * (1. - mix)
+
+        if config.attn_laser:
+            # log(softmax(qk) @ exp(v)), with exp(v - bound) in (0, 1]: no overflow, and the
+            # result at least exp(-2 bound) > 0, so the log is finite
+            v = (softclamp(v, LASER_BOUND) - LASER_BOUND).exp()
+
         if cache is not None:
             # generation: keys are stored after rotary, and the queries attend to the cached prefix
-            out = cache.attend(q, k, v)
+            out = cache.attend(q, k, v, softcap = config.attn_softcap)
         else:
-            out = attend(q, k, v, layout, dropout_p = self.attn_dropout if self.training else 0.)
+            dropout = config.attn_dropout if self.training else 0.
+            out = attend(q, k, v, ctx.layout, dropout_p = dropout, softcap = config.attn_softcap)
+
+        if config.attn_laser:
+            out = out.clamp(min = torch.finfo(out.dtype).tiny).log() + LASER_BOUND
+
+        if self.to_gates is not None:
+            out = out * self.to_gates(x).sigmoid()[..., None]
+
         return self.to_out(out.reshape(x.shape[0], -1))
 
 
 class FeedForward(nn.Module):
     def __init__(self, config: TransformerConfig):
         super().__init__()
-        dim_hidden = int(config.dim * config.ff_expansion * 2 / 3)
+        dim_hidden = int(config.dim * config.ff_expansion_factor * 2 / 3)
         self.proj_in = nn.Linear(config.dim, dim_hidden * 2, bias = False)
         self.proj_out = nn.Linear(dim_hidden, config.dim, bias = False)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, ctx: Context, cache = None) -> Tensor:
         x, gate = self.proj_in(x).chunk(2, dim = -1)
         return self.proj_out(x * F.silu(gate))
 
 
 class Block(nn.Module):
-    def __init__(self, config: TransformerConfig):
+    def __init__(self, config: TransformerConfig, index: int):
         super().__init__()
-        self.attn_norm, self.attn = AdaptiveNorm(config.dim), Attention(config)
-        self.ff_norm, self.ff = AdaptiveNorm(config.dim), FeedForward(config)
+        unit_offset = config.unit_offset_norms
+        self.attn_norm, self.attn = AdaptiveNorm(config.dim, unit_offset), Attention(config, is_first = index == 0)
+        self.ff_norm, self.ff = AdaptiveNorm(config.dim, unit_offset), FeedForward(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, layout, rotary, cond, cache = None):
-        for norm, branch, args in ((self.attn_norm, self.attn, (layout, rotary, cache)), (self.ff_norm, self.ff, ())):
-            h, gate = norm(x, cond)
-            h = self.dropout(branch(h, *args))
-            x = x + (h if gate is None else h * gate)
+        uses_streams = config.num_residual_streams > 1 or config.num_residual_fracs > 1
+        self.mixes = nn.ModuleList([
+            ResidualMix(config.dim, config.num_residual_streams, config.num_residual_fracs, 2 * index + branch, unit_offset)
+            for branch in range(2)
+        ]) if uses_streams else None
+
+    def forward(self, x: Tensor, ctx: Context, cache = None) -> Tensor:
+        """x: (N, dim), or (N, streams, dim) with hyper-connections."""
+        for branch_index, (norm, branch) in enumerate(((self.attn_norm, self.attn), (self.ff_norm, self.ff))):
+            if self.mixes is None:
+                h = x
+            else:
+                h, saved = self.mixes[branch_index].read(x)
+
+            h, gate = norm(h, ctx.cond)
+            h = self.dropout(branch(h, ctx, cache))
+            h = h if gate is None else h * gate
+
+            x = x + h if self.mixes is None else self.mixes[branch_index].write(saved, h)
         return x
 
 
@@ -142,7 +211,7 @@ class Transformer(nn.Module):
 
         self.rotary = Rotary(config.dim_head, config.rotary_theta)
         self.to_time_embed = nn.Sequential(nn.Linear(config.dim_time, dim), nn.SiLU(), nn.Linear(dim, dim))
-        self.blocks = nn.ModuleList([Block(config) for _ in range(config.depth)])
+        self.blocks = nn.ModuleList([Block(config, index) for index in range(config.depth)])
 
         # U-ViT: block i of the second half also sees the output of its mirror in the first half
         num_skips = config.depth // 2 if config.unet_skips else 0
@@ -151,7 +220,7 @@ class Transformer(nn.Module):
             nn.init.zeros_(proj.weight)
             proj.weight.data[:, :dim].copy_(torch.eye(dim))     # starts as the plain residual stream
 
-        self.final_norm = nn.RMSNorm(dim)
+        self.final_norm = RMSNorm(dim, config.unit_offset_norms)
 
     @property
     def dim(self) -> int:
@@ -159,19 +228,23 @@ class Transformer(nn.Module):
 
     def forward(
         self,
-        x: Tensor,                      # (N, dim) embedded tokens
-        layout: AttentionLayout,
-        positions: Tensor,              # (N,) rotary positions
+        x: Tensor,                          # (N, dim) embedded tokens
+        layout: AttentionLayout | None,
+        positions: Tensor,                  # (N,) rotary positions
         span_times: Tensor | None = None,   # (S,) time of each modality span
         token_span: Tensor | None = None,   # (N,) span of each token, -1 for text
         cache = None,                       # a `kv_cache.KVCache` prepared for this step, when generating
     ) -> Tensor:
-        rotary = self.rotary(positions)
-
         cond = None
         if span_times is not None and span_times.numel() > 0:
             span_embed = self.to_time_embed(time_features(span_times, self.config.dim_time))
             cond = Conditioning(span_embed, token_span)
+
+        ctx = Context(layout, self.rotary(positions), cond)
+
+        first_mix = self.blocks[0].mixes[0] if self.blocks[0].mixes is not None else None
+        if first_mix is not None:
+            x = first_mix.expand(x)                                     # (N, streams, dim)
 
         depth, num_skips = len(self.blocks), len(self.skip_projs)
         skips = []
@@ -180,9 +253,12 @@ class Transformer(nn.Module):
             if index >= depth - num_skips:
                 x = self.skip_projs[index - (depth - num_skips)](torch.cat((x, skips.pop()), dim = -1))
 
-            x = block(x, layout, rotary, cond, None if cache is None else cache.layer(index))
+            x = block(x, ctx, None if cache is None else cache.layer(index))
 
             if index < num_skips:
                 skips.append(x)
+
+        if first_mix is not None:
+            x = first_mix.reduce(x)
 
         return self.final_norm(x)
