@@ -1,42 +1,39 @@
-"""An exponential moving average of a model's weights, usable wherever the model is: it
-forwards `forward`, `sample`, `generate_text_only` and every other attribute to its copy."""
+"""An exponential moving average of a model's weights, for sampling and evaluation.
+
+Built on `torch.optim.swa_utils.AveragedModel` with its EMA update (buffers are averaged too).
+The first `update()` copies the weights; each later one moves them a fraction `1 - beta`
+towards the online model's. Under FSDP the averaged copy is sharded like the online model
+(see `training/parallelize.py`), so each rank averages only its own shards.
+"""
 
 from __future__ import annotations
 
-import copy
-
-import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 
-class EMA(nn.Module):
-    def __init__(self, model: nn.Module, beta: float = 0.999):
-        super().__init__()
+class EMA(AveragedModel):
+    def __init__(self, model: nn.Module, beta: float = 0.99):
         if not 0. <= beta < 1.:
-            raise ValueError(f'`beta` of the EMA must lie in [0, 1), got {beta}')
+            raise ValueError(f'the EMA beta must lie in [0, 1), got {beta}')
+        super().__init__(model, multi_avg_fn = get_ema_multi_avg_fn(beta), use_buffers = True)
         self.beta = beta
-        self.ema_model = copy.deepcopy(model).eval().requires_grad_(False)
-        self._online = (model,)         # a tuple, so the online model is not registered as a submodule
-        self.register_buffer('num_updates', torch.zeros((), dtype = torch.long))
+        self.module.eval().requires_grad_(False)
+        self.__dict__['online'] = model        # not a submodule: its weights are not the EMA's state
 
-    @torch.no_grad()
-    def update(self, model: nn.Module | None = None):
-        """ema = beta * ema + (1 - beta) * online; the first update copies the online weights."""
-        model = self._online[0] if model is None else model
-        weight = 1. if int(self.num_updates) == 0 else 1. - self.beta
-        for ema_param, param in zip(self.ema_model.parameters(), model.parameters()):
-            ema_param.lerp_(param.detach().to(ema_param.dtype), weight)
-        for ema_buffer, buffer in zip(self.ema_model.buffers(), model.buffers()):
-            ema_buffer.copy_(buffer)
-        self.num_updates += 1
+    def update(self):
+        """Call after each optimizer step."""
+        self.update_parameters(self.online)
 
-    def forward(self, *args, **kwargs):
-        return self.ema_model(*args, **kwargs)
+    @property
+    def ema_model(self) -> nn.Module:
+        return self.module
 
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == 'ema_model':
-                raise
-            return getattr(self.ema_model, name)
+    def sample(self, *args, **kwargs):
+        return self.module.sample(*args, **kwargs)
+
+    def generate_text_only(self, *args, **kwargs):
+        return self.module.generate_text_only(*args, **kwargs)
+
+    def generate_modality_only(self, *args, **kwargs):
+        return self.module.generate_modality_only(*args, **kwargs)

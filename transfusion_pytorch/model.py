@@ -24,7 +24,6 @@ from torch import Tensor, nn
 
 from . import flow
 from .config import TransfusionConfig, per_type
-from .ema import EMA
 from .inputs import ModalitySpec, Sample, modality_batch, normalize_samples, text_batch
 from .losses import LossBreakdown, combine, flow_loss_per_token, text_loss_per_token
 from .masks import build_layout
@@ -220,11 +219,6 @@ class Transfusion(nn.Module):
             packed.batch_size, self.config.text_loss_weight, self.config.flow_loss_weight,
         )
 
-    def create_ema(self, beta: float = 0.999) -> EMA:
-        """An exponential moving average of this model; call `.update()` after each optimizer step.
-        It samples like the model (`ema.sample()`) and can serve as `velocity_consistency_ema_model`."""
-        return EMA(self, beta)
-
     # generation (see generation.py)
 
     def sample(self, prompt = None, **kwargs) -> list:
@@ -258,5 +252,4 @@ class Transfusion(nn.Module):
 
     def create_ema(self, beta: float = 0.99):
         """An `ema.EMA` of this model's weights; call its `update()` after each optimizer step."""
-        from .ema import EMA
-        return EMA(self, beta)
+                return EMA(self, beta)
