@@ -163,6 +163,16 @@ def test_committed_modality_is_what_training_sees(model):
     assert torch.allclose(logits, expected, atol = 1e-4)
 
 
+def test_init_modality_noise_sets_the_first_modality(model):
+    noise = torch.randn(2, 2, DIM_LATENTS[1])
+    options = dict(max_length = 30, force_modality_at_start = 1, init_modality_noise = noise)
+    a = run(model, [None], seeds = [0], **options)[0]
+    b = run(model, [None], seeds = [1], **options)[0]
+    c = run(model, [None], seeds = [1], **{**options, 'init_modality_noise': None})[0]
+    assert torch.allclose(a[0][1], b[0][1])
+    assert not torch.allclose(b[0][1], c[0][1])
+
+
 # batches
 
 def test_batch_matches_each_prompt_alone(model):

@@ -47,6 +47,7 @@ class SampleOptions:
     modality_steps: int = 16                        # ODE steps per modality
     ode_method: str = 'euler'                       # a fixed-grid method of `solvers.py`
     time_shift: float = 1.
+    init_modality_noise: Tensor | None = None       # (*shape, dim_latent) noise at t = 0 of each row's first modality
 
     def __post_init__(self):
         if self.max_length < 2:
@@ -65,6 +66,7 @@ class Row:
     shape_tokens: list[int] = field(default_factory = list)
     opening: tuple[int, tuple[int, ...]] | None = None      # (type, shape) of a modality whose BOM is being fed
     modality: tuple | None = None                   # (type, shape, grid, step index, stages) while denoising
+    used_init_noise: bool = False
 
     @property
     def length(self) -> int:
@@ -242,6 +244,11 @@ class Sampler:
         row.opening, row.phase = None, 'modality'
         model, options = self.model, self.options
         noise = torch.randn(math.prod(shape), model.config.dim_latent[m], generator = row.generator).to(model.device)
+        given = options.init_modality_noise
+        if given is not None and not row.used_init_noise:
+            if given.numel() != noise.numel():
+                raise ValueError(f'init_modality_noise has {given.numel()} values, the modality of shape {shape} needs {noise.numel()}')
+            noise, row.used_init_noise = given.reshape(noise.shape).to(noise), True
         grid = solvers.time_grid(options.modality_steps, options.time_shift).tolist()
         row.modality = (m, shape, grid, 0, solvers.stages(options.ode_method, noise, grid[0], grid[1]))
         x, t = next(row.modality[-1])
