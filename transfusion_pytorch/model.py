@@ -252,4 +252,5 @@ class Transfusion(nn.Module):
 
     def create_ema(self, beta: float = 0.99):
         """An `ema.EMA` of this model's weights; call its `update()` after each optimizer step."""
-                return EMA(self, beta)
+        from .ema import EMA
+        return EMA(self, beta)
