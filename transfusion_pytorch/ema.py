@@ -1,33 +1,46 @@
 """An exponential moving average of a model's weights, for sampling and evaluation.
 
-Built on `torch.optim.swa_utils.AveragedModel` with its EMA update (buffers are averaged too).
-The first `update()` copies the weights; each later one moves them a fraction `1 - beta`
-towards the online model's. Under FSDP the averaged copy is sharded like the online model
-(see `training/parallelize.py`), so each rank averages only its own shards.
+The first `update()` copies the weights; each later one moves every parameter a fraction
+`1 - beta` towards the online model's (`lerp_`), and copies the buffers. Under FSDP the
+averaged copy is sharded like the online model (see `training/parallelize.py`), so each rank
+averages only its own shards. (`torch.optim.swa_utils.AveragedModel` does the same, but its
+grouped foreach update mixes plain tensors and FSDP's DTensors and fails.)
 """
 
 from __future__ import annotations
 
+import copy
+
+import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 
-class EMA(AveragedModel):
+class EMA(nn.Module):
     def __init__(self, model: nn.Module, beta: float = 0.99):
+        super().__init__()
         if not 0. <= beta < 1.:
             raise ValueError(f'the EMA beta must lie in [0, 1), got {beta}')
-        super().__init__(model, multi_avg_fn = get_ema_multi_avg_fn(beta), use_buffers = True)
         self.beta = beta
-        self.module.eval().requires_grad_(False)
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.register_buffer('num_updates', torch.zeros((), dtype = torch.long))
         self.__dict__['online'] = model        # not a submodule: its weights are not the EMA's state
 
+    @torch.no_grad()
     def update(self):
         """Call after each optimizer step."""
-        self.update_parameters(self.online)
+        weight = 1. if self.num_updates == 0 else 1. - self.beta
+        for averaged, online in zip(self.module.parameters(), self.online.parameters(), strict = True):
+            averaged.lerp_(online.detach(), weight)
+        for averaged, online in zip(self.module.buffers(), self.online.buffers(), strict = True):
+            averaged.copy_(online)
+        self.num_updates += 1
 
     @property
     def ema_model(self) -> nn.Module:
         return self.module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
 
     def sample(self, *args, **kwargs):
         return self.module.sample(*args, **kwargs)

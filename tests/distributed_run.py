@@ -1,0 +1,46 @@
+"""Run by tests/test_training_distributed.py, alone or under torchrun: trains the same tiny model on
+the same data for a few steps and saves the final parameters (gathered to full tensors) to argv[1].
+
+    python tests/distributed_run.py OUT.pt STRATEGY GRAD_ACCUM
+"""
+
+import random
+import sys
+
+import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+sys.path.insert(0, __file__.rsplit('/', 1)[0])
+
+from conftest import random_sample, tiny_model  # noqa: E402
+from test_training_data import ListDataset  # noqa: E402
+
+from transfusion_pytorch.training import TrainConfig, Trainer  # noqa: E402
+from transfusion_pytorch.training.distributed import teardown  # noqa: E402
+
+
+def main(out_path: str, strategy: str, grad_accum: int):
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    rng = random.Random(0)
+    data = ListDataset([random_sample(rng) for _ in range(24)])     # mixed: text-only, one type, both types
+    model = tiny_model()
+    initial = {name: value.clone() for name, value in model.state_dict().items()}
+
+    config = TrainConfig(
+        out_dir = out_path + '.run', max_steps = 3, max_tokens = 60, grad_accum = grad_accum, lr = 1e-3,
+        strategy = strategy, checkpoint_every = 100, log_every = 1, progress = False, ema_beta = 0.5,
+    )
+    trainer = Trainer(model, data, config)
+    history = trainer.train()
+
+    options = StateDictOptions(full_state_dict = True, cpu_offload = True)
+    state = dict(model = get_model_state_dict(trainer.wrapped, options = options), ema = get_model_state_dict(trainer.ema, options = options),
+                 initial = initial, losses = [entry['loss'] for entry in history])
+    if trainer.dist.is_main:
+        torch.save(state, out_path)
+    teardown()
+
+
+if __name__ == '__main__':
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))

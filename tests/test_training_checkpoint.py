@@ -1,0 +1,97 @@
+import random
+
+import pytest
+import torch
+
+from transfusion_pytorch import Transfusion
+from transfusion_pytorch.training import CorruptCheckpoint, Every, TrainConfig, Trainer
+from transfusion_pytorch.training.checkpoint import list_checkpoints, verify
+
+from conftest import random_sample, tiny_model
+from test_training_data import ListDataset
+
+
+@pytest.fixture(autouse = True)
+def one_thread():
+    """Tiny models run fastest on one thread, and other test runs may share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+class Interrupt(Exception):
+    pass
+
+
+def interrupt_at(step):
+    def fn(trainer, at):
+        raise Interrupt(at)
+    return Every(step, fn)
+
+
+def run(out_dir, callbacks = (), model_seed = 0, **overrides):
+    torch.manual_seed(0)                                    # random_sample draws from torch's global RNG
+    rng = random.Random(0)
+    data = ListDataset([random_sample(rng) for _ in range(40)])
+    torch.manual_seed(model_seed)
+    model = tiny_model(transformer = dict(dim = 32, depth = 2, dim_head = 8, heads = 2, dropout = 0.1))
+    options = dict(out_dir = str(out_dir), max_steps = 8, max_tokens = 80, grad_accum = 2, lr = 3e-3, warmup_steps = 2,
+                   checkpoint_every = 3, keep_last = 2, log_every = 1, progress = False, ema_beta = 0.9)
+    options.update(overrides)
+    trainer = Trainer(model, data, TrainConfig(**options), callbacks = list(callbacks))
+    return trainer, trainer.train()
+
+
+def losses(history):
+    return {entry['step']: entry['loss'] for entry in history}
+
+
+def test_resume_after_a_crash_is_bitwise_exact(tmp_path):
+    full_trainer, full = run(tmp_path / 'full')
+
+    with pytest.raises(Interrupt):
+        run(tmp_path / 'crashed', callbacks = [interrupt_at(4)])         # dies after step 4; last checkpoint at 3
+    assert [p.name for p in list_checkpoints(tmp_path / 'crashed' / 'checkpoints')] == ['step_00000003']
+
+    resumed_trainer, resumed = run(tmp_path / 'crashed', model_seed = 123)    # other initial weights: all restored
+    assert min(losses(resumed)) == 4
+    for step, loss in losses(resumed).items():
+        assert loss == losses(full)[step], f'step {step}: {loss} != {losses(full)[step]}'
+
+    for name, value in full_trainer.model.state_dict().items():
+        assert torch.equal(value, resumed_trainer.model.state_dict()[name]), name
+    for name, value in full_trainer.ema.state_dict().items():
+        assert torch.equal(value, resumed_trainer.ema.state_dict()[name]), name
+
+    # the final model loads without the trainer
+    loaded = Transfusion.from_pretrained(tmp_path / 'crashed' / 'pretrained')
+    assert torch.equal(loaded.to_logits.weight, resumed_trainer.model.to_logits.weight)
+
+
+def test_keeps_the_last_n(tmp_path):
+    run(tmp_path, max_steps = 7, checkpoint_every = 2, keep_last = 2)
+    assert [p.name for p in list_checkpoints(tmp_path / 'checkpoints')] == ['step_00000006', 'step_00000007']
+
+
+def test_a_truncated_checkpoint_is_detected_and_the_previous_one_used(tmp_path):
+    run(tmp_path, max_steps = 6, checkpoint_every = 3)
+    newest, previous = list_checkpoints(tmp_path / 'checkpoints')[::-1]
+    shard = next((newest / 'state').glob('*.distcp'))
+    shard.write_bytes(shard.read_bytes()[:-10])
+
+    with pytest.raises(CorruptCheckpoint, match = r'\.distcp has \d+ bytes, the manifest says \d+ \(truncated\?\)'):
+        verify(newest)
+
+    with pytest.warns(UserWarning, match = 'falling back to the previous checkpoint'):
+        trainer, history = run(tmp_path, max_steps = 6)
+    assert min(losses(history)) == 4                           # resumed from step 3, not 6
+
+
+def test_an_unfinished_checkpoint_is_detected(tmp_path):
+    run(tmp_path, max_steps = 3, checkpoint_every = 3)
+    newest = list_checkpoints(tmp_path / 'checkpoints')[-1]
+    (newest / 'manifest.json').unlink()
+    with pytest.raises(CorruptCheckpoint, match = 'no manifest.json'):
+        verify(newest)
+    with pytest.warns(UserWarning), pytest.raises(CorruptCheckpoint, match = 'no usable checkpoint'):
+        run(tmp_path, max_steps = 3)

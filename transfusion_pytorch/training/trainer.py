@@ -1,0 +1,292 @@
+"""The trainer: one readable `train_step`, and the loop around it.
+
+A step takes `grad_accum` micro-batches from the token-budget loader (see `data.py`), each
+forward and backward under bf16 autocast where enabled and without gradient sync but for the
+last; then clips the gradient norm, steps AdamW and the warmup + cosine schedule, and updates
+the EMA. Each micro-batch's loss is a mean over its tokens and the micro-batches are weighted
+equally, on one rank and across ranks.
+
+Randomness by data position: the model draws its flow-matching times and noise (and dropout)
+from the global torch RNG. Each micro-batch runs under a fork of that RNG seeded by
+(seed, epoch, global batch index), so the noise a sample gets depends on where it is in the
+data, not on how many ranks share the batch or on what ran before: N ranks reproduce one
+rank with N-fold accumulation, and a resumed run the uninterrupted one. The RNG states are
+also saved in checkpoints, for anything else that draws from them (callbacks).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from tqdm import tqdm
+
+from . import checkpoint, distributed
+from .data import SampleDataset, TokenBudgetLoader, packed_num_tokens
+from .parallelize import gradient_sync, parallelize
+
+
+@dataclass(kw_only = True)
+class TrainConfig:
+    out_dir: str                        # checkpoints, metrics.jsonl and the final pretrained model go here
+    max_steps: int                      # optimizer steps
+    max_tokens: int                     # token budget of one micro-batch on one rank
+    grad_accum: int = 1                 # micro-batches per optimizer step and rank
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.1
+    decay_norms_biases_embeddings: bool = False   # AdamW decay on norm gains, biases and embeddings too
+    warmup_steps: int = 0               # linear warmup from 0, then cosine decay ...
+    min_lr_ratio: float = 0.1           # ... to lr * min_lr_ratio at max_steps
+    grad_clip: float | None = 1.0
+    ema_beta: float | None = 0.999      # None: no EMA
+    bf16: bool | None = None            # autocast to bfloat16; None: on where CUDA supports it
+    seed: int = 0                       # data order and per-batch noise
+    strategy: str = 'ddp'               # 'ddp' or 'fsdp' when run under torchrun
+    checkpoint_every: int = 1000
+    keep_last: int = 3
+    log_every: int = 10
+    eval_every: int | None = None       # with `eval_dataset`
+    progress: bool = True               # tqdm bar on rank 0
+    tensorboard: bool = False           # also write TensorBoard scalars, if tensorboard is installed
+
+    def __post_init__(self):
+        for name in ('max_steps', 'max_tokens', 'grad_accum', 'checkpoint_every', 'keep_last', 'log_every'):
+            if getattr(self, name) <= 0:
+                raise ValueError(f'{name} must be positive, got {getattr(self, name)}')
+
+
+def param_groups(model: nn.Module, weight_decay: float, decay_all: bool) -> list[dict]:
+    """AdamW groups: no decay on norm gains, biases and embedding tables unless `decay_all`."""
+    no_decay = set()
+    if not decay_all:
+        for module in model.modules():
+            if isinstance(module, (nn.Embedding, nn.RMSNorm, nn.LayerNorm)):
+                no_decay.update(id(p) for p in module.parameters(recurse = False))
+        no_decay.update(id(p) for name, p in model.named_parameters() if name.endswith('bias'))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return [
+        dict(params = [p for p in trainable if id(p) not in no_decay], weight_decay = weight_decay),
+        dict(params = [p for p in trainable if id(p) in no_decay], weight_decay = 0.),
+    ]
+
+
+def warmup_cosine(warmup_steps: int, max_steps: int, min_ratio: float) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1., (step - warmup_steps) / max(1, max_steps - warmup_steps))
+        return min_ratio + (1. - min_ratio) * 0.5 * (1. + math.cos(math.pi * progress))
+    return factor
+
+
+def batch_seed(seed: int, epoch: int, global_index: int) -> int:
+    return hash((seed, epoch, global_index)) % (2 ** 63)
+
+
+class Every:
+    """A callback run every `every` steps on all ranks (sampling under FSDP needs them all):
+    `fn(trainer, step)` may return a dict of metrics to log."""
+
+    def __init__(self, every: int, fn: Callable):
+        self.every, self.fn = every, fn
+
+    def __call__(self, trainer: Trainer, step: int) -> dict | None:
+        return self.fn(trainer, step) if step % self.every == 0 else None
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: nn.Module,
+        dataset: SampleDataset,
+        config: TrainConfig,
+        *,
+        eval_dataset: SampleDataset | None = None,
+        callbacks: list[Callable] = (),
+        num_tokens: Callable[[list], int] | None = None,
+        device: str | None = None,
+    ):
+        self.config, self.callbacks, self.eval_dataset = config, list(callbacks), eval_dataset
+        self.dist = distributed.setup(device)
+        self.out_dir = Path(config.out_dir)
+
+        self.model = model      # the plain model; under FSDP sharded in place
+        self.ema = model.create_ema(config.ema_beta) if config.ema_beta is not None else None
+        self.wrapped = parallelize(model, self.ema, self.dist, config.strategy)
+
+        self.num_tokens = num_tokens or packed_num_tokens(model)
+        self.loader = self.make_loader(dataset, multiple_of = config.grad_accum)
+
+        self.optimizer = torch.optim.AdamW(
+            param_groups(model, config.weight_decay, config.decay_norms_biases_embeddings),
+            lr = config.lr, betas = config.betas, fused = self.dist.device.type == 'cuda',
+        )
+        self.trainable = [p for group in self.optimizer.param_groups for p in group['params']]
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(config.warmup_steps, config.max_steps, config.min_lr_ratio))
+        self.step = 0
+
+        bf16 = config.bf16 if config.bf16 is not None else self.dist.device.type == 'cuda' and torch.cuda.is_bf16_supported()
+        self.autocast = torch.autocast(self.dist.device.type, dtype = torch.bfloat16) if bf16 else nullcontext()
+
+        self.writer = None
+        if self.dist.is_main:
+            self.out_dir.mkdir(parents = True, exist_ok = True)
+            if config.tensorboard:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+                    self.writer = SummaryWriter(self.out_dir / 'tensorboard')
+                except ImportError:
+                    print('tensorboard is not installed; metrics go to metrics.jsonl only')
+
+    def make_loader(self, dataset: SampleDataset, multiple_of: int = 1, shuffle: bool = True) -> TokenBudgetLoader:
+        return TokenBudgetLoader(
+            dataset, self.config.max_tokens, self.num_tokens, seed = self.config.seed, shuffle = shuffle,
+            rank = self.dist.rank, world_size = self.dist.world_size, multiple_of = multiple_of,
+        )
+
+    # one step
+
+    def forward_backward(self, batch, scale: float) -> torch.Tensor:
+        devices = [self.dist.device] if self.dist.device.type == 'cuda' else []
+        with torch.random.fork_rng(devices = devices, device_type = self.dist.device.type):
+            torch.manual_seed(batch_seed(self.config.seed, batch.epoch, batch.global_index))
+            with self.autocast:
+                loss = self.wrapped(batch.samples)
+            (loss * scale).backward()
+        return loss.detach()
+
+    def train_step(self) -> dict:
+        self.wrapped.train()
+        accum, losses, tokens = self.config.grad_accum, [], 0
+        for micro in range(accum):
+            batch = self.loader.next_batch()
+            with gradient_sync(self.wrapped, sync = micro == accum - 1):
+                losses.append(self.forward_backward(batch, scale = 1. / accum))
+            tokens += batch.num_tokens
+
+        # a parameter no batch of this step used (a modality type absent from all of them) takes
+        # an AdamW step on a zero gradient: FSDP reduce-scatters zeros for it anyway, and filling
+        # them in here makes one process, DDP and FSDP agree
+        for p in self.trainable:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+
+        grad_norm = None
+        if self.config.grad_clip is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.config.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none = True)
+        if self.ema is not None:
+            self.ema.update()
+        self.step += 1
+        return dict(loss = torch.stack(losses).mean(), grad_norm = grad_norm, tokens = tokens)
+
+    # the loop
+
+    def train(self) -> list[dict]:
+        """Runs until `max_steps`, resuming from the newest good checkpoint in `out_dir`.
+        Returns the metrics logged on this rank."""
+        self.resume()
+        config, history = self.config, []
+        progress = tqdm(total = config.max_steps, initial = self.step, desc = 'training', disable = not (config.progress and self.dist.is_main))
+        window_tokens, window_start = 0, time.perf_counter()
+
+        while self.step < config.max_steps:
+            out = self.train_step()
+            progress.update(1)
+            window_tokens += out['tokens']
+            metrics = {}
+
+            if self.step % config.log_every == 0 or self.step == config.max_steps:
+                elapsed = time.perf_counter() - window_start
+                metrics = dict(
+                    loss = distributed.mean_across_ranks(out['loss']).item(),
+                    lr = self.scheduler.get_last_lr()[0],
+                    tokens_per_s = distributed.sum_across_ranks(torch.tensor(float(window_tokens))).item() / elapsed,
+                )
+                if out['grad_norm'] is not None:
+                    metrics['grad_norm'] = float(out['grad_norm'].full_tensor() if hasattr(out['grad_norm'], 'full_tensor') else out['grad_norm'])
+                progress.set_postfix(loss = f"{metrics['loss']:.4f}", tok_s = f"{metrics['tokens_per_s']:.0f}")
+                window_tokens, window_start = 0, time.perf_counter()
+
+            if config.eval_every and self.eval_dataset is not None and self.step % config.eval_every == 0:
+                metrics['eval_loss'] = self.evaluate(self.eval_dataset)
+            for callback in self.callbacks:
+                metrics.update(callback(self, self.step) or {})
+            if metrics:
+                self.log(metrics)
+                history.append(dict(step = self.step, **metrics))
+
+            if self.step % config.checkpoint_every == 0 or self.step == config.max_steps:
+                self.save_checkpoint()
+
+        progress.close()
+        self.save_pretrained(self.out_dir / 'pretrained')
+        return history
+
+    @torch.no_grad()
+    def evaluate(self, dataset: SampleDataset) -> float:
+        """Mean loss over `dataset` (each rank its share, in a fixed order and with fixed noise),
+        weighted by batch, with the online model."""
+        loader = self.make_loader(dataset, shuffle = False)
+        self.wrapped.eval()
+        total, count = torch.zeros((), device = self.dist.device), 0
+        for _ in range(len(loader)):
+            batch = loader.next_batch()
+            with torch.random.fork_rng(devices = [self.dist.device] if self.dist.device.type == 'cuda' else [], device_type = self.dist.device.type):
+                torch.manual_seed(batch_seed(self.config.seed, -1, batch.global_index))
+                with self.autocast:
+                    total += self.wrapped(batch.samples).float()
+            count += 1
+        self.wrapped.train()
+        return (distributed.sum_across_ranks(total) / distributed.sum_across_ranks(torch.tensor(float(count), device = self.dist.device))).item()
+
+    def log(self, metrics: dict):
+        if not self.dist.is_main:
+            return
+        with open(self.out_dir / 'metrics.jsonl', 'a') as file:
+            file.write(json.dumps(dict(step = self.step, **metrics)) + '\n')
+        if self.writer is not None:
+            for key, value in metrics.items():
+                self.writer.add_scalar(key, value, self.step)
+
+    # checkpoints
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.out_dir / 'checkpoints'
+
+    def save_checkpoint(self) -> Path:
+        state = dict(scheduler = self.scheduler.state_dict(), data = self.loader.state_dict(), config = asdict(self.config))
+        return checkpoint.save(self.checkpoint_dir, self.step, self.wrapped, self.optimizer, self.ema, state, self.config.keep_last)
+
+    def resume(self) -> bool:
+        state = checkpoint.load_latest(self.checkpoint_dir, self.wrapped, self.optimizer, self.ema)
+        if state is None:
+            return False
+        self.step = state['step']
+        self.scheduler.load_state_dict(state['scheduler'])
+        self.loader.load_state_dict(state['data'])
+        return True
+
+    def save_pretrained(self, directory: Path):
+        """The online model and, as `<directory>_ema`, the EMA model, gathered to full tensors on rank 0."""
+        options = StateDictOptions(full_state_dict = True, cpu_offload = True)
+        targets = [(self.model, self.wrapped, directory)]
+        if self.ema is not None:
+            targets.append((self.ema.module, self.ema.module, directory.with_name(directory.name + '_ema')))
+        for model, module, path in targets:
+            state = get_model_state_dict(module, options = options)
+            if self.dist.is_main:
+                model.save_pretrained(path, state_dict = state)
+        distributed.barrier()
