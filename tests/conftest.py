@@ -42,3 +42,35 @@ def random_sample(rng: random.Random, max_elements: int = 5) -> list:
 
 def random_batch(rng: random.Random, max_samples: int = 4) -> list:
     return [random_sample(rng) for _ in range(rng.randint(1, max_samples))]
+
+
+def overfit_batch() -> list:
+    """The tiny fixed mixed batch that a small model must learn (the same data every call)."""
+    generator = torch.Generator().manual_seed(0)
+    text = lambda n: torch.randint(0, NUM_TEXT_TOKENS, (n,), generator = generator)
+    latent = lambda *shape: torch.randn(*shape, generator = generator)
+    return [
+        [text(5), (0, latent(3, DIM_LATENTS[0])), text(3), (1, latent(2, 2, DIM_LATENTS[1]))],
+        [(1, latent(1, 3, DIM_LATENTS[1])), text(4)],
+    ]
+
+
+def overfit(model, steps: int = 300, lr: float = 3e-3) -> tuple[float, float]:
+    """Trains on `overfit_batch()`; returns the first loss and the mean of the last 20."""
+    torch.manual_seed(0)
+    batch = overfit_batch()
+    optimizer = torch.optim.AdamW(model.parameters(), lr = lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+
+    losses = []
+    for _ in range(steps):
+        loss = model(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+    return losses[0], sum(losses[-20:]) / 20
+
+
+OVERFIT_TRANSFORMER = dict(dim = 64, depth = 2, dim_head = 16, heads = 4)

@@ -8,7 +8,7 @@ from torch import nn
 from transfusion_pytorch import Transfusion
 from transfusion_pytorch.flow import interpolate
 
-from conftest import DIM_LATENTS, NUM_TEXT_TOKENS, random_batch, tiny_model
+from conftest import DIM_LATENTS, NUM_TEXT_TOKENS, OVERFIT_TRANSFORMER, overfit, random_batch, tiny_model
 
 
 def fixed_noise_and_times(model, batch, noise_per_sample, times_per_sample):
@@ -233,23 +233,5 @@ def test_zero_dim_modalities():
 
 def test_overfits_a_tiny_fixed_mixed_batch():
     torch.manual_seed(0)
-    batch = [
-        [torch.randint(0, NUM_TEXT_TOKENS, (5,)), (0, torch.randn(3, DIM_LATENTS[0])), torch.randint(0, NUM_TEXT_TOKENS, (3,)), (1, torch.randn(2, 2, DIM_LATENTS[1]))],
-        [(1, torch.randn(1, 3, DIM_LATENTS[1])), torch.randint(0, NUM_TEXT_TOKENS, (4,))],
-    ]
-    model = tiny_model(transformer = dict(dim = 64, depth = 2, dim_head = 16, heads = 4))
-    steps = 300
-    optimizer = torch.optim.AdamW(model.parameters(), lr = 3e-3)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
-
-    losses = []
-    for _ in range(steps):
-        loss = model(batch)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
-
-    first, last = losses[0], sum(losses[-20:]) / 20
+    first, last = overfit(tiny_model(transformer = OVERFIT_TRANSFORMER))
     assert last < first / 10, (first, last)

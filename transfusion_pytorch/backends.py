@@ -14,6 +14,7 @@ token, or the velocity at the latents when it is a `Latents` block.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -30,9 +31,11 @@ class Latents:
     modality_type: int
     values: Tensor              # (n, dim_latent), channel last, flattened row-major over `shape`
     shape: tuple[int, ...]
+    token_shape: tuple[int, ...] | None = None      # its grid of tokens in the sequence, when not `shape`
 
     def __len__(self) -> int:
-        return self.values.shape[0]
+        """The number of tokens it takes in the sequence."""
+        return self.values.shape[0] if self.token_shape is None else math.prod(self.token_shape)
 
 
 Item = int | Latents
@@ -72,7 +75,7 @@ def items_to_sample(items: list[Item], vocab: Vocab, wrapped: bool) -> Sample:
             if len(text) > 0:
                 segments.append(Text(torch.tensor(text, dtype = torch.long, device = device)))
                 text = []
-            segments.append(Modality(item.modality_type, item.values.reshape(*item.shape, -1)))
+            segments.append(Modality(item.modality_type, item.values.reshape(*item.shape, -1), token_shape = item.token_shape))
             skip_eom = vocab.eom(item.modality_type)
         elif item == skip_eom:
             skip_eom = None
@@ -82,6 +85,13 @@ def items_to_sample(items: list[Item], vocab: Vocab, wrapped: bool) -> Sample:
     if len(text) > 0 or len(segments) == 0:
         segments.append(Text(torch.tensor(text, dtype = torch.long, device = device)))     # SOS alone: an empty text
     return segments
+
+
+def latents_output(model, block: Latents, hidden: Tensor, time: float) -> Tensor:
+    """The velocity at a block of noised latents at `time`, from the hidden states of its tokens."""
+    output = model.tokens_to_output(block.modality_type, hidden, [block.shape]).float()
+    times = torch.full((output.shape[0], 1), time, device = output.device)
+    return model.output_to_velocity(output, block.values.to(output), times)
 
 
 class ReferenceBackend:
@@ -124,7 +134,7 @@ class ReferenceBackend:
 
         if isinstance(last, Latents):
             index = packed.latent_index[last.modality_type][-len(last):]
-            return model.model_to_velocity[last.modality_type](hidden[index])
+            return latents_output(model, last, hidden[index], request.time)
 
         return model.to_logits(hidden[sequence_length(items) - 1])
 
@@ -204,7 +214,7 @@ class CachedBackend:
                 continue
             last, n = request.items[-1], int(num_new[row])
             if isinstance(last, Latents):
-                outputs.append(model.model_to_velocity[last.modality_type](hidden[row, n - len(last):n]))
+                outputs.append(latents_output(model, last, hidden[row, n - len(last):n], request.time))
             else:
                 outputs.append(model.to_logits(hidden[row, n - 1]))
         return outputs
@@ -215,8 +225,8 @@ class CachedBackend:
         x = model.token_embed(tokens)
         for start, block in blocks:
             m = block.modality_type
-            values = model.latent_to_model[m](block.values.to(device = x.device, dtype = x.dtype))
+            values = model.latents_to_tokens(m, block.values.to(device = x.device, dtype = x.dtype), [block.shape])
             if model.config.add_pos_emb[m]:
-                values = values + model.pos_embs[m](grid_coords(block.shape).to(x.device))
+                values = values + model.pos_embs[m](grid_coords(block.token_shape or block.shape).to(x.device))
             x[start:start + len(block)] = values
         return x

@@ -93,8 +93,14 @@ class TransfusionConfig:
     modality_num_dim: tuple[int | None, ...]                # number of axes of each type, None: any
     text_loss_weight: float = 1.
     flow_loss_weight: tuple[float, ...] = ()
+    model_output_clean: bool = False                        # predict the clean latent, converted to a velocity (Li & He, 2025)
+    reconstruction_loss_weight: float = 0.                  # weight of the decoded-prediction reconstruction loss
+    velocity_consistency_loss_weight: float = 0.1           # weight of the velocity consistency loss, when an EMA model is given
 
     def __post_init__(self):
+        for name in ('text_loss_weight', 'reconstruction_loss_weight', 'velocity_consistency_loss_weight'):
+            if getattr(self, name) < 0:
+                raise ValueError(f'{name} must not be negative, got {getattr(self, name)}')
         if not isinstance(self.num_text_tokens, int) or self.num_text_tokens <= 0:
             raise ValueError(f'num_text_tokens must be a positive int, got {self.num_text_tokens!r}')
         for dim in self.dim_latent:
@@ -116,6 +122,7 @@ class TransfusionConfig:
     def from_kwargs(
         cls, *, num_text_tokens, transformer, dim_latent = None, channel_first_latent = False, add_pos_emb = None,
         modality_default_shape = None, modality_num_dim = None, text_loss_weight = 1., flow_loss_weight = 1.,
+        model_output_clean = False, reconstruction_loss_weight = 0., velocity_consistency_loss_weight = 0.1,
     ) -> TransfusionConfig:
         transformer = transformer if isinstance(transformer, TransformerConfig) else TransformerConfig.from_dict(dict(transformer))
         dim_latent = transformer.dim if dim_latent is None else dim_latent
@@ -139,6 +146,9 @@ class TransfusionConfig:
             modality_num_dim = num_dims,
             text_loss_weight = float(text_loss_weight),
             flow_loss_weight = tuple(float(w) for w in per_type(flow_loss_weight, num_types, 'flow_loss_weight', lambda v: isinstance(v, (int, float)))),
+            model_output_clean = bool(model_output_clean),
+            reconstruction_loss_weight = float(reconstruction_loss_weight),
+            velocity_consistency_loss_weight = float(velocity_consistency_loss_weight),
         )
 
     def to_dict(self) -> dict:

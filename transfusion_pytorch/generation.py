@@ -117,7 +117,7 @@ class Sampler:
             else:
                 m, shape = segment.modality_type, segment.shape
                 items.extend([self.vocab.meta, *self.vocab.encode_shape(shape), self.vocab.bom(m)])
-                items.extend([Latents(m, segment.latent.reshape(-1, segment.latent.shape[-1]), shape), self.vocab.eom(m)])
+                items.extend([latents_item(self.model, m, segment.latent.reshape(-1, segment.latent.shape[-1]), shape), self.vocab.eom(m)])
 
         forced = self.options.force_modality_at_start
         if forced is not None:
@@ -125,7 +125,7 @@ class Sampler:
             items.extend([self.vocab.meta, *self.vocab.encode_shape(shape), self.vocab.bom(m)])
             row.opening = (m, tuple(shape))
 
-        needed = sequence_length(items) + (math.prod(row.opening[1]) + 1 if row.opening is not None else 0)
+        needed = sequence_length(items) + (self.model.num_modality_tokens(*row.opening) + 1 if row.opening is not None else 0)
         if needed > self.options.max_length:
             raise ValueError(f'the prompt (and forced modality) takes {needed} tokens, more than max_length = {self.options.max_length}')
         return Request(items)
@@ -211,7 +211,7 @@ class Sampler:
         room = self.options.max_length - (row.length - len(row.shape_tokens)) - 2     # less BOM and EOM
 
         def fits(shape):
-            return len(vocab.encode_shape(shape)) + math.prod(shape) <= room
+            return len(vocab.encode_shape(shape)) + model.num_modality_tokens(m, shape) <= room
 
         shape = vocab.decode_shape(row.shape_tokens)
         num_dim = model.config.modality_num_dim[m]
@@ -252,13 +252,13 @@ class Sampler:
         grid = solvers.time_grid(options.modality_steps, options.time_shift).tolist()
         row.modality = (m, shape, grid, 0, solvers.stages(options.ode_method, noise, grid[0], grid[1]))
         x, t = next(row.modality[-1])
-        return Request([Latents(m, x, shape)], time = t, keep = False)
+        return Request([latents_item(self.model, m, x, shape)], time = t, keep = False)
 
     def ode_stage(self, row: Row, velocity: Tensor) -> Request:
         m, shape, grid, step, stages = row.modality
         try:
             x, t = stages.send(velocity)
-            return Request([Latents(m, x, shape)], time = t, keep = False)
+            return Request([latents_item(self.model, m, x, shape)], time = t, keep = False)
         except StopIteration as done:
             x = done.value
 
@@ -267,10 +267,14 @@ class Sampler:
             stages = solvers.stages(self.options.ode_method, x, grid[step], grid[step + 1])
             row.modality = (m, shape, grid, step, stages)
             x, t = next(stages)
-            return Request([Latents(m, x, shape)], time = t, keep = False)
+            return Request([latents_item(self.model, m, x, shape)], time = t, keep = False)
 
         row.phase, row.modality = 'text', None
-        return Request([Latents(m, x, shape), self.vocab.eom(m)])
+        return Request([latents_item(self.model, m, x, shape), self.vocab.eom(m)])
+
+
+def latents_item(model, modality_type: int, values: Tensor, shape: tuple[int, ...]) -> Latents:
+    return Latents(modality_type, values, tuple(shape), model.token_shape(modality_type, tuple(shape)))
 
 
 # public entry points (Transfusion's methods delegate here)
@@ -365,14 +369,14 @@ def generate_modality_only(model, *, batch_size: int = 1, modality_type: int = 0
         raise ValueError(f'modality type {m} has no modality_default_shape: pass fixed_modality_shape')
 
     header = [vocab.sos, vocab.meta, *vocab.encode_shape(shape), vocab.bom(m)]
-    length = len(header) + math.prod(shape)
+    length = len(header) + model.num_modality_tokens(m, shape)
     backend = CachedBackend(model, batch_size, length) if use_cache else ReferenceBackend(model, batch_size)
 
     generators = row_generators(batch_size, generator, seed)
     noise = torch.stack([torch.randn(math.prod(shape), model.config.dim_latent[m], generator = g) for g in generators]).to(model.device)
 
     def velocity_fn(x: Tensor, t: Tensor) -> Tensor:
-        requests = [Request([Latents(m, row, shape)], time = float(t), keep = False) for row in x]
+        requests = [Request([latents_item(model, m, row, shape)], time = float(t), keep = False) for row in x]
         return torch.stack(backend.step(requests))
 
     with torch.no_grad(), eval_mode(model):
@@ -382,7 +386,7 @@ def generate_modality_only(model, *, batch_size: int = 1, modality_type: int = 0
 
         out = []
         for latent in latents:
-            sample = to_output(model, [*header, Latents(m, latent, shape), vocab.eom(m)], return_latents)
+            sample = to_output(model, [*header, latents_item(model, m, latent, shape), vocab.eom(m)], return_latents)
             out.append(sample[0][1])
     return torch.stack(out)
 

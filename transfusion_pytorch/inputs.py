@@ -29,11 +29,18 @@ class Text:
 @dataclass(frozen = True)
 class Modality:
     modality_type: int
-    latent: Tensor          # (*shape, dim_latent), channel last, already encoded
+    latent: Tensor                              # (*shape, dim_latent), channel last, already encoded
+    token_shape: tuple[int, ...] | None = None  # grid of its tokens in the sequence, when a learned
+                                                # down-sampler sits before the transformer; else `shape`
+    raw: Tensor | None = None                   # the modality as the user gave it, before any encoder
 
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.latent.shape[:-1])
+
+    @property
+    def tokens_shape(self) -> tuple[int, ...]:
+        return self.shape if self.token_shape is None else self.token_shape
 
 
 Segment = Text | Modality
@@ -186,7 +193,7 @@ def _normalize_element(element, where, num_text_tokens, specs, encode) -> Segmen
     latent = encode(modality_type, element) if encode is not None else element
     latent = to_channel_last(latent, specs[modality_type], modality_type, where)
 
-    return Modality(modality_type, latent)
+    return Modality(modality_type, latent, raw = element)
 
 
 def text_batch(text: Tensor, num_text_tokens: int) -> list[Sample]:
@@ -224,6 +231,6 @@ def modality_batch(
         if not torch.isfinite(element).all():
             raise ValueError(f'{where}: modality values must be finite, got NaN or inf in a tensor of shape {tuple(element.shape)}')
         latent = encode(modality_type, element) if encode is not None else element
-        samples.append([Modality(modality_type, to_channel_last(latent, specs[modality_type], modality_type, where))])
+        samples.append([Modality(modality_type, to_channel_last(latent, specs[modality_type], modality_type, where), raw = element)])
 
     return samples

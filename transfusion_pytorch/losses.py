@@ -23,6 +23,8 @@ class LossBreakdown:
     flow: tuple[Tensor, ...]        # mean flow-matching MSE over the latent tokens of each modality type
     per_sample_text: Tensor         # (B,) mean cross-entropy of each sample, NaN where it has no text target
     per_sample_flow: Tensor         # (B,) mean flow MSE of each sample over all its latent tokens, NaN where none
+    velocity_consistency: tuple[Tensor, ...] = ()   # per modality type, when an EMA model is given
+    reconstruction: tuple[Tensor, ...] = ()         # per modality type, when reconstruction_loss_weight > 0
 
 
 def text_loss_per_token(logits: Tensor, targets: Tensor) -> Tensor:

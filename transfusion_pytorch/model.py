@@ -17,19 +17,34 @@ own starting values where they are made.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import flow
 from .config import TransfusionConfig, per_type
-from .inputs import ModalitySpec, Sample, modality_batch, normalize_samples, text_batch
-from .losses import LossBreakdown, combine, flow_loss_per_token, text_loss_per_token
+from .inputs import Modality, ModalitySpec, Sample, modality_batch, normalize_samples, text_batch
+from .losses import LossBreakdown, combine, flow_loss_per_token, mean_or_zero, text_loss_per_token
 from .masks import build_layout
 from .packing import IGNORE, PackedBatch, pack
+from .pre_post import PrePost
 from .transformer import Transformer
 from .vocab import Vocab
+
+
+CLEAN_OUTPUT_MIN_REMAINING_TIME = 0.05
+
+
+@dataclass
+class Prediction:
+    hidden: Tensor                      # (N, dim) hidden states
+    noised: tuple[Tensor, ...]          # per type, (R_m, dim_latent) noised latent rows x_t
+    row_times: tuple[Tensor, ...]       # per type, (R_m, 1) time of each row
+    velocities: tuple[Tensor, ...]      # per type, (R_m, dim_latent) predicted velocities
 
 
 class AxialPositions(nn.Module):
@@ -61,10 +76,14 @@ class Transfusion(nn.Module):
         add_pos_emb: bool | tuple[bool, ...] | None = None,
         modality_encoder: nn.Module | tuple[nn.Module | None, ...] | None = None,
         modality_decoder: nn.Module | tuple[nn.Module | None, ...] | None = None,
+        pre_post_transformer_enc_dec: tuple[nn.Module, nn.Module] | tuple[tuple[nn.Module, nn.Module] | None, ...] | None = None,
         modality_default_shape: tuple[int, ...] | tuple[tuple[int, ...], ...] | None = None,
         modality_num_dim: int | tuple[int, ...] | None = None,
         text_loss_weight: float = 1.,
         flow_loss_weight: float | tuple[float, ...] = 1.,
+        model_output_clean: bool = False,
+        reconstruction_loss_weight: float = 0.,
+        velocity_consistency_loss_weight: float = 0.1,
     ):
         super().__init__()
 
@@ -73,6 +92,8 @@ class Transfusion(nn.Module):
             channel_first_latent = channel_first_latent, add_pos_emb = add_pos_emb,
             modality_default_shape = modality_default_shape, modality_num_dim = modality_num_dim,
             text_loss_weight = text_loss_weight, flow_loss_weight = flow_loss_weight,
+            model_output_clean = model_output_clean, reconstruction_loss_weight = reconstruction_loss_weight,
+            velocity_consistency_loss_weight = velocity_consistency_loss_weight,
         )
 
         num_types, dim = config.num_modality_types, config.transformer.dim
@@ -96,6 +117,10 @@ class Transfusion(nn.Module):
             for add, num_dim in zip(config.add_pos_emb, config.modality_num_dim)
         ])
         self.to_logits = nn.Linear(dim, self.vocab.size, bias = False)
+
+        # learned down / up blocks around the transformer (the paper's U-Net patch encoder) replace
+        # the linear projections in and out for their modality type
+        self.pre_post = PrePost.per_type(pre_post_transformer_enc_dec, config)
 
         self._init_weights()
 
@@ -123,13 +148,28 @@ class Transfusion(nn.Module):
         with torch.no_grad():
             return encoder(raw[None])[0]
 
+    def token_shape(self, modality_type: int, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The grid of tokens that a latent of `shape` takes in the sequence."""
+        pre_post = self.pre_post[modality_type]
+        return shape if isinstance(pre_post, nn.Identity) else pre_post.token_shape(shape)
+
+    def num_modality_tokens(self, modality_type: int, shape: tuple[int, ...]) -> int:
+        return math.prod(self.token_shape(modality_type, tuple(shape)))
+
     def to_samples(self, modalities, modality_type: int | None = None) -> tuple[list[Sample], bool]:
         """The contract's input forms -> (samples, whether they are framed by SOS / EOS)."""
         if torch.is_tensor(modalities) and not modalities.is_floating_point():
             return text_batch(modalities, self.config.num_text_tokens), False
         if torch.is_tensor(modalities):
-            return modality_batch(modalities, modality_type, self.specs, self.encode_modality), True
-        return normalize_samples(modalities, self.config.num_text_tokens, self.specs, self.encode_modality), True
+            samples = modality_batch(modalities, modality_type, self.specs, self.encode_modality)
+        else:
+            samples = normalize_samples(modalities, self.config.num_text_tokens, self.specs, self.encode_modality)
+        return [[self.with_token_shape(segment) for segment in sample] for sample in samples], True
+
+    def with_token_shape(self, segment):
+        if not isinstance(segment, Modality) or isinstance(self.pre_post[segment.modality_type], nn.Identity):
+            return segment
+        return replace(segment, token_shape = self.token_shape(segment.modality_type, segment.shape))
 
     def pack(self, modalities, modality_type: int | None = None) -> PackedBatch:
         samples, wrap = self.to_samples(modalities, modality_type)
@@ -169,6 +209,8 @@ class Transfusion(nn.Module):
         times: Tensor | None = None,
         num_modalities_to_times_fn: Callable[[Tensor], Tensor] | None = None,
         modality_type: int | None = None,
+        velocity_consistency_ema_model: nn.Module | None = None,
+        velocity_consistency_delta_time: float = 1e-3,
         return_breakdown: bool = False,
     ) -> Tensor | tuple[Tensor, LossBreakdown]:
         """The training loss of a batch in any of the contract's forms (see `inputs.py`)."""
@@ -176,8 +218,14 @@ class Transfusion(nn.Module):
         span_times = self.span_times(packed, times, num_modalities_to_times_fn)
         noise = tuple(torch.randn_like(latents, dtype = torch.float32) for latents in packed.latents)
 
-        breakdown = self.compute_loss(packed, span_times, noise)
+        breakdown = self.compute_loss(
+            packed, span_times, noise,
+            ema_model = velocity_consistency_ema_model, delta_time = velocity_consistency_delta_time,
+        )
         return (breakdown.total, breakdown) if return_breakdown else breakdown.total
+
+    def spans_of_type(self, packed: PackedBatch, modality_type: int) -> list:
+        return [record for record in packed.span_records if record.modality_type == modality_type]
 
     def embed(self, packed: PackedBatch, noised: tuple[Tensor, ...]) -> Tensor:
         """(N, dim): token embeddings, with the noised latents projected in at latent tokens."""
@@ -185,11 +233,36 @@ class Transfusion(nn.Module):
         for m, (latents, index) in enumerate(zip(noised, packed.latent_index)):
             if index.numel() == 0:
                 continue
-            tokens = self.latent_to_model[m](latents.to(x.dtype))
+            shapes = [record.shape for record in self.spans_of_type(packed, m)] if self.uses_pre_post(m) else None
+            tokens = self.latents_to_tokens(m, latents, shapes)
             if self.config.add_pos_emb[m]:
                 tokens = tokens + self.pos_embs[m](packed.latent_coords[m])
             x = x.index_put((index,), tokens)
         return x
+
+    def uses_pre_post(self, modality_type: int) -> bool:
+        return not isinstance(self.pre_post[modality_type], nn.Identity)
+
+    def latents_to_tokens(self, modality_type: int, rows: Tensor, shapes: list | None = None) -> Tensor:
+        """(R, dim_latent) latent rows -> (N, dim) tokens; `shapes` are the shapes of the
+        modalities the rows come from, needed by a learned down-sampler."""
+        if not self.uses_pre_post(modality_type):
+            return self.latent_to_model[modality_type](rows.to(self.token_embed.weight.dtype))
+        return self.pre_post[modality_type].encode(rows, shapes)
+
+    def tokens_to_output(self, modality_type: int, hidden: Tensor, shapes: list | None = None) -> Tensor:
+        """(N, dim) hidden states at latent tokens -> (R, dim_latent) model output rows."""
+        if not self.uses_pre_post(modality_type):
+            return self.model_to_velocity[modality_type](hidden)
+        return self.pre_post[modality_type].decode(hidden, shapes)
+
+    def output_to_velocity(self, output: Tensor, noised: Tensor, times: Tensor) -> Tensor:
+        """The model's output rows -> velocity rows. With `model_output_clean` the output is the
+        clean latent x1, and v = (x1 - x_t) / (1 - t), with 1 - t kept above 0.05 (Li & He,
+        "Back to Basics: Let Denoising Generative Models Denoise", 2025)."""
+        if not self.config.model_output_clean:
+            return output
+        return (output - noised) / (1. - times).clamp(min = CLEAN_OUTPUT_MIN_REMAINING_TIME)
 
     def hidden_states(self, packed: PackedBatch, noised: tuple[Tensor, ...], span_times: Tensor) -> Tensor:
         use_flex = self.config.transformer.use_flex_attn
@@ -197,27 +270,109 @@ class Transfusion(nn.Module):
         layout = build_layout(packed, use_flex_attn = use_flex)
         return self.transformer(self.embed(packed, noised), layout, packed.position, span_times, packed.span)
 
-    def compute_loss(self, packed: PackedBatch, span_times: Tensor, noise: tuple[Tensor, ...]) -> LossBreakdown:
-        """The loss for given times and noise: deterministic, for tests and custom training loops."""
-        token_times = tuple(span_times[packed.span[index]][:, None] for index in packed.latent_index)   # (N_m, 1)
-        noised = tuple(flow.interpolate(n, x1, t) for n, x1, t in zip(noise, packed.latents, token_times))
+    def predict(self, packed: PackedBatch, span_times: Tensor, noise: tuple[Tensor, ...]) -> Prediction:
+        """Runs the model on a batch whose modalities are noised with `noise` at `span_times`."""
+        row_times = tuple(span_times[rows][:, None] for rows in packed.latent_span)              # (R_m, 1)
+        noised = tuple(flow.interpolate(n, x1, t) for n, x1, t in zip(noise, packed.latents, row_times))
 
         hidden = self.hidden_states(packed, noised, span_times)
+
+        velocities = []
+        for m, (index, x_t, t) in enumerate(zip(packed.latent_index, noised, row_times)):
+            if index.numel() == 0:
+                velocities.append(x_t)
+                continue
+            shapes = [record.shape for record in self.spans_of_type(packed, m)] if self.uses_pre_post(m) else None
+            output = self.tokens_to_output(m, hidden[index], shapes)
+            velocities.append(self.output_to_velocity(output.float(), x_t, t))
+
+        return Prediction(hidden, noised, row_times, tuple(velocities))
+
+    def compute_loss(
+        self, packed: PackedBatch, span_times: Tensor, noise: tuple[Tensor, ...],
+        ema_model: nn.Module | None = None, delta_time: float = 1e-3,
+    ) -> LossBreakdown:
+        """The loss for given times and noise: deterministic, for tests and custom training loops."""
+        prediction = self.predict(packed, span_times, noise)
+        hidden = prediction.hidden
 
         text_index = (packed.text_target != IGNORE).nonzero().squeeze(-1)
         text_losses = text_loss_per_token(self.to_logits(hidden[text_index]), packed.text_target[text_index])
 
-        flow_losses = tuple(
-            flow_loss_per_token(self.model_to_velocity[m](hidden[index]), flow.velocity_target(n, x1))
-            if index.numel() > 0 else hidden.new_zeros(0)
-            for m, (index, n, x1) in enumerate(zip(packed.latent_index, noise, packed.latents))
-        )
+        targets = tuple(flow.velocity_target(n, x1) for n, x1 in zip(noise, packed.latents))
+        flow_losses = tuple(flow_loss_per_token(v, target) for v, target in zip(prediction.velocities, targets))
+        row_docs = tuple(packed.span_doc[rows] for rows in packed.latent_span)
 
-        return combine(
-            text_losses, packed.doc[text_index],
-            flow_losses, tuple(packed.doc[index] for index in packed.latent_index),
+        breakdown = combine(
+            text_losses, packed.doc[text_index], flow_losses, row_docs,
             packed.batch_size, self.config.text_loss_weight, self.config.flow_loss_weight,
         )
+
+        if ema_model is not None:
+            consistency = self.velocity_consistency_losses(packed, span_times, noise, prediction, ema_model, delta_time)
+            breakdown.velocity_consistency = consistency
+            breakdown.total = breakdown.total + self.config.velocity_consistency_loss_weight * sum(consistency)
+
+        if self.config.reconstruction_loss_weight > 0:
+            reconstruction = self.reconstruction_losses(packed, prediction)
+            breakdown.reconstruction = reconstruction
+            breakdown.total = breakdown.total + self.config.reconstruction_loss_weight * sum(reconstruction)
+
+        return breakdown
+
+    # auxiliary losses
+
+    def velocity_consistency_losses(self, packed, span_times, noise, prediction, ema_model, delta_time) -> tuple[Tensor, ...]:
+        """Consistency flow matching (Yang et al., 2024): the velocity at (x_t, t) should match
+        the EMA model's at (x_{t + dt}, t + dt) on the same straight path. The EMA side is a
+        fixed target; the gradient flows through this model's velocity."""
+        ema_model = getattr(ema_model, 'ema_model', ema_model)      # an `EMA` wrapper or a plain model
+        later_times = (span_times + delta_time).clamp(max = 1.)
+        with torch.no_grad():
+            ema_velocities = ema_model.predict(packed, later_times, noise).velocities
+        return tuple(
+            mean_or_zero(flow_loss_per_token(v, target))
+            for v, target in zip(prediction.velocities, ema_velocities)
+        )
+
+    def reconstruction_losses(self, packed: PackedBatch, prediction: Prediction) -> tuple[Tensor, ...]:
+        """The predicted clean latent x1 = x_t + (1 - t) v, decoded, against the modality as it
+        was given (before its encoder), or against the decoded clean latent where the type has no
+        encoder. One mean-squared error per modality type, averaged over its modalities."""
+        losses = []
+        for m in range(self.num_modality_types):
+            records = self.spans_of_type(packed, m)
+            if len(records) == 0:
+                losses.append(prediction.hidden.new_zeros(()))
+                continue
+
+            x_t, t, v = prediction.noised[m], prediction.row_times[m], prediction.velocities[m]
+            predicted_clean = x_t + (1. - t) * v
+            span_ids = [index for index, record in enumerate(packed.span_records) if record.modality_type == m]
+
+            offset, per_modality = 0, []
+            for span_id, record in zip(span_ids, records):
+                rows = math.prod(record.shape)
+                decoded = self.decode_latent(m, predicted_clean[offset:offset + rows].reshape(*record.shape, -1))
+                target = self.reconstruction_target(m, packed, span_id, packed.latents[m][offset:offset + rows].reshape(*record.shape, -1))
+                per_modality.append(F.mse_loss(decoded.float(), target.float()))
+                offset += rows
+            losses.append(torch.stack(per_modality).mean())
+        return tuple(losses)
+
+    def decode_latent(self, modality_type: int, latent: Tensor) -> Tensor:
+        """(*shape, dim_latent) channel-last latent -> the decoder's output, in the user's layout."""
+        if self.config.channel_first_latent[modality_type]:
+            latent = latent.movedim(-1, 0)
+        decoder = self.modality_decoders[modality_type]
+        return latent if isinstance(decoder, nn.Identity) else decoder(latent[None])[0]
+
+    def reconstruction_target(self, modality_type: int, packed: PackedBatch, span_id: int, clean: Tensor) -> Tensor:
+        raw = packed.raw[span_id] if span_id < len(packed.raw) else None
+        if raw is not None and not isinstance(self.modality_encoders[modality_type], nn.Identity):
+            return raw.to(self.device)
+        with torch.no_grad():
+            return self.decode_latent(modality_type, clean)
 
     # generation (see generation.py)
 

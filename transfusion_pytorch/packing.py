@@ -13,6 +13,7 @@ Lists and tuples stop here: everything downstream works on these tensors.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -28,10 +29,11 @@ IGNORE = -1     # text target of positions that predict nothing
 class SegmentRecord:
     """Where a segment of a sample landed in the packed sequence (for unpacking)."""
     kind: str                   # 'text' or 'modality'
-    start: int                  # flat index of its first token (first latent for a modality)
-    length: int
+    start: int                  # flat index of its first token (first latent token for a modality)
+    length: int                 # number of tokens in the sequence
     modality_type: int = -1
-    shape: tuple[int, ...] = ()
+    shape: tuple[int, ...] = ()         # shape of the modality's latent (without the latent dim)
+    token_shape: tuple[int, ...] = ()   # grid of its tokens in the sequence (`shape` unless down-sampled)
 
 
 @dataclass
@@ -55,12 +57,15 @@ class PackedBatch:
     span_length: Tensor         # number of latent tokens
 
     # per modality type m, in sequence order
-    latents: tuple[Tensor, ...]         # (N_m, dim_latent_m), clean data (t = 1)
-    latent_index: tuple[Tensor, ...]    # (N_m,) flat index of each latent token
+    latents: tuple[Tensor, ...]         # (R_m, dim_latent_m) latent rows, clean data (t = 1)
+    latent_span: tuple[Tensor, ...]     # (R_m,) modality span of each latent row
+    latent_index: tuple[Tensor, ...]    # (N_m,) flat index of each latent token (N_m = R_m unless down-sampled)
     latent_coords: tuple[Tensor, ...]   # (N_m, num_axes_m) coordinate of each token in its modality's grid
 
     layout: tuple[tuple[SegmentRecord, ...], ...]
     wrapped: bool               # whether samples were framed by SOS / EOS
+    span_records: tuple[SegmentRecord, ...] = ()    # the record of each modality span, in span order
+    raw: tuple = ()             # per span, the modality as the user gave it (None where unknown)
 
     @property
     def num_tokens(self) -> int:
@@ -87,7 +92,7 @@ class PackedBatch:
         for name, value in vars(self).items():
             if torch.is_tensor(value):
                 value = value.to(device)
-            elif isinstance(value, tuple) and len(value) > 0 and torch.is_tensor(value[0]):
+            elif isinstance(value, tuple) and len(value) > 0 and all(torch.is_tensor(t) for t in value):
                 value = tuple(tensor.to(device) for tensor in value)
             moved[name] = value
         return PackedBatch(**moved)
@@ -113,9 +118,10 @@ def pack(samples: list[Sample], vocab: Vocab, wrap: bool = True) -> PackedBatch:
     tokens, positions, spans, types, docs = [], [], [], [], []
     span_type, span_doc, span_rank, span_start, span_length = [], [], [], [], []
     latents = [[] for _ in range(num_types)]
+    latent_span = [[] for _ in range(num_types)]
     latent_index = [[] for _ in range(num_types)]
     latent_coords = [[] for _ in range(num_types)]
-    layout = []
+    layout, span_records, raw = [], [], []
 
     offset = 0
 
@@ -149,12 +155,14 @@ def pack(samples: list[Sample], vocab: Vocab, wrap: bool = True) -> PackedBatch:
                 continue
 
             assert isinstance(segment, Modality) and wrap, 'modalities need the SOS / EOS framing'
-            m, shape = segment.modality_type, segment.shape
+            m, shape, token_shape = segment.modality_type, segment.shape, segment.tokens_shape
             emit([vocab.meta, *vocab.encode_shape(shape), vocab.bom(m)])
 
             span_id = len(span_type)
-            length = segment.latent[..., 0].numel()
-            records.append(SegmentRecord('modality', offset, length, m, shape))
+            length, num_rows = math.prod(token_shape), math.prod(shape)
+            records.append(SegmentRecord('modality', offset, length, m, shape, token_shape))
+            span_records.append(records[-1])
+            raw.append(segment.raw)
 
             span_type.append(m)
             span_doc.append(doc)
@@ -163,9 +171,10 @@ def pack(samples: list[Sample], vocab: Vocab, wrap: bool = True) -> PackedBatch:
             span_start.append(offset)
             span_length.append(length)
 
-            latents[m].append(segment.latent.reshape(length, -1))
+            latents[m].append(segment.latent.reshape(num_rows, -1))
+            latent_span[m].append(torch.full((num_rows,), span_id, **long))
             latent_index[m].append(torch.arange(offset, offset + length, device = device))
-            latent_coords[m].append(grid_coords(shape).to(device))
+            latent_coords[m].append(grid_coords(token_shape).to(device))
 
             emit(torch.zeros(length, **long), span = span_id, modality_type = m, shared_position = True)
             emit([vocab.eom(m)])
@@ -203,10 +212,13 @@ def pack(samples: list[Sample], vocab: Vocab, wrap: bool = True) -> PackedBatch:
         span_start = torch.tensor(span_start, **long),
         span_length = torch.tensor(span_length, **long),
         latents = tuple(cat_or_empty([part.to(latent_dtype) for part in latents[m]], dim_of(latents[m]), dtype = latent_dtype) for m in range(num_types)),
+        latent_span = tuple(cat_or_empty(latent_span[m]) for m in range(num_types)),
         latent_index = tuple(cat_or_empty(latent_index[m]) for m in range(num_types)),
         latent_coords = tuple(cat_coords(latent_coords[m], device) for m in range(num_types)),
         layout = tuple(layout),
         wrapped = wrap,
+        span_records = tuple(span_records),
+        raw = tuple(raw),
     )
 
 
@@ -253,9 +265,9 @@ def unpack(packed: PackedBatch, latents: tuple[Tensor, ...] | None = None) -> li
             if record.kind == 'text':
                 sample.append(packed.tokens[record.start:record.start + record.length])
                 continue
-            m, start = record.modality_type, offsets[record.modality_type]
-            offsets[m] += record.length
-            values = latents[m][start:start + record.length]
+            m, start, num_rows = record.modality_type, offsets[record.modality_type], math.prod(record.shape)
+            offsets[m] += num_rows
+            values = latents[m][start:start + num_rows]
             sample.append((m, values.reshape(*record.shape, values.shape[-1])))
         samples.append(sample)
 
