@@ -84,3 +84,22 @@ def test_ema_follows_the_online_model():
     ema.update()
     torch.testing.assert_close(ema.ema_model.to_logits.weight, before + 0.5)
     assert not any(p.requires_grad for p in ema.parameters())
+
+
+def test_every_option_and_pre_post_blocks_round_trip(tmp_path):
+    down = nn.Conv2d(DIM_LATENTS[1], 32, kernel_size = 2, stride = 2)
+    up = nn.ConvTranspose2d(32, DIM_LATENTS[1], kernel_size = 2, stride = 2)
+    model = tiny_model(
+        transformer = dict(dim = 32, depth = 2, dim_head = 8, heads = 2, attn_laser = True, attn_softcap = 5.,
+                           use_value_residual = True, num_residual_streams = 2, num_residual_fracs = 2),
+        channel_first_latent = (False, True), pre_post_transformer_enc_dec = (None, (down, up)),
+        model_output_clean = True, reconstruction_loss_weight = 0.1,
+    )
+    batch = [[torch.tensor([3, 4]), (1, torch.randn(DIM_LATENTS[1], 2, 4)), (0, torch.randn(2, DIM_LATENTS[0]))]]
+    model = trained_a_little(model, batch).eval()
+    model.save_pretrained(tmp_path)
+
+    loaded = Transfusion.from_pretrained(tmp_path).eval()
+    assert loaded.config == model.config
+    assert isinstance(loaded.pre_post[1].encoder, nn.Conv2d)
+    assert torch.equal(fixed_loss(model, batch).total, fixed_loss(loaded, batch).total)

@@ -4,8 +4,10 @@ A pretrained directory holds
 
     config.json         the model's `TransfusionConfig`, as JSON
     model.safetensors   the weights of everything except the encoders and decoders
-    codecs.pt           only when the model has modality encoders / decoders: those modules
-                        themselves, pickled with `torch.save`
+    codecs.pt           only when the model has modality encoders / decoders or learned
+                        pre/post-transformer down/up blocks: those modules themselves,
+                        pickled with `torch.save` (the down/up blocks' trained weights are
+                        in model.safetensors too, and loaded from there)
 
 Encoders and decoders are arbitrary user modules (a VAE, a conv stack), so their structure
 cannot be rebuilt from a config: they are pickled whole, which needs their classes importable
@@ -31,7 +33,11 @@ CODEC_PREFIXES = ('modality_encoders.', 'modality_decoders.')
 
 
 def has_codecs(model) -> bool:
-    return any(not isinstance(m, nn.Identity) for m in (*model.modality_encoders, *model.modality_decoders))
+    return any(not isinstance(m, nn.Identity) for m in (*model.modality_encoders, *model.modality_decoders, *model.pre_post))
+
+
+def pre_post_pairs(model) -> tuple:
+    return tuple(None if isinstance(m, nn.Identity) else (m.encoder, m.decoder) for m in model.pre_post)
 
 
 def save_pretrained(model, directory: str | Path, state_dict: dict | None = None) -> Path:
@@ -50,7 +56,8 @@ def save_pretrained(model, directory: str | Path, state_dict: dict | None = None
     codecs_path = directory / CODECS_NAME
     if has_codecs(model):
         codecs = dict(modality_encoder = tuple(model.modality_encoders), modality_decoder = tuple(model.modality_decoders))
-        torch.save({name: tuple(None if isinstance(m, nn.Identity) else m for m in modules) for name, modules in codecs.items()}, codecs_path)
+        codecs = {name: tuple(None if isinstance(m, nn.Identity) else m for m in modules) for name, modules in codecs.items()}
+        torch.save(dict(**codecs, pre_post_transformer_enc_dec = pre_post_pairs(model)), codecs_path)
     elif codecs_path.exists():
         codecs_path.unlink()
 
@@ -66,7 +73,8 @@ def as_tuples(value):
     return value
 
 
-def from_pretrained(cls, directory: str | Path, *, modality_encoder = None, modality_decoder = None, map_location = 'cpu'):
+def from_pretrained(cls, directory: str | Path, *, modality_encoder = None, modality_decoder = None,
+                    pre_post_transformer_enc_dec = None, map_location = 'cpu'):
     directory = Path(directory)
     if not (directory / CONFIG_NAME).exists():
         raise FileNotFoundError(f'{directory} is not a pretrained Transfusion directory: it has no {CONFIG_NAME}')
@@ -76,11 +84,14 @@ def from_pretrained(cls, directory: str | Path, *, modality_encoder = None, moda
         raise ValueError(f'{directory / CONFIG_NAME}: expected format transfusion-pytorch version {FORMAT_VERSION}, got {saved.get("format")!r} version {saved.get("version")!r}')
 
     kwargs = as_tuples(saved['config'])
-    if modality_encoder is None and modality_decoder is None and (directory / CODECS_NAME).exists():
+    supplied = (modality_encoder, modality_decoder, pre_post_transformer_enc_dec)
+    if all(module is None for module in supplied) and (directory / CODECS_NAME).exists():
         codecs = torch.load(directory / CODECS_NAME, map_location = map_location, weights_only = False)
         modality_encoder, modality_decoder = codecs['modality_encoder'], codecs['modality_decoder']
+        pre_post_transformer_enc_dec = codecs.get('pre_post_transformer_enc_dec')
 
-    model = cls(**kwargs, modality_encoder = modality_encoder, modality_decoder = modality_decoder)
+    model = cls(**kwargs, modality_encoder = modality_encoder, modality_decoder = modality_decoder,
+                pre_post_transformer_enc_dec = pre_post_transformer_enc_dec)
 
     weights = load_file(directory / WEIGHTS_NAME, device = str(map_location))
     missing, unexpected = model.load_state_dict(weights, strict = False)
