@@ -12,7 +12,7 @@ from transfusion_pytorch.attention import scaled_dot_product
 from transfusion_pytorch.norms import RMSNorm
 from transfusion_pytorch.transformer import LASER_BOUND
 
-from conftest import DIM_LATENTS, NUM_TEXT_TOKENS, OVERFIT_TRANSFORMER, overfit, tiny_model
+from conftest import DIM_LATENTS, NUM_TEXT_TOKENS, OVERFIT_TRANSFORMER, overfit, overfit_batch, tiny_model
 from test_generation import assert_same_samples, run, untrained_but_not_trivial
 from test_model import fixed_noise_and_times, per_sample_noise
 
@@ -358,3 +358,32 @@ def test_cached_matches_uncached_with_options(variant):
     cached = run(model, [prompt], [script], max_length = 64)[0]
     uncached = run(model, [prompt], [script], max_length = 64, use_cache = False)[0]
     assert_same_samples(cached, uncached)
+
+
+def test_small_model_learns_with_reconstruction_and_velocity_consistency():
+    torch.manual_seed(0)
+    model = tiny_model(transformer = OVERFIT_TRANSFORMER, reconstruction_loss_weight = 0.5, velocity_consistency_loss_weight = 0.1)
+    ema = model.create_ema(beta = 0.9)
+    batch = overfit_batch()
+    optimizer = torch.optim.AdamW(model.parameters(), lr = 3e-3)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, 300)
+    losses = []
+    for _ in range(300):
+        loss, breakdown = model(batch, velocity_consistency_ema_model = ema, return_breakdown = True)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        ema.update()
+        losses.append(loss.item())
+    assert len(breakdown.reconstruction) == len(breakdown.velocity_consistency) == len(DIM_LATENTS)
+    assert sum(losses[-20:]) / 20 < losses[0] / 10, (losses[0], sum(losses[-20:]) / 20)
+
+
+def test_the_ema_samples_like_the_model():
+    torch.manual_seed(0)
+    model = perturb(tiny_model(transformer = TRANSFORMER)).eval()
+    ema = model.create_ema()
+    ema.update()                          # the first update copies the weights
+    options = dict(max_length = 24, text_temperature = 0., modality_steps = 2, force_modality_at_start = (1, (2, 2)), seed = 0)
+    assert_same_samples(model.sample(**options), ema.sample(**options))
