@@ -65,10 +65,14 @@ class TrainConfig:
 
 
 def param_groups(model: nn.Module, weight_decay: float, decay_all: bool) -> list[dict]:
-    """AdamW groups: no decay on norm gains, biases and embedding tables unless `decay_all`."""
+    """AdamW groups: no decay on norm gains, biases and embedding tables unless `decay_all`;
+    unit-offset norms (Rubin, 2024) are decayed, towards a gain of 1."""
     no_decay = set()
     if not decay_all:
         for module in model.modules():
+            # a unit-offset norm stores gain - 1, so decay pulls it towards the identity: it keeps its decay
+            if getattr(module, 'unit_offset', False):
+                continue
             if isinstance(module, (nn.Embedding, nn.RMSNorm, nn.LayerNorm)):
                 no_decay.update(id(p) for p in module.parameters(recurse = False))
         no_decay.update(id(p) for name, p in model.named_parameters() if name.endswith('bias'))
