@@ -1,0 +1,170 @@
+"""The digits job: `transfusion train` with no config. Trains a small Transfusion model on
+scikit-learn's 8 x 8 digits to draw a digit from "draw <label>" and to caption a digit image
+with "is <label>", with the trainer of `transfusion_pytorch.training`.
+
+A run folder `<out_root>/<name>/` holds
+
+    config.toml             the configuration, as loaded and overridden
+    checkpoints/            training checkpoints (a rerun of the same command resumes)
+    metrics.jsonl           loss, learning rate, tokens/s; eval figures at each evaluation
+    samples/step_*.png      digits drawn for each label at each evaluation
+    loss.png                the loss curves
+    pretrained/, pretrained_ema/   the trained model (online and EMA weights)
+    eval.json               written by `transfusion eval`
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..config_files import load, to_toml
+from ..model import Transfusion
+from ..training import Every, TrainConfig, Trainer, packed_num_tokens
+from . import digits_eval, plots
+from .codecs import CUSTOM, make_codec
+from .digits import NUM_TEXT_TOKENS, DigitsDataset, load_split
+
+
+def option(default, help: str):
+    return field(default = default, metadata = dict(help = help))
+
+
+@dataclass(kw_only = True)
+class DigitsConfig:
+    job: str = option('digits', 'the job; only "digits" for now')
+    name: str = option('digits', 'the run folder is <out_root>/<name>')
+    out_root: str = option('runs', 'where run folders go')
+    # data
+    codec: str = option('patch', '"patch": fixed patches; "unet": learned conv down / up blocks around the transformer; "custom": set by an example script')
+    patch: int = option(4, 'patch size: an 8x8 image becomes an (8 / patch)^2 grid of latent tokens')
+    caption_fraction: float = option(0.3, 'fraction of samples that are "image, is <label>" (the rest are "draw <label>, image")')
+    # model
+    dim: int = option(64, 'transformer width')
+    depth: int = option(3, 'transformer blocks')
+    heads: int = option(2, 'attention heads')
+    dim_head: int = option(32, 'width of a head')
+    flow_loss_weight: float = option(1., 'weight of the flow-matching loss against the text loss')
+    # training
+    steps: int = option(2500, 'optimizer steps')
+    max_tokens: int = option(512, 'tokens per batch (a sample is 14 tokens with patch 4, 26 with patch 2)')
+    lr: float = option(2e-3, 'peak learning rate (warmup, then cosine decay to a tenth)')
+    warmup_steps: int = option(50, 'linear warmup steps')
+    weight_decay: float = option(0., 'AdamW weight decay')
+    ema_beta: float = option(0.99, 'EMA decay of the weights used for sampling and evaluation')
+    seed: int = option(0, 'seed of the weights, data order and noise')
+    checkpoint_every: int = option(500, 'steps between checkpoints')
+    eval_every: int = option(500, 'steps between evaluations (a grid of samples and quick figures)')
+    eval_per_label: int = option(10, 'images drawn per label at each evaluation during training')
+    # sampling
+    modality_steps: int = option(16, 'Euler steps from noise to image when sampling')
+    threads: int = option(1, 'torch CPU threads (0: the torch default); one is as fast for this small model and much faster on a busy machine')
+
+    def __post_init__(self):
+        if self.job != 'digits':
+            raise ValueError(f"job must be 'digits', got {self.job!r}")
+        for name in ('patch', 'dim', 'depth', 'heads', 'dim_head', 'steps', 'max_tokens', 'eval_every', 'eval_per_label', 'modality_steps'):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"'{name}' must be positive, got {getattr(self, name)}")
+        if self.codec != CUSTOM:
+            make_codec(self.codec, self.patch)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_root) / self.name
+
+
+def build_model(config: DigitsConfig, codec) -> Transfusion:
+    torch.manual_seed(config.seed)
+    return Transfusion(
+        num_text_tokens = NUM_TEXT_TOKENS,
+        dim_latent = codec.dim_latent,
+        channel_first_latent = codec.channel_first,
+        modality_default_shape = codec.shape,
+        flow_loss_weight = config.flow_loss_weight,
+        transformer = dict(dim = config.dim, depth = config.depth, heads = config.heads, dim_head = config.dim_head),
+        **codec.model_kwargs(config.dim),
+    )
+
+
+def sample_grid(model, codec, path: Path, per_label: int, modality_steps: int, seed: int = 0, title: str | None = None) -> Path:
+    labels = [label for label in range(10) for _ in range(per_label)]
+    images = digits_eval.draw(model, codec, labels, modality_steps, seed = seed)
+    return plots.save_digit_grid(images.reshape(10, per_label, 8, 8), path, [f'draw {d}' for d in range(10)], title)
+
+
+def evaluation_callback(config: DigitsConfig, codec, run_dir: Path):
+    """Every `eval_every` steps: a grid of drawn digits and quick figures from the EMA model."""
+    def evaluate(trainer, step):
+        model = trainer.ema.module if trainer.ema is not None else trainer.model
+        results = digits_eval.evaluate(model, codec, per_label = config.eval_per_label, modality_steps = config.modality_steps,
+                                       seed = config.seed, num_captions = 100)
+        results = {k: v for k, v in results.items() if not k[-1].isdigit() and k not in ('real_classifier_accuracy', 'num_captions')}
+        sample_grid(model, codec, run_dir / 'samples' / f'step_{step:06d}.png', 8, config.modality_steps, config.seed,
+                    title = f"step {step}: drawn digits classified right {results['text_to_image_accuracy']:.0%}")
+        tqdm.write(f'step {step}: ' + ', '.join(f'{k} {v:.3f}' for k, v in results.items()))
+        return results
+    return evaluate
+
+
+def train(config: DigitsConfig, codec = None, dataset = None) -> Path:
+    """Runs (or resumes) the job; returns the run folder. `codec` defaults to `config.codec`.
+    Runs with `config.threads` torch threads, restoring the number after."""
+    threads = torch.get_num_threads()
+    if config.threads > 0:
+        torch.set_num_threads(config.threads)
+    try:
+        return run_job(config, codec, dataset)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run_job(config: DigitsConfig, codec, dataset) -> Path:
+    if codec is not None:
+        config = replace(config, codec = getattr(codec, 'name', CUSTOM))
+    codec = codec or make_codec(config.codec, config.patch)
+    run_dir = config.run_dir
+    run_dir.mkdir(parents = True, exist_ok = True)
+    (run_dir / 'config.toml').write_text(to_toml(config))
+    if config.codec == CUSTOM:
+        torch.save(codec, run_dir / 'codec.pt')          # so that `transfusion sample / eval` can use it
+
+    model = build_model(config, codec)
+    train_split, _ = load_split()
+    dataset = dataset or DigitsDataset(codec.encode(train_split.images), train_split.labels, config.caption_fraction,
+                                       seed = config.seed, num_tokens_fn = packed_num_tokens(model))
+    train_config = TrainConfig(
+        out_dir = str(run_dir), max_steps = config.steps, max_tokens = config.max_tokens, lr = config.lr,
+        warmup_steps = config.warmup_steps, weight_decay = config.weight_decay, ema_beta = config.ema_beta,
+        seed = config.seed, checkpoint_every = config.checkpoint_every, log_every = 25, keep_last = 2,
+    )
+    print(f'{sum(p.numel() for p in model.parameters()):,} parameters; {len(dataset)} samples; {config.steps} steps -> {run_dir}')
+
+    start = time.perf_counter()
+    Trainer(model, dataset, train_config, callbacks = [Every(config.eval_every, evaluation_callback(config, codec, run_dir))]).train()
+    minutes = (time.perf_counter() - start) / 60
+
+    plots.save_loss_curve(plots.read_metrics(run_dir / 'metrics.jsonl'), run_dir / 'loss.png')
+    grids = sorted((run_dir / 'samples').glob('step_*.png'))
+    print(f'trained in {minutes:.1f} min. Run folder: {run_dir}')
+    print(f'  loss curve: {run_dir / "loss.png"}')
+    if grids:
+        print(f'  drawn digits: {grids[-1]} (and {len(grids) - 1} earlier grids in {run_dir / "samples"})')
+    print(f'  model: {run_dir / "pretrained_ema"}   evaluate with: transfusion eval {run_dir}')
+    return run_dir
+
+
+def load_codec(config: DigitsConfig, run_dir: Path):
+    """The codec of a run: made from its config, or loaded from the run for a custom one."""
+    if config.codec != CUSTOM:
+        return make_codec(config.codec, config.patch)
+    return torch.load(run_dir / 'codec.pt', weights_only = False)
+
+
+def load_config(path = None, overrides: dict | None = None) -> DigitsConfig:
+    return load(DigitsConfig, path, overrides)
