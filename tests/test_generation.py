@@ -6,7 +6,7 @@ from torch import nn
 
 from transfusion_pytorch import Transfusion, print_modality_sample
 from transfusion_pytorch.backends import CachedBackend, Latents, ReferenceBackend, Request
-from transfusion_pytorch.generation import SampleOptions, Sampler, row_generators, to_output
+from transfusion_pytorch.generation import SampleOptions, Sampler, make_backend, row_generators, to_output
 from transfusion_pytorch.packing import pack
 
 from conftest import DIM_LATENTS, NUM_TEXT_TOKENS, tiny_model
@@ -54,8 +54,7 @@ def run(model, prompts, scripts = None, banned = (), use_cache = True, seeds = N
     """Samples a batch of prompts through `Sampler`, with optional scripted logits."""
     options = SampleOptions(**{**GREEDY, **options})
     batch = len(prompts)
-    backend = CachedBackend(model, batch, options.max_length) if use_cache else ReferenceBackend(model, batch)
-    backend = Scripted(backend, scripts or [[]] * batch, banned)
+    backend = Scripted(make_backend(model, batch, options, use_cache), scripts or [[]] * batch, banned)
     prompts = [[] if p is None else model.to_samples([p])[0][0] for p in prompts]
     generators = [torch.Generator().manual_seed(seed) for seed in (seeds or range(batch))]
     with torch.no_grad():
@@ -173,6 +172,24 @@ def test_init_modality_noise_sets_the_first_modality(model):
     assert not torch.allclose(b[0][1], c[0][1])
 
 
+def test_adaptive_solver_in_sample(model):
+    # dopri5 integrates each row's modality alone: cached = uncached and batch = alone. (Float
+    # differences between the backends can change which adaptive steps are accepted, so they
+    # agree to the solver's tolerance; its accuracy is tested on analytic flows in test_solvers.)
+    options = dict(max_length = 24, force_modality_at_start = (1, (2, 2)), ode_method = 'dopri5', ode_atol = 1e-3, ode_rtol = 1e-3)
+    prompts = [PROMPTS['text'], PROMPTS['mixed']]
+    cached = run(model, prompts, **options)
+    uncached = run(model, prompts, use_cache = False, **options)
+    alone = run(model, [prompts[1]], seeds = [1], **options)[0]
+    euler = run(model, prompts, **{**options, 'ode_method': 'euler', 'modality_steps': 2})
+    for a, b, c in zip(cached, uncached, euler):
+        assert ('modality', 1, (2, 2)) in kinds(a)
+        assert_same_samples(a, b, atol = 1e-2)
+        forced = [x for x in a if isinstance(x, tuple)][-1][1]
+        assert not torch.allclose(forced, [x for x in c if isinstance(x, tuple)][-1][1], atol = 1e-2)   # the solver ran
+    assert_same_samples(cached[1], alone, atol = 1e-2)
+
+
 # batches
 
 def test_batch_matches_each_prompt_alone(model):
@@ -250,6 +267,26 @@ def test_stops_at_max_length(model, max_length):
     assert sum(len(t) for t in text_only) == max_length - 1   # SOS and max_length - 1 text tokens
 
 
+@pytest.mark.parametrize('prompt', ['text', 'modality', 'mixed'])
+@pytest.mark.parametrize('max_length', [14, 19, 23, 31])
+@pytest.mark.parametrize('cfg_scale', [1., 3.])
+def test_max_length_counts_the_prompt_and_every_modality(model, prompt, max_length, cfg_scale):
+    # the returned sample, prompt included, never takes more than max_length tokens (less EOS),
+    # whatever the model writes: free sampling with EOS banned, and a script of modalities that
+    # stop fitting somewhere along the way
+    vocab = model.vocab
+    script = [3, vocab.meta, *vocab.encode_shape((2, 2)), vocab.bom(1), None, 4,
+              vocab.meta, *vocab.encode_shape((3,)), vocab.bom(0), None, 5, vocab.meta, vocab.digit0 + 2]
+    options = dict(banned = [vocab.eos], max_length = max_length, cfg_scale = cfg_scale, text_temperature = 1., modality_steps = 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        samples = run(model, [PROMPTS[prompt]] * 2, [script, []], **options)
+        public = model.sample(PROMPTS[prompt], max_length = max_length, cfg_scale = cfg_scale, modality_steps = 2, seed = 0)
+    for sample in [*samples, public]:
+        packed = pack(model.to_samples([sample])[0], vocab)
+        assert packed.num_tokens - 1 <= max_length
+
+
 # the contract's sampling calls, with small transformers
 
 def test_contract_sample_calls_run():
@@ -283,7 +320,7 @@ def test_contract_sample_calls_run():
 
 def test_sampling_options_are_checked(model):
     with pytest.raises(ValueError):
-        model.sample(ode_method = 'dopri5')
+        model.sample(ode_method = 'rk17')
     with pytest.raises(ValueError):
         model.sample(max_length = 1)
     with pytest.raises(ValueError, match = 'max_length'):

@@ -96,11 +96,14 @@ class TransfusionConfig:
     model_output_clean: bool = False                        # predict the clean latent, converted to a velocity (Li & He, 2025)
     reconstruction_loss_weight: float = 0.                  # weight of the decoded-prediction reconstruction loss
     velocity_consistency_loss_weight: float = 0.1           # weight of the velocity consistency loss, when an EMA model is given
+    prob_uncond: float = 0.1                                # rate at which training drops a sample's text, for classifier-free guidance
 
     def __post_init__(self):
         for name in ('text_loss_weight', 'reconstruction_loss_weight', 'velocity_consistency_loss_weight'):
             if getattr(self, name) < 0:
                 raise ValueError(f'{name} must not be negative, got {getattr(self, name)}')
+        if not 0. <= self.prob_uncond <= 1.:
+            raise ValueError(f'prob_uncond must lie in [0, 1], got {self.prob_uncond}')
         if not isinstance(self.num_text_tokens, int) or self.num_text_tokens <= 0:
             raise ValueError(f'num_text_tokens must be a positive int, got {self.num_text_tokens!r}')
         for dim in self.dim_latent:
@@ -123,6 +126,7 @@ class TransfusionConfig:
         cls, *, num_text_tokens, transformer, dim_latent = None, channel_first_latent = False, add_pos_emb = None,
         modality_default_shape = None, modality_num_dim = None, text_loss_weight = 1., flow_loss_weight = 1.,
         model_output_clean = False, reconstruction_loss_weight = 0., velocity_consistency_loss_weight = 0.1,
+        prob_uncond = 0.1,
     ) -> TransfusionConfig:
         transformer = transformer if isinstance(transformer, TransformerConfig) else TransformerConfig.from_dict(dict(transformer))
         dim_latent = transformer.dim if dim_latent is None else dim_latent
@@ -149,6 +153,7 @@ class TransfusionConfig:
             model_output_clean = bool(model_output_clean),
             reconstruction_loss_weight = float(reconstruction_loss_weight),
             velocity_consistency_loss_weight = float(velocity_consistency_loss_weight),
+            prob_uncond = float(prob_uncond),
         )
 
     def to_dict(self) -> dict:

@@ -13,11 +13,14 @@
   `pack` would lay out for the returned sample;
 - modality: noise at t = 0 is integrated to t = 1 by a fixed-grid solver, each stage one
   model call on the modality's tokens alone; then the clean latents (at t = 1, as training
-  sees a finished sequence) and the EOM token are committed in one step.
+  sees a finished sequence) and the EOM token are committed in one step. An adaptive solver
+  (dopri5, ...) chooses its own evaluation times, so it integrates a row's modality in one go
+  while the other rows wait (see `Sampler.integrate_alone`).
 
-Every row advances through its own phase; each step is one model call for the whole batch.
-The generation loop owns guidance-free sampling; the sampler (`sampling.py`) and the solver
-(`solvers.py`) are pure.
+Every row advances through its own phase; each step is one model call for the whole batch
+(two during ODE stages with classifier-free guidance: `guidance.GuidedBackend` adds the
+unconditional branch below the sampler, which does not know about it). The next-token
+sampler (`sampling.py`) and the solver (`solvers.py`) are pure.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from torch import Tensor
 
 from . import solvers
 from .backends import CachedBackend, Latents, ReferenceBackend, Request, items_to_sample, sequence_length
+from .guidance import GuidedBackend
 from .inputs import Modality, Text
 from .sampling import sample_token
 from .vocab import Vocab
@@ -44,18 +48,25 @@ class SampleOptions:
     text_top_k: int | None = None
     fixed_modality_shape: tuple[int, ...] | None = None     # the shape of every generated modality
     force_modality_at_start: int | tuple | None = None     # modality type, or (type, shape), started right after the prompt
-    modality_steps: int = 16                        # ODE steps per modality
-    ode_method: str = 'euler'                       # a fixed-grid method of `solvers.py`
+    modality_steps: int = 16                        # ODE steps per modality (fixed-grid methods)
+    ode_method: str = 'euler'                       # `solvers.FIXED_METHODS`, or an adaptive one of `solvers.ADAPTIVE_METHODS`
+    ode_atol: float = 1e-5                          # tolerances of an adaptive method
+    ode_rtol: float = 1e-5
     time_shift: float = 1.
     init_modality_noise: Tensor | None = None       # (*shape, dim_latent) noise at t = 0 of each row's first modality
+    cfg_scale: float = 1.                           # classifier-free guidance; 1 is off (and costs nothing)
 
     def __post_init__(self):
         if self.max_length < 2:
             raise ValueError(f'max_length must be at least 2, got {self.max_length}')
         if self.text_temperature < 0:
             raise ValueError(f'text_temperature must be >= 0, got {self.text_temperature}')
-        if self.ode_method not in solvers.FIXED_METHODS:
-            raise ValueError(f'sample() steps a fixed grid, so ode_method must be one of {solvers.FIXED_METHODS}, got {self.ode_method!r}')
+        if self.ode_method not in (*solvers.FIXED_METHODS, *solvers.ADAPTIVE_METHODS):
+            raise ValueError(f'ode_method must be one of {solvers.FIXED_METHODS + solvers.ADAPTIVE_METHODS}, got {self.ode_method!r}')
+
+    @property
+    def adaptive(self) -> bool:
+        return self.ode_method in solvers.ADAPTIVE_METHODS
 
 
 @dataclass
@@ -98,6 +109,7 @@ class Sampler:
 
     def run(self, prompts: list[list], generators: list[torch.Generator | None]) -> list[list]:
         rows = [Row(generator) for generator in generators]
+        self.num_rows = len(rows)
         requests = [self.open(row, prompt) for row, prompt in zip(rows, prompts)]
 
         while any(request is not None for request in requests):
@@ -138,7 +150,7 @@ class Sampler:
             if output is None:
                 continue
             if row.opening is not None:
-                requests[index] = self.start_modality(row)
+                requests[index] = self.start_modality(index, row)
             elif row.phase == 'modality':
                 requests[index] = self.ode_stage(row, output)
             elif row.length >= self.options.max_length:
@@ -239,7 +251,7 @@ class Sampler:
 
     # modality
 
-    def start_modality(self, row: Row) -> Request:
+    def start_modality(self, index: int, row: Row) -> Request:
         m, shape = row.opening
         row.opening, row.phase = None, 'modality'
         model, options = self.model, self.options
@@ -249,10 +261,31 @@ class Sampler:
             if given.numel() != noise.numel():
                 raise ValueError(f'init_modality_noise has {given.numel()} values, the modality of shape {shape} needs {noise.numel()}')
             noise, row.used_init_noise = given.reshape(noise.shape).to(noise), True
+
+        if options.adaptive:
+            row.phase = 'text'
+            return Request([latents_item(model, m, self.integrate_alone(index, m, shape, noise), shape), self.vocab.eom(m)])
+
         grid = solvers.time_grid(options.modality_steps, options.time_shift).tolist()
         row.modality = (m, shape, grid, 0, solvers.stages(options.ode_method, noise, grid[0], grid[1]))
         x, t = next(row.modality[-1])
         return Request([latents_item(self.model, m, x, shape)], time = t, keep = False)
+
+    def integrate_alone(self, index: int, m: int, shape: tuple[int, ...], noise: Tensor) -> Tensor:
+        """An adaptive solver picks its own times and calls the velocity function itself, so it
+        cannot be stepped in lockstep with other rows: the row's modality is integrated here,
+        in one go, one model call per evaluation on this row alone, while the other rows wait
+        (their caches untouched). Their results do not depend on the batch either way."""
+        num_rows = self.num_rows
+
+        def velocity_fn(x: Tensor, t: Tensor) -> Tensor:
+            requests: list[Request | None] = [None] * num_rows
+            requests[index] = Request([latents_item(self.model, m, x, shape)], time = float(t), keep = False)
+            return self.backend.step(requests)[index]
+
+        ends = torch.tensor([0., 1.], device = noise.device)
+        return solvers.integrate(velocity_fn, noise, ends, method = self.options.ode_method,
+                                 atol = self.options.ode_atol, rtol = self.options.ode_rtol)
 
     def ode_stage(self, row: Row, velocity: Tensor) -> Request:
         m, shape, grid, step, stages = row.modality
@@ -316,6 +349,17 @@ def to_output(model, items: list, return_latents: bool) -> list:
     return sample
 
 
+def make_backend(model, batch_size: int, options: SampleOptions, use_cache: bool = True):
+    """The backend of `sample`: KV-cached or not, with a second, unconditional set of rows when
+    guidance is on (`cfg_scale != 1`; at 1 the guided velocity is the conditional one, so
+    the unconditional branch is not run at all)."""
+    def one():
+        return CachedBackend(model, batch_size, options.max_length) if use_cache else ReferenceBackend(model, batch_size)
+    if options.cfg_scale == 1.:
+        return one()
+    return GuidedBackend(one(), one(), options.cfg_scale, model.vocab)
+
+
 def sample(model, prompt = None, *, batch_size: int | None = None, return_latents: bool = False,
            generator = None, seed: int | None = None, use_cache: bool = True, **options) -> list:
     options = SampleOptions(**options)
@@ -324,7 +368,7 @@ def sample(model, prompt = None, *, batch_size: int | None = None, return_latent
     prompts = [[] if p is None else model.to_samples([p if isinstance(p, list) else [p]])[0][0] for p in prompts]
 
     generators = row_generators(len(prompts), generator, seed)
-    backend = CachedBackend(model, len(prompts), options.max_length) if use_cache else ReferenceBackend(model, len(prompts))
+    backend = make_backend(model, len(prompts), options, use_cache)
 
     with torch.no_grad(), eval_mode(model):
         sequences = Sampler(model, options, backend).run(prompts, generators)

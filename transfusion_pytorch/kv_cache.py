@@ -40,7 +40,8 @@ class KVCache(nn.Module):
 
         # set by `prepare` for the step in flight
         self.write_slots: Tensor | None = None      # (B, Q)
-        self.mask: Tensor | None = None             # (B, 1, Q, L)
+        self.mask: Tensor | None = None             # (B, 1, Q, L) bool, None where every query sees every key
+        self.bias: Tensor | None = None             # the same as an additive 0 / -inf mask
         self.key_len = 0
 
     @property
@@ -74,7 +75,15 @@ class KVCache(nn.Module):
         # a padded query sees slot 0 only, so that its (discarded) softmax has something to normalise
         allowed = torch.where(valid[:, :, None], allowed, key_slot[None, None, :] == 0)
 
-        self.write_slots, self.mask, self.key_len = slots, allowed[:, None], key_len
+        # SDPA on CPU is an order of magnitude slower with a bool mask than with an additive
+        # float one (torch 2.13), and fastest with none: text decoding of rows of equal length
+        # (generate_text_only) needs none at all
+        if bool(allowed.all()):
+            self.mask = self.bias = None
+        else:
+            self.mask = allowed[:, None]
+            self.bias = torch.zeros(self.mask.shape, dtype = self.keys.dtype, device = span.device).masked_fill_(~self.mask, float('-inf'))
+        self.write_slots, self.key_len = slots, key_len
 
     def commit(self, num_new: Tensor):
         """Keeps the tokens of the step just run: the rows' lengths move past them."""
@@ -105,5 +114,6 @@ class LayerCache:
         values[rows, :, cache.write_slots] = v.view(batch, chunk, heads, dim_head).to(values.dtype)
 
         q = q.view(batch, chunk, heads, dim_head).transpose(1, 2)                     # (B, heads, Q, dim_head)
-        out = attend_cached(q, keys[:, :, :cache.key_len].to(q.dtype), values[:, :, :cache.key_len].to(q.dtype), cache.mask, softcap = softcap)
+        mask = cache.mask if softcap is not None else (None if cache.bias is None else cache.bias.to(q.dtype))
+        out = attend_cached(q, keys[:, :, :cache.key_len].to(q.dtype), values[:, :, :cache.key_len].to(q.dtype), mask, softcap = softcap)
         return out.transpose(1, 2).reshape(batch * chunk, heads, dim_head)

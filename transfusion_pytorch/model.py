@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from . import flow
 from .config import TransfusionConfig, per_type
+from .guidance import drop_text_conditions
 from .inputs import Modality, ModalitySpec, Sample, modality_batch, normalize_samples, text_batch
 from .losses import LossBreakdown, combine, flow_loss_per_token, mean_or_zero, text_loss_per_token
 from .masks import build_layout
@@ -84,6 +85,7 @@ class Transfusion(nn.Module):
         model_output_clean: bool = False,
         reconstruction_loss_weight: float = 0.,
         velocity_consistency_loss_weight: float = 0.1,
+        prob_uncond: float = 0.1,
     ):
         super().__init__()
 
@@ -93,7 +95,7 @@ class Transfusion(nn.Module):
             modality_default_shape = modality_default_shape, modality_num_dim = modality_num_dim,
             text_loss_weight = text_loss_weight, flow_loss_weight = flow_loss_weight,
             model_output_clean = model_output_clean, reconstruction_loss_weight = reconstruction_loss_weight,
-            velocity_consistency_loss_weight = velocity_consistency_loss_weight,
+            velocity_consistency_loss_weight = velocity_consistency_loss_weight, prob_uncond = prob_uncond,
         )
 
         num_types, dim = config.num_modality_types, config.transformer.dim
@@ -171,8 +173,12 @@ class Transfusion(nn.Module):
             return segment
         return replace(segment, token_shape = self.token_shape(segment.modality_type, segment.shape))
 
-    def pack(self, modalities, modality_type: int | None = None) -> PackedBatch:
+    def pack(self, modalities, modality_type: int | None = None, prob_uncond: float = 0.) -> PackedBatch:
+        """With `prob_uncond > 0`, samples are replaced by their text-free versions at that rate
+        (condition dropout for classifier-free guidance, see `guidance.py`)."""
         samples, wrap = self.to_samples(modalities, modality_type)
+        if prob_uncond > 0 and wrap:
+            samples, _ = drop_text_conditions(samples, prob_uncond)
         return pack(samples, self.vocab, wrap = wrap).to(self.device)
 
     # times and noise
@@ -211,10 +217,13 @@ class Transfusion(nn.Module):
         modality_type: int | None = None,
         velocity_consistency_ema_model: nn.Module | None = None,
         velocity_consistency_delta_time: float = 1e-3,
+        prob_uncond: float | None = None,
         return_breakdown: bool = False,
     ) -> Tensor | tuple[Tensor, LossBreakdown]:
-        """The training loss of a batch in any of the contract's forms (see `inputs.py`)."""
-        packed = self.pack(modalities, modality_type)
+        """The training loss of a batch in any of the contract's forms (see `inputs.py`).
+        `prob_uncond` overrides the configured condition dropout, which applies in training mode only."""
+        prob_uncond = (self.config.prob_uncond if self.training else 0.) if prob_uncond is None else prob_uncond
+        packed = self.pack(modalities, modality_type, prob_uncond = prob_uncond)
         span_times = self.span_times(packed, times, num_modalities_to_times_fn)
         noise = tuple(torch.randn_like(latents, dtype = torch.float32) for latents in packed.latents)
 

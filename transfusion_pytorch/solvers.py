@@ -27,6 +27,7 @@ VelocityFn = Callable[[Tensor, Tensor], Tensor]     # (x, t as a 0-d tensor) -> 
 Stages = Generator[tuple[Tensor, float], Tensor, Tensor]
 
 FIXED_METHODS = ('euler', 'midpoint')
+ADAPTIVE_METHODS = ('dopri5', 'dopri8', 'bosh3', 'fehlberg2', 'adaptive_heun')     # torchdiffeq's adaptive solvers
 
 
 def shift_times(times: Tensor, shift: float) -> Tensor:
