@@ -1,7 +1,8 @@
 """The digits demo (train_digits.py) with the paper's U-Net patch encoder: the latent is the
 normalised 8 x 8 image itself, channel first, and the model learns a strided Conv2d down to
-a 4 x 4 grid of tokens before the transformer and a ConvTranspose2d back up after it
-(`pre_post_transformer_enc_dec` with `channel_first_latent`), instead of fixed 2 x 2 patches.
+an (8 / patch) x (8 / patch) grid of tokens (2 x 2 with the default patch 4) before the
+transformer and a ConvTranspose2d back up after it (`pre_post_transformer_enc_dec` with
+`channel_first_latent`), instead of fixed patches.
 
     python train_digits_unet.py                       # runs/digits_unet
     python train_digits_unet.py --steps 200 --name unet_quick

@@ -70,11 +70,15 @@ def main(argv = None):
     print(f'{len(dataset):,} rows of {args.seq_len} bytes of standard library source; '
           f'{sum(p.numel() for p in model.parameters()):,} parameters')
     history = Trainer(model, dataset, config).train()
-    print(f"loss {history[0]['loss']:.3f} at step {history[0]['step']} -> {history[-1]['loss']:.3f} at step {history[-1]['step']} (nats per byte)")
+    if not history:
+        print(f'{args.out_dir} already holds a finished run (delete it to train again); sampling from it')
+    else:
+        print(f"loss {history[0]['loss']:.3f} at step {history[0]['step']} -> {history[-1]['loss']:.3f} at step {history[-1]['step']} (nats per byte)")
 
-    prompt = torch.tensor([list(args.prompt.encode())])
+    # a sample was framed by SOS in training (see ByteRows), so the prompt starts with it too
+    prompt = torch.tensor([[model.vocab.sos, *args.prompt.encode()]])
     generated = model.generate_text_only(prompt, prompt.shape[1] + args.generate, temperature = 0.8, seed = 0)
-    text = bytes(prompt[0].tolist() + generated[0].tolist()).decode('utf-8', errors = 'replace')
+    text = bytes(prompt[0, 1:].tolist() + generated[0].tolist()).decode('utf-8', errors = 'replace')
     print('-' * 40 + '\n' + text + '\n' + '-' * 40)
     return history
 

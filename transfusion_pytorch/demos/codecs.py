@@ -9,8 +9,8 @@
 
 - `PatchCodec`: fixed patches, no learned weights (the default);
 - `UNetCodec`: the normalised image itself is the latent, `(1, 8, 8)` channel first, and the
-  model learns a strided `Conv2d` down to a 4 x 4 grid of tokens and a `ConvTranspose2d` back
-  up: the paper's U-Net patch encoder (`pre_post_transformer_enc_dec`);
+  model learns a strided `Conv2d` down to an (8 / patch)^2 grid of tokens and a
+  `ConvTranspose2d` back up: the paper's U-Net patch encoder (`pre_post_transformer_enc_dec`);
 - `ModuleCodec`: any encoder / decoder pair of modules (a trained autoencoder, a diffusers
   `AutoencoderKL`), run once over the data set, without gradient.
 """
