@@ -39,6 +39,10 @@ CASES = [
     ('bad tuple', [[(0, torch.randn(2, 6), 1)]], TypeError, ['modalities[0][0]', '(modality_type, tensor)']),
     ('float modality type', [[(0.5, torch.randn(2, 6))]], TypeError, ['modalities[0][0]', 'modality type must be an int']),
     ('zero-sized modality', [[(0, torch.randn(0, 6))]], ValueError, ['modalities[0][0]', 'at least one token']),
+    ('scalar modality', [[(0, torch.tensor(1.))]], ValueError, ['modalities[0][0]', 'latent dim of size 6', 'scalar']),
+    ('complex modality', [[(0, torch.randn(2, 6, dtype = torch.complex64))]], TypeError, ['modalities[0][0]', 'float tensor', 'complex64']),
+    ('text id position', [[text(), torch.tensor([1, 2, 99, 3])]], ValueError, ['modalities[0][1]', 'id 99 at position 2']),
+    ('batch not a list', 'hello', TypeError, ['`modalities` must be a list of samples', 'str']),
 ]
 
 
@@ -78,6 +82,54 @@ def test_bad_times():
         model()(batch, times = torch.tensor([[0.5, 1.5]]))
 
 
+def test_bad_prompt():
+    """`sample(prompt = ...)`: errors name `prompt`, `prompt[j]` or `prompt[i][j]`."""
+    cases = [
+        ('hello', TypeError, ['`prompt` must be None, a text tensor, a (modality_type, tensor) tuple or a list of them', "str 'hello'"]),
+        (['hello'], TypeError, ['`prompt[0]` must be a tensor or a (modality_type, tensor) tuple', 'str']),
+        ([[text()], [text(), torch.tensor([NUM_TEXT_TOKENS])]], ValueError, ['`prompt[1][1]`', f'id {NUM_TEXT_TOKENS} at position 0']),
+        (torch.ones(2, 2, dtype = torch.long), ValueError, ['`prompt`', '1-d integer tensor', '(2, 2)']),
+        ([(0, torch.randn(2, 5))], ValueError, ['`prompt[0]`', 'latent dim 6', '(2, 5)']),
+        ([(3, torch.randn(2, 6))], ValueError, ['`prompt[0]`', '[0, 2)', 'got 3']),
+    ]
+    for prompt, error, fragments in cases:
+        with pytest.raises(error) as info:
+            model().sample(prompt, max_length = 16)
+        for fragment in fragments:
+            assert fragment in str(info.value), (fragment, str(info.value))
+
+
+def test_empty_prompts_are_allowed():
+    for prompt in (None, []):
+        assert isinstance(model().sample(prompt, max_length = 4, seed = 0), list)
+
+
+def test_max_length_below_the_prompt():
+    with pytest.raises(ValueError, match = r'`max_length` must be at least the length of prompt 1: it takes 22 tokens .* got max_length = 10'):
+        model().sample([[text(2)], [text(21)]], max_length = 10)
+    with pytest.raises(ValueError, match = r'`max_length` must be at least the length of prompt 0: it takes 10 tokens .* got max_length = 8'):
+        model().sample([text(2)], max_length = 8, force_modality_at_start = (0, (3,)))   # SOS, 2 text, META 3 BOM, 3 latents, EOM
+
+
+def test_bad_sampling_options():
+    cases = [
+        (dict(max_length = 1), 'max_length must be at least 2, got 1'),
+        (dict(text_temperature = -1.), 'text_temperature must be >= 0, got -1.0'),
+        (dict(ode_method = 'rk99'), "ode_method must be one of .* got 'rk99'"),
+        (dict(batch_size = 2, generator = [torch.Generator()]), r'expected one generator per prompt \(2\), got 1'),
+        (dict(force_modality_at_start = (0, (3,)), init_modality_noise = torch.randn(2, 6)), r'init_modality_noise has 12 values, the modality of shape \(3,\) needs 18'),
+    ]
+    for options, message in cases:
+        with pytest.raises(ValueError, match = message):
+            model().sample(**{'max_length': 16, **options})
+
+    no_default = tiny_model(modality_default_shape = None)
+    with pytest.raises(ValueError, match = 'modality type 0 has no modality_default_shape'):
+        no_default.sample(max_length = 16, force_modality_at_start = 0)
+    with pytest.raises(ValueError, match = 'pass fixed_modality_shape'):
+        no_default.generate_modality_only(modality_type = 0)
+
+
 def test_bad_config():
     with pytest.raises(TypeError, match = "unknown key 'dpth'; did you mean 'depth'"):
         tiny_model(transformer = dict(dim = 32, dpth = 2))
@@ -89,3 +141,11 @@ def test_bad_config():
         tiny_model(modality_num_dim = (1, 3))
     with pytest.raises(ValueError, match = 'dim_head must be even'):
         tiny_model(transformer = dict(dim = 32, depth = 1, dim_head = 7))
+    with pytest.raises(TypeError, match = "transformer: the key 'depth' is required"):
+        tiny_model(transformer = dict(dim = 32))
+    with pytest.raises(ValueError, match = r'transformer.dropout must lie in \[0, 1\), got 1.5'):
+        tiny_model(transformer = dict(dim = 32, depth = 1, dropout = 1.5))
+    with pytest.raises(ValueError, match = 'num_text_tokens must be a positive int, got 0'):
+        tiny_model(num_text_tokens = 0)
+    with pytest.raises(ValueError, match = 'modality_default_shape of type 0 must have positive sizes'):
+        tiny_model(modality_default_shape = ((0,), (2, 2)))

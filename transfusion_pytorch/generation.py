@@ -35,7 +35,7 @@ from torch import Tensor
 from . import solvers
 from .backends import CachedBackend, Latents, ReferenceBackend, Request, items_to_sample, sequence_length
 from .guidance import GuidedBackend
-from .inputs import Modality, Text
+from .inputs import Modality, Text, normalize_prompt
 from .sampling import sample_token
 from .vocab import Vocab
 
@@ -110,7 +110,7 @@ class Sampler:
     def run(self, prompts: list[list], generators: list[torch.Generator | None]) -> list[list]:
         rows = [Row(generator) for generator in generators]
         self.num_rows = len(rows)
-        requests = [self.open(row, prompt) for row, prompt in zip(rows, prompts)]
+        requests = [self.open(row, prompt, index) for index, (row, prompt) in enumerate(zip(rows, prompts))]
 
         while any(request is not None for request in requests):
             outputs = self.backend.step(requests)
@@ -121,7 +121,7 @@ class Sampler:
 
         return [row.items for row in rows]
 
-    def open(self, row: Row, prompt: list) -> Request:
+    def open(self, row: Row, prompt: list, index: int = 0) -> Request:
         items = [self.vocab.sos]
         for segment in prompt:
             if isinstance(segment, Text):
@@ -139,7 +139,8 @@ class Sampler:
 
         needed = sequence_length(items) + (self.model.num_modality_tokens(*row.opening) + 1 if row.opening is not None else 0)
         if needed > self.options.max_length:
-            raise ValueError(f'the prompt (and forced modality) takes {needed} tokens, more than max_length = {self.options.max_length}')
+            raise ValueError(f'`max_length` must be at least the length of prompt {index}: it takes {needed} tokens (SOS, the prompt '
+                             f'and any forced modality), got max_length = {self.options.max_length}')
         return Request(items)
 
     def advance(self, rows: list[Row], outputs: list[Tensor | None]) -> list[Request | None]:
@@ -360,12 +361,19 @@ def make_backend(model, batch_size: int, options: SampleOptions, use_cache: bool
     return GuidedBackend(one(), one(), options.cfg_scale, model.vocab)
 
 
+def prompt_sample(model, prompt, name: str) -> list:
+    """One prompt in any of its forms -> a `Sample` (empty for None or []); errors call it `name`."""
+    segments = normalize_prompt(prompt, name, model.config.num_text_tokens, model.specs, model.encode_modality)
+    return [model.with_token_shape(segment) for segment in segments]
+
+
 def sample(model, prompt = None, *, batch_size: int | None = None, return_latents: bool = False,
            generator = None, seed: int | None = None, use_cache: bool = True, **options) -> list:
     options = SampleOptions(**options)
     batched = is_batch(prompt) or batch_size is not None
     prompts = prompt if is_batch(prompt) else [prompt] * (batch_size or 1)
-    prompts = [[] if p is None else model.to_samples([p if isinstance(p, list) else [p]])[0][0] for p in prompts]
+    names = [f'prompt[{i}]' for i in range(len(prompts))] if is_batch(prompt) else ['prompt'] * len(prompts)
+    prompts = [prompt_sample(model, p, name) for p, name in zip(prompts, names)]
 
     generators = row_generators(len(prompts), generator, seed)
     backend = make_backend(model, len(prompts), options, use_cache)

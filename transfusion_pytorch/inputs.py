@@ -72,10 +72,12 @@ def check_text(ids: Tensor, num_text_tokens: int, where: str) -> Tensor:
     ids = ids.long()
 
     if ids.numel() > 0:
-        low, high = int(ids.min()), int(ids.max())
-        if low < 0 or high >= num_text_tokens:
-            bad = low if low < 0 else high
-            raise ValueError(f'{where}: text ids must lie in [0, num_text_tokens) = [0, {num_text_tokens}), got the id {bad}')
+        outside = (ids < 0) | (ids >= num_text_tokens)
+        if bool(outside.any()):
+            position = tuple(int(i) for i in outside.nonzero()[0])
+            position = position[0] if len(position) == 1 else position
+            raise ValueError(f'{where}: text ids must lie in [0, num_text_tokens) = [0, {num_text_tokens}), '
+                             f'got the id {int(ids[outside][0])} at position {position}')
 
     return ids
 
@@ -137,17 +139,38 @@ def normalize_samples(
             raise TypeError(f'`modalities[{sample_index}]` must be a list of tensors and (modality_type, tensor) tuples, got {_describe(sample)}')
 
         if len(sample) == 0:
-            raise ValueError(f'`modalities[{sample_index}]` is an empty sample: expected at least one text or modality element')
+            raise ValueError(f'`modalities[{sample_index}]` is an empty sample: expected at least one text or modality element, got an empty list')
 
-        segments = []
-
-        for element_index, element in enumerate(sample):
-            where = f'`modalities[{sample_index}][{element_index}]`'
-            segments.append(_normalize_element(element, where, num_text_tokens, specs, encode))
-
-        samples.append(segments)
+        samples.append(_normalize_elements(sample, f'`modalities[{sample_index}]', num_text_tokens, specs, encode))
 
     return samples
+
+
+def normalize_prompt(
+    prompt,
+    name: str,
+    num_text_tokens: int,
+    specs: tuple[ModalitySpec, ...],
+    encode: Callable[[int, Tensor], Tensor] | None = None,
+) -> Sample:
+    """One prompt of `sample()` -> a `Sample`, possibly empty. A prompt is None or `[]` (no
+    prompt), one text tensor, one `(modality_type, tensor)` tuple, or a list of these; `name`
+    is how errors call it (`prompt` or `prompt[i]`)."""
+    if prompt is None:
+        return []
+    if torch.is_tensor(prompt) or isinstance(prompt, tuple):
+        return [_normalize_element(prompt, f'`{name}`', num_text_tokens, specs, encode)]
+    if not isinstance(prompt, list):
+        raise TypeError(f'`{name}` must be None, a text tensor, a (modality_type, tensor) tuple or a list of them, got {_describe(prompt)}')
+    return _normalize_elements(prompt, f'`{name}', num_text_tokens, specs, encode)
+
+
+def _normalize_elements(sample, prefix: str, num_text_tokens, specs, encode) -> Sample:
+    """The elements of one sample; `prefix` is how errors call the sample, without the closing backtick."""
+    return [
+        _normalize_element(element, f'{prefix}[{element_index}]`', num_text_tokens, specs, encode)
+        for element_index, element in enumerate(sample)
+    ]
 
 
 def _normalize_element(element, where, num_text_tokens, specs, encode) -> Segment:
