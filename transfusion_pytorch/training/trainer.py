@@ -12,6 +12,14 @@ from the global torch RNG. Each micro-batch runs under a fork of that RNG seeded
 data, not on how many ranks share the batch or on what ran before: N ranks reproduce one
 rank with N-fold accumulation, and a resumed run the uninterrupted one. The RNG states are
 also saved in checkpoints, for anything else that draws from them (callbacks).
+
+Bad numbers: before the optimizer step, the losses and the gradient norm are checked on every
+rank (agreed by an all-reduce). A non-finite one is reported with the step, the micro-batch and
+the dataset indices of the samples whose own loss (the breakdown's `per_sample_text` /
+`per_sample_flow`) is not finite; then, by `on_nonfinite`, the run stops with
+`NonFiniteError` (weights untouched, the last checkpoint intact) or skips the step (no weight,
+optimizer or EMA update; the step counter, schedule and data still advance). A checkpoint or
+pretrained model with a non-finite weight is never written.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -57,11 +66,18 @@ class TrainConfig:
     eval_every: int | None = None       # with `eval_dataset`
     progress: bool = True               # tqdm bar on rank 0
     tensorboard: bool = False           # also write TensorBoard scalars, if tensorboard is installed
+    on_nonfinite: str = 'stop'          # a non-finite loss or gradient: 'stop' (raise NonFiniteError) or 'skip' the step
 
     def __post_init__(self):
         for name in ('max_steps', 'max_tokens', 'grad_accum', 'checkpoint_every', 'keep_last', 'log_every'):
             if getattr(self, name) <= 0:
                 raise ValueError(f'{name} must be positive, got {getattr(self, name)}')
+        if self.on_nonfinite not in ('stop', 'skip'):
+            raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
+
+
+class NonFiniteError(RuntimeError):
+    """A non-finite loss, gradient or weight; the message says which step and samples."""
 
 
 def param_groups(model: nn.Module, weight_decay: float, decay_all: bool) -> list[dict]:
@@ -159,22 +175,25 @@ class Trainer:
 
     # one step
 
-    def forward_backward(self, batch, scale: float) -> torch.Tensor:
+    def forward_backward(self, batch, scale: float) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """The micro-batch's loss, and its per-sample (text, flow) losses for reporting bad numbers."""
         devices = [self.dist.device] if self.dist.device.type == 'cuda' else []
         with torch.random.fork_rng(devices = devices, device_type = self.dist.device.type):
             torch.manual_seed(batch_seed(self.config.seed, batch.epoch, batch.global_index))
             with self.autocast:
-                loss = self.wrapped(batch.samples)
+                loss, breakdown = self.wrapped(batch.samples, return_breakdown = True)
             (loss * scale).backward()
-        return loss.detach()
+        return loss.detach(), (breakdown.per_sample_text, breakdown.per_sample_flow)
 
     def train_step(self) -> dict:
         self.wrapped.train()
-        accum, losses, tokens = self.config.grad_accum, [], 0
+        accum, losses, tokens, per_sample = self.config.grad_accum, [], 0, []
         for micro in range(accum):
             batch = self.loader.next_batch()
             with gradient_sync(self.wrapped, sync = micro == accum - 1):
-                losses.append(self.forward_backward(batch, scale = 1. / accum))
+                loss, sample_losses = self.forward_backward(batch, scale = 1. / accum)
+            losses.append(loss)
+            per_sample.append((batch, *sample_losses))
             tokens += batch.num_tokens
 
         # a parameter no batch of this step used (a modality type absent from all of them) takes
@@ -184,16 +203,42 @@ class Trainer:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
 
-        grad_norm = None
-        if self.config.grad_clip is not None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.config.grad_clip)
-        self.optimizer.step()
+        # the norm before clipping; clipping to inf leaves the gradient as it is
+        max_norm = self.config.grad_clip if self.config.grad_clip is not None else float('inf')
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
+        loss = torch.stack(losses).mean()
+
+        skipped = self.check_finite(loss, grad_norm, per_sample)
+        if not skipped:
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none = True)
-        if self.ema is not None:
+        if self.ema is not None and not skipped:
             self.ema.update()
         self.step += 1
-        return dict(loss = torch.stack(losses).mean(), grad_norm = grad_norm, tokens = tokens)
+        grad_norm = grad_norm if self.config.grad_clip is not None else None
+        return dict(loss = loss, grad_norm = grad_norm, tokens = tokens, skipped = skipped)
+
+    def check_finite(self, loss: torch.Tensor, grad_norm: torch.Tensor, per_sample: list[tuple]) -> bool:
+        """Whether to skip this step: False when the loss and gradient are finite on every rank;
+        otherwise True with `on_nonfinite = 'skip'`, and NonFiniteError with 'stop'."""
+        norm = grad_norm.full_tensor() if hasattr(grad_norm, 'full_tensor') else grad_norm
+        bad = torch.stack([~torch.isfinite(loss), ~torch.isfinite(norm.to(loss.device))]).float()
+        bad_loss, bad_grad = distributed.sum_across_ranks(bad.to(self.dist.device)).tolist()
+        if bad_loss == 0 and bad_grad == 0:
+            return False
+
+        what = 'loss' if bad_loss > 0 else 'gradient'
+        bad_samples = [f'micro-batch {micro}: {description}'
+                       for micro, (batch, text, flow) in enumerate(per_sample) for description in nonfinite_samples(batch, text, flow)]
+        rank = f'rank {self.dist.rank}: ' if self.dist.is_distributed else ''
+        samples = '; '.join(bad_samples) if bad_samples else 'no sample on this rank has a non-finite loss of its own'
+        message = (f'non-finite {what} at step {self.step + 1} (loss {loss.item()}, gradient norm {norm.item()}); '
+                   f'{rank}{samples}')
+        if self.config.on_nonfinite == 'stop':
+            raise NonFiniteError(message + '. Stopped before the optimizer step: weights and checkpoints are untouched')
+        warnings.warn(message + '. Step skipped (on_nonfinite = "skip")')
+        return True
 
     # the loop
 
@@ -223,6 +268,8 @@ class Trainer:
                 progress.set_postfix(loss = f"{metrics['loss']:.4f}", tok_s = f"{metrics['tokens_per_s']:.0f}")
                 window_tokens, window_start = 0, time.perf_counter()
 
+            if out['skipped']:
+                metrics['skipped'] = 1
             if config.eval_every and self.eval_dataset is not None and self.step % config.eval_every == 0:
                 metrics['eval_loss'] = self.evaluate(self.eval_dataset)
             for callback in self.callbacks:
@@ -270,7 +317,16 @@ class Trainer:
     def checkpoint_dir(self) -> Path:
         return self.out_dir / 'checkpoints'
 
+    def assert_finite_weights(self, what: str):
+        modules = [('model', self.model)] + ([('ema', self.ema)] if self.ema is not None else [])
+        for prefix, module in modules:
+            for name, value in module.state_dict().items():
+                local = value.to_local() if hasattr(value, 'to_local') else value
+                if torch.is_tensor(local) and local.is_floating_point() and not bool(torch.isfinite(local).all()):
+                    raise NonFiniteError(f'{prefix}.{name} has non-finite values at step {self.step}: not writing the {what}')
+
     def save_checkpoint(self) -> Path:
+        self.assert_finite_weights('checkpoint')
         state = dict(scheduler = self.scheduler.state_dict(), data = self.loader.state_dict(), config = asdict(self.config))
         return checkpoint.save(self.checkpoint_dir, self.step, self.wrapped, self.optimizer, self.ema, state, self.config.keep_last)
 
@@ -285,6 +341,7 @@ class Trainer:
 
     def save_pretrained(self, directory: Path):
         """The online model and, as `<directory>_ema`, the EMA model, gathered to full tensors on rank 0."""
+        self.assert_finite_weights('pretrained model')
         options = StateDictOptions(full_state_dict = True, cpu_offload = True)
         targets = [(self.model, self.wrapped, directory)]
         if self.ema is not None:
@@ -294,3 +351,22 @@ class Trainer:
             if self.dist.is_main:
                 model.save_pretrained(path, state_dict = state)
         distributed.barrier()
+
+
+def nonfinite_samples(batch, per_sample_text: torch.Tensor, per_sample_flow: torch.Tensor) -> list[str]:
+    """'sample <dataset index> (text loss x, flow loss y)' for each sample of `batch` whose own
+    loss is not finite. A sample without modalities has a NaN flow loss by definition; that one
+    does not count."""
+    descriptions = []
+    for position, index in enumerate(batch.indices):
+        text, flow = float(per_sample_text[position]), float(per_sample_flow[position])
+        has_modality = math.isfinite(flow) or not is_text_only(batch.samples[position])
+        if not math.isfinite(text) or (has_modality and not math.isfinite(flow)):
+            descriptions.append(f'sample {index} (text loss {text}, flow loss {flow})')
+    return descriptions
+
+
+def is_text_only(sample) -> bool:
+    if torch.is_tensor(sample):
+        return not sample.is_floating_point()
+    return all(torch.is_tensor(element) and not element.is_floating_point() for element in sample)
