@@ -27,14 +27,19 @@ class LossBreakdown:
     reconstruction: tuple[Tensor, ...] = ()         # per modality type, when reconstruction_loss_weight > 0
 
 
+def at_least_float32(t: Tensor) -> Tensor:
+    """Losses of half-precision outputs are computed in float32; float64 (gradcheck) stays float64."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def text_loss_per_token(logits: Tensor, targets: Tensor) -> Tensor:
     """(T, vocab), (T,) -> (T,)"""
-    return F.cross_entropy(logits.float(), targets, reduction = 'none')
+    return F.cross_entropy(at_least_float32(logits), targets, reduction = 'none')
 
 
 def flow_loss_per_token(pred_velocity: Tensor, target_velocity: Tensor) -> Tensor:
     """(N_m, dim_latent) x 2 -> (N_m,) mean squared error over the latent dims."""
-    return (pred_velocity.float() - target_velocity.float()).pow(2).mean(dim = -1)
+    return (at_least_float32(pred_velocity) - at_least_float32(target_velocity)).pow(2).mean(dim = -1)
 
 
 def mean_or_zero(values: Tensor) -> Tensor:

@@ -29,7 +29,7 @@ from . import flow
 from .config import TransfusionConfig, per_type
 from .guidance import drop_text_conditions
 from .inputs import Modality, ModalitySpec, Sample, modality_batch, normalize_samples, text_batch
-from .losses import LossBreakdown, combine, flow_loss_per_token, mean_or_zero, text_loss_per_token
+from .losses import LossBreakdown, at_least_float32, combine, flow_loss_per_token, mean_or_zero, text_loss_per_token
 from .masks import build_layout
 from .packing import IGNORE, PackedBatch, pack
 from .pre_post import PrePost
@@ -58,7 +58,7 @@ class AxialPositions(nn.Module):
 
     def forward(self, coords: Tensor) -> Tensor:
         """(N, num_axes) integer coordinates -> (N, dim)"""
-        return sum(mlp(coords[:, axis:axis + 1].float()) for axis, mlp in enumerate(self.axes))
+        return sum(mlp(coords[:, axis:axis + 1].to(mlp[0].weight.dtype)) for axis, mlp in enumerate(self.axes))
 
 
 def optional_modules(value, num_types: int, name: str) -> nn.ModuleList:
@@ -293,7 +293,7 @@ class Transfusion(nn.Module):
                 continue
             shapes = [record.shape for record in self.spans_of_type(packed, m)] if self.uses_pre_post(m) else None
             output = self.tokens_to_output(m, hidden[index], shapes)
-            velocities.append(self.output_to_velocity(output.float(), x_t, t))
+            velocities.append(self.output_to_velocity(at_least_float32(output), x_t, t))
 
         return Prediction(hidden, noised, row_times, tuple(velocities))
 

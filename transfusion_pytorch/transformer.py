@@ -52,9 +52,14 @@ class Rotary(nn.Module):
 
 def apply_rotary(t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """(N, heads, dim_head): rotates the pairs (first half, second half) of each head."""
-    first, second = t.float().chunk(2, dim = -1)
+    first, second = at_least_float32(t).chunk(2, dim = -1)
     rotated = torch.cat((first * cos - second * sin, first * sin + second * cos), dim = -1)
     return rotated.type_as(t)
+
+
+def at_least_float32(t: Tensor) -> Tensor:
+    """Half precision is computed in float32; float64 (gradcheck) stays float64."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def softclamp(t: Tensor, bound: float) -> Tensor:
@@ -62,10 +67,11 @@ def softclamp(t: Tensor, bound: float) -> Tensor:
 
 
 def time_features(times: Tensor, dim: int) -> Tensor:
-    """(S,) times in [0, 1] -> (S, dim) sinusoidal features."""
+    """(S,) times in [0, 1] -> (S, dim) sinusoidal features, in float32 (float64 for float64 times)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(10000.) * torch.arange(half, device = times.device, dtype = torch.float32) / half)
-    angles = times.float()[:, None] * 1000. * freqs[None, :]
+    times = at_least_float32(times)
+    freqs = torch.exp(-math.log(10000.) * torch.arange(half, device = times.device, dtype = times.dtype) / half)
+    angles = times[:, None] * 1000. * freqs[None, :]
     return torch.cat((angles.sin(), angles.cos()), dim = -1)
 
 
@@ -237,7 +243,8 @@ class Transformer(nn.Module):
     ) -> Tensor:
         cond = None
         if span_times is not None and span_times.numel() > 0:
-            span_embed = self.to_time_embed(time_features(span_times, self.config.dim_time))
+            features = time_features(span_times, self.config.dim_time)
+            span_embed = self.to_time_embed(features.to(self.to_time_embed[0].weight.dtype))
             cond = Conditioning(span_embed, token_span)
 
         ctx = Context(layout, self.rotary(positions), cond)
