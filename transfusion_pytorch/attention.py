@@ -40,6 +40,8 @@ def scaled_dot_product(
     softcapping, the textbook formula (SDPA has no hook for the scores)."""
     if softcap is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask = mask, is_causal = is_causal, dropout_p = dropout_p)
+    if mask is not None and mask.dtype != torch.bool:
+        raise ValueError('logit softcapping takes a bool mask')
 
     scores = softcap_scores(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, softcap)       # (B, heads, Q, L)
     if is_causal:
@@ -73,9 +75,12 @@ def _attend_sdpa(q: Tensor, k: Tensor, v: Tensor, layout: AttentionLayout, dropo
             t = t[layout.gather]
         return t.view(batch, length, heads, dim_head).transpose(1, 2)         # (B, heads, L, dim_head)
 
+    mask = layout.mask
+    if mask is not None and softcap is None:
+        mask = layout.additive_mask(q.dtype)
     out = scaled_dot_product(
         to_padded(q), to_padded(k), to_padded(v),
-        mask = layout.mask, is_causal = layout.mask is None, dropout_p = dropout_p, softcap = softcap,
+        mask = mask, is_causal = layout.mask is None, dropout_p = dropout_p, softcap = softcap,
     )
 
     out = out.transpose(1, 2).reshape(batch * length, heads, dim_head)

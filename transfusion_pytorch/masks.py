@@ -17,7 +17,7 @@ layouts:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -41,6 +41,16 @@ class AttentionLayout:
     scatter: Tensor | None = None       # (N,) padded slot of each flat token
     mask: Tensor | None = None          # (B, 1, L, L) bool; None means plain causal
     block_mask: object = None           # flex attention BlockMask over the flat sequence, when using flex
+    _additive: dict = field(default_factory = dict, repr = False)
+
+    def additive_mask(self, dtype: torch.dtype) -> Tensor:
+        """`mask` as 0 / -inf of the queries' dtype, for SDPA's fused CPU kernel, which would
+        otherwise convert the bool mask in every layer, forward and backward. Made on the
+        first layer's call and reused by the others (one per dtype: bf16 under autocast)."""
+        if dtype not in self._additive:
+            zero = torch.zeros((), dtype = dtype, device = self.mask.device)
+            self._additive[dtype] = torch.where(self.mask, zero, torch.tensor(float('-inf'), dtype = dtype, device = self.mask.device))
+        return self._additive[dtype]
 
 
 def padded_layout(packed: PackedBatch) -> AttentionLayout:

@@ -246,7 +246,7 @@ class Transfusion(nn.Module):
             tokens = self.latents_to_tokens(m, latents, shapes)
             if self.config.add_pos_emb[m]:
                 tokens = tokens + self.pos_embs[m](packed.latent_coords[m])
-            x = x.index_put((index,), tokens)
+            x = x.index_put((index,), tokens.to(x.dtype))     # bf16 under CPU autocast
         return x
 
     def uses_pre_post(self, modality_type: int) -> bool:

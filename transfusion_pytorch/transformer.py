@@ -45,15 +45,24 @@ class Rotary(nn.Module):
         self.register_buffer('inv_freq', inv_freq, persistent = False)
 
     def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """(N,) positions -> cos, sin of shape (N, 1, dim_head / 2)"""
+        """(N,) positions -> cos and signed sin over the whole head, each (N, 1, dim_head):
+        (cos, cos) and (-sin, sin), so that `apply_rotary` is two fused elementwise passes.
+        Computed once per forward pass and shared by every layer."""
         angles = positions.float()[:, None] * self.inv_freq[None, :]
-        return angles.cos()[:, None], angles.sin()[:, None]
+        cos, sin = angles.cos(), angles.sin()
+        return torch.cat((cos, cos), dim = -1)[:, None], torch.cat((-sin, sin), dim = -1)[:, None]
 
 
-def apply_rotary(t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """(N, heads, dim_head): rotates the pairs (first half, second half) of each head."""
-    first, second = at_least_float32(t).chunk(2, dim = -1)
-    rotated = torch.cat((first * cos - second * sin, first * sin + second * cos), dim = -1)
+def apply_rotary(t: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
+    """(N, heads, dim_head): rotates the pairs (first half, second half) of each head,
+
+        (first, second) -> (first cos - second sin, second cos + first sin)
+                         = t * (cos, cos) + (second, first) * (-sin, sin)
+
+    written as one multiply and one fused multiply-add (`roll` by half a head swaps the halves).
+    Nothing of the size of t is saved for the backward pass (cos and sin are constants)."""
+    t32 = at_least_float32(t)
+    rotated = torch.addcmul(t32 * cos, t32.roll(t.shape[-1] // 2, dims = -1), signed_sin)
     return rotated.type_as(t)
 
 
@@ -88,7 +97,11 @@ class Conditioning:
 
 
 class AdaptiveNorm(nn.Module):
-    """RMSNorm, then for conditioned tokens x * (1 + scale) + shift, and a gate for the branch output."""
+    """RMSNorm, then for conditioned tokens x * (1 + scale) + shift, and a gate for the branch output.
+
+    The modulation is computed per span, `1 +` included, and each of (1 + scale, shift, gate) is
+    looked up per token by itself: one fused multiply-add per token, and the backward pass keeps
+    only the two per-token tables it needs (1 + scale and gate), not shift."""
 
     def __init__(self, dim: int, unit_offset: bool):
         super().__init__()
@@ -96,16 +109,18 @@ class AdaptiveNorm(nn.Module):
         self.to_modulation = nn.Linear(dim, dim * 3)
         nn.init.zeros_(self.to_modulation.weight)       # adaLN-zero: conditioned branches start closed
         nn.init.zeros_(self.to_modulation.bias)
-        identity = torch.cat((torch.zeros(dim), torch.zeros(dim), torch.ones(dim)))
-        self.register_buffer('text_row', identity, persistent = False)
+        self.register_buffer('text_row', torch.tensor([1., 0., 1.]), persistent = False)   # 1 + scale, shift, gate of text tokens
 
     def forward(self, x: Tensor, cond: Conditioning | None) -> tuple[Tensor, Tensor | None]:
         x = self.norm(x)
         if cond is None:
             return x, None
-        per_span = self.to_modulation(F.silu(cond.span_embed))                        # (S, 3 * dim)
-        scale, shift, gate = cond.lookup(per_span, self.text_row).chunk(3, dim = -1)  # (N, dim) each
-        return x * (1. + scale) + shift, gate
+        scale, shift, gate = self.to_modulation(F.silu(cond.span_embed)).chunk(3, dim = -1)   # (S, dim) each
+        one_plus_scale, shift, gate = (
+            cond.lookup(per_span, self.text_row[i].expand(per_span.shape[-1]))                # (N, dim)
+            for i, per_span in enumerate((1. + scale, shift, gate))
+        )
+        return torch.addcmul(shift, x, one_plus_scale), gate
 
 
 @dataclass
@@ -175,8 +190,34 @@ class FeedForward(nn.Module):
         self.proj_out = nn.Linear(dim_hidden, config.dim, bias = False)
 
     def forward(self, x: Tensor, ctx: Context, cache = None) -> Tensor:
-        x, gate = self.proj_in(x).chunk(2, dim = -1)
-        return self.proj_out(x * F.silu(gate))
+        return self.proj_out(swiglu(self.proj_in(x)))
+
+
+class SwiGLU(torch.autograd.Function):
+    """(..., 2 h) -> (..., h): x * silu(gate) for (x, gate) the halves of the input.
+
+    Autograd would keep the input, silu(gate) and the product; this keeps only the input and
+    recomputes silu(gate) in the backward pass (one elementwise pass), so the feed-forward
+    block holds one tensor of width 2 h instead of three of widths 2 h, h and h."""
+
+    @staticmethod
+    def forward(ctx, projected: Tensor) -> Tensor:
+        x, gate = projected.chunk(2, dim = -1)
+        ctx.save_for_backward(projected)
+        return x * F.silu(gate)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        x, gate = ctx.saved_tensors[0].chunk(2, dim = -1)
+        sigmoid = torch.sigmoid(gate)
+        silu = gate * sigmoid
+        # d silu(g) / dg = sigmoid(g) (1 + g (1 - sigmoid(g)))
+        grad_gate = grad * x * sigmoid * (1. + gate * (1. - sigmoid))
+        return torch.cat((grad * silu, grad_gate), dim = -1)
+
+
+def swiglu(projected: Tensor) -> Tensor:
+    return SwiGLU.apply(projected)
 
 
 class Block(nn.Module):
@@ -207,6 +248,12 @@ class Block(nn.Module):
 
             x = x + h if self.mixes is None else self.mixes[branch_index].write(saved, h)
         return x
+
+
+def skip_merge(proj: nn.Linear, x: Tensor, skip: Tensor) -> Tensor:
+    """proj(cat(x, skip)), as two products on the halves of the weight: no concatenated copy."""
+    dim = x.shape[-1]
+    return F.linear(x, proj.weight[:, :dim]) + F.linear(skip, proj.weight[:, dim:])
 
 
 class Transformer(nn.Module):
@@ -258,7 +305,7 @@ class Transformer(nn.Module):
 
         for index, block in enumerate(self.blocks):
             if index >= depth - num_skips:
-                x = self.skip_projs[index - (depth - num_skips)](torch.cat((x, skips.pop()), dim = -1))
+                x = skip_merge(self.skip_projs[index - (depth - num_skips)], x, skips.pop())
 
             x = block(x, ctx, None if cache is None else cache.layer(index))
 
