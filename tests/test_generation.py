@@ -174,8 +174,10 @@ def test_init_modality_noise_sets_the_first_modality(model):
 
 def test_adaptive_solver_in_sample(model):
     # dopri5 integrates each row's modality alone: cached = uncached and batch = alone. (Float
-    # differences between the backends can change which adaptive steps are accepted, so they
-    # agree to the solver's tolerance; its accuracy is tested on analytic flows in test_solvers.)
+    # differences between the backends can change which adaptive steps are accepted, and this
+    # perturbed untrained model's flow amplifies them: at rtol = atol = 1e-3 the two agree to
+    # about 3e-2, at 1e-6 to under 1e-2 (too slow for the suite). Exactness of the cache is
+    # tested with the fixed-grid solvers; dopri5's accuracy on analytic flows in test_solvers.)
     options = dict(max_length = 24, force_modality_at_start = (1, (2, 2)), ode_method = 'dopri5', ode_atol = 1e-3, ode_rtol = 1e-3)
     prompts = [PROMPTS['text'], PROMPTS['mixed']]
     cached = run(model, prompts, **options)
@@ -184,10 +186,10 @@ def test_adaptive_solver_in_sample(model):
     euler = run(model, prompts, **{**options, 'ode_method': 'euler', 'modality_steps': 2})
     for a, b, c in zip(cached, uncached, euler):
         assert ('modality', 1, (2, 2)) in kinds(a)
-        assert_same_samples(a, b, atol = 1e-2)
+        assert_same_samples(a, b, atol = 5e-2)
         forced = [x for x in a if isinstance(x, tuple)][-1][1]
-        assert not torch.allclose(forced, [x for x in c if isinstance(x, tuple)][-1][1], atol = 1e-2)   # the solver ran
-    assert_same_samples(cached[1], alone, atol = 1e-2)
+        assert not torch.allclose(forced, [x for x in c if isinstance(x, tuple)][-1][1], atol = 5e-2)   # the solver ran
+    assert_same_samples(cached[1], alone, atol = 5e-2)
 
 
 # batches
