@@ -9,6 +9,15 @@ NUM_TEXT_TOKENS = 32
 DIM_LATENTS = (6, 4)
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread, and other test runs may share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse = True)
 def seed():
     torch.manual_seed(0)

@@ -15,12 +15,7 @@ NUM_TEXT = 12
 DIM_LATENTS = (3, 2)
 
 
-@pytest.fixture(autouse = True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')     # tiny models: one thread is fastest (conftest)
 
 
 def float64_model(**transformer) -> Transfusion:

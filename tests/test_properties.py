@@ -50,13 +50,7 @@ with torch.no_grad():
         parameter.add_(torch.randn_like(parameter) * 0.1)
 
 
-@pytest.fixture(autouse = True)
-def one_thread():
-    """Tiny models run fastest on one thread, and other test runs may share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')     # tiny models: one thread is fastest (conftest)
 
 
 # strategies: the structure of a batch, then tensors from a seed

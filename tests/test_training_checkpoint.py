@@ -11,13 +11,7 @@ from conftest import random_sample, tiny_model
 from test_training_data import ListDataset
 
 
-@pytest.fixture(autouse = True)
-def one_thread():
-    """Tiny models run fastest on one thread, and other test runs may share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')     # tiny models: one thread is fastest (conftest)
 
 class Interrupt(Exception):
     pass

@@ -8,13 +8,7 @@ from transfusion_pytorch.training import TokenBudgetLoader, packed_num_tokens
 from conftest import DIM_LATENTS, random_sample, tiny_model
 
 
-@pytest.fixture(autouse = True)
-def one_thread():
-    """Tiny models run fastest on one thread, and other test runs may share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')     # tiny models: one thread is fastest (conftest)
 
 class ListDataset:
     def __init__(self, samples):

@@ -20,13 +20,7 @@ from test_training_data import ListDataset
 TESTS = Path(__file__).resolve().parent
 
 
-@pytest.fixture(autouse = True)
-def one_thread():
-    """One thread, as in the killed child, so that the resumed run can match bitwise."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')     # tiny models: one thread is fastest (conftest)
 
 # a training run whose second checkpoint (step 4) stops half way through its manifest: the
 # state and trainer files are on disk, the manifest is torn, and the process waits to be killed

@@ -14,12 +14,7 @@ from transfusion_pytorch.training.trainer import NonFiniteError
 from conftest import DIM_LATENTS, NUM_TEXT_TOKENS, tiny_model
 
 
-@pytest.fixture(autouse = True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')     # tiny models: one thread is fastest (conftest)
 
 
 class PoisonableDataset:
