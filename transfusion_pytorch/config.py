@@ -6,9 +6,15 @@ import difflib
 from dataclasses import asdict, dataclass, fields
 
 
+def closest_match(key: str, valid, cutoff: float = 0.6) -> str | None:
+    """The valid key most like a mistyped one, for error messages; None when nothing is close."""
+    matches = difflib.get_close_matches(key, list(valid), n = 1, cutoff = cutoff)
+    return matches[0] if matches else None
+
+
 def closest_key_error(name: str, key: str, valid: list[str]) -> TypeError:
-    close = difflib.get_close_matches(key, valid, n = 1)
-    hint = f"; did you mean '{close[0]}'?" if close else ''
+    close = closest_match(key, valid)
+    hint = f"; did you mean '{close}'?" if close else ''
     return TypeError(f"{name}: unknown key '{key}'{hint} Valid keys: {', '.join(sorted(valid))}")
 
 

@@ -9,11 +9,12 @@ names the closest valid key, a value of the wrong type an error naming the key a
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import sys
 import types
 import typing
 from pathlib import Path
+
+from .config import closest_match
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -35,8 +36,8 @@ def field_types(cls) -> dict[str, type]:
 
 
 def closest(key: str, valid) -> str:
-    match = difflib.get_close_matches(key, list(valid), n = 1, cutoff = 0.5)
-    return f"; did you mean '{match[0]}'?" if match else f"; valid keys: {', '.join(sorted(valid))}"
+    match = closest_match(key, valid, cutoff = 0.5)
+    return f"; did you mean '{match}'?" if match else f"; valid keys: {', '.join(sorted(valid))}"
 
 
 def allowed(annotation) -> tuple[type, ...]:
@@ -107,8 +108,8 @@ def parse_overrides(cls, args: list[str]) -> dict:
         key, _, text = arg[2:].partition('=')
         key = key.replace('-', '_')
         if key not in valid:
-            match = difflib.get_close_matches(key, list(valid), n = 1, cutoff = 0.5)
-            hint = f"; did you mean '--{match[0].replace('_', '-')}'?" if match else '; see --help for the valid options'
+            match = closest_match(key, valid, cutoff = 0.5)
+            hint = f"; did you mean '--{match.replace('_', '-')}'?" if match else '; see --help for the valid options'
             raise ConfigError(f"unknown option '--{key.replace('_', '-')}'{hint}")
         if not _:
             if index + 1 >= len(args):
