@@ -142,6 +142,23 @@ def test_cached_text_only_matches_uncached(model):
     assert torch.equal(a, model.generate_text_only(prompt, 12, temperature = 1., min_p = 0.05, seed = 3, use_cache = False))
 
 
+def test_text_decoding_of_equal_rows_needs_no_mask(model):
+    """Rows of equal length decoding text write their keys through one slice and attend with no
+    mask at all; the logits are those of the general path (per-row slots and a mask), which
+    rows of unequal chunks take."""
+    with torch.no_grad():
+        fast = CachedBackend(model, 2, 16)
+        fast.decode(torch.tensor([[1, 2, 3], [4, 5, 6]]))
+        logits = fast.decode(torch.tensor([[7], [8]]))
+        assert isinstance(fast.cache.write_slots, slice) and fast.cache.mask is None
+
+        general = CachedBackend(model, 2, 16)
+        general.step([Request([1, 2]), Request([4])])
+        outputs = general.step([Request([3, 7]), Request([5, 6, 8])])
+        assert not isinstance(general.cache.write_slots, slice) and general.cache.mask is not None
+    assert torch.allclose(logits, torch.stack(outputs), atol = 1e-5)
+
+
 def test_committed_modality_is_what_training_sees(model):
     """After ODE steps that are not kept, the committed clean modality (t = 1) gives the logits
     of the training forward over the finished sequence."""

@@ -118,6 +118,10 @@ class ReferenceBackend:
                 self.sequences[row] = self.sequences[row] + request.items
         return outputs
 
+    def decode(self, tokens: Tensor) -> Tensor:
+        """As `CachedBackend.decode`: (B, Q) token ids, all kept -> (B, vocab) logits."""
+        return torch.stack(self.step([Request(row) for row in tokens.tolist()]))
+
     def run_row(self, items: list[Item], request: Request) -> Tensor:
         model = self.model
         sample = items_to_sample(items, model.vocab, self.wrapped)
@@ -167,6 +171,8 @@ class CachedBackend:
         chunk = max(num_new)
         if chunk == 0:
             return [None] * batch
+        if min(num_new) == chunk and all(request.keep and all(type(item) is int for item in request.items) for request in requests):
+            return list(self.decode(torch.tensor([request.items for request in requests])).unbind(0))
 
         tokens = torch.zeros(batch, chunk, dtype = torch.long)
         positions = torch.zeros(batch, chunk, dtype = torch.long)
@@ -196,28 +202,45 @@ class CachedBackend:
                 cursor.position, cursor.span = position, next_span
 
         tokens, positions, span, local_span = (t.to(device) for t in (tokens, positions, span, local_span))
-        num_new = torch.tensor(num_new, device = device)
 
         x = self.embed(tokens.view(-1), blocks)
         self.cache.prepare(num_new, span)
         times = torch.tensor(span_times, device = device) if len(span_times) > 0 else None
         hidden = model.transformer(x, None, positions.view(-1), times, local_span.view(-1), cache = self.cache)
         hidden = hidden.view(batch, chunk, -1)
+        self.cache.commit([n if request is not None and request.keep else 0 for n, request in zip(num_new, requests)])
 
-        keep = torch.tensor([request is not None and request.keep for request in requests], device = device)
-        self.cache.commit(num_new * keep)
-
-        outputs = []
+        outputs: list[Tensor | None] = [None] * batch
+        text_rows = []
         for row, request in enumerate(requests):
             if request is None:
-                outputs.append(None)
                 continue
-            last, n = request.items[-1], int(num_new[row])
+            last, n = request.items[-1], num_new[row]
             if isinstance(last, Latents):
-                outputs.append(latents_output(model, last, hidden[row, n - len(last):n], request.time))
+                outputs[row] = latents_output(model, last, hidden[row, n - len(last):n], request.time)
             else:
-                outputs.append(model.to_logits(hidden[row, n - 1]))
+                text_rows.append(row)
+        if len(text_rows) > 0:
+            # one projection to the vocabulary for every row that ends with a token
+            last_slots = torch.tensor([num_new[row] - 1 for row in text_rows], device = device)
+            logits = model.to_logits(hidden[torch.tensor(text_rows, device = device), last_slots])
+            for row, row_logits in zip(text_rows, logits):
+                outputs[row] = row_logits
         return outputs
+
+    def decode(self, tokens: Tensor) -> Tensor:
+        """Text decoding: every row feeds the same number of tokens, all kept. (B, Q) token ids
+        -> (B, vocab) logits at each row's last token."""
+        model, device = self.model, self.model.device
+        batch, chunk = tokens.shape
+        positions = torch.tensor([[cursor.position + i for i in range(chunk)] for cursor in self.cursors], device = device)
+        for cursor in self.cursors:
+            cursor.position += chunk
+
+        self.cache.prepare([chunk] * batch, None)
+        hidden = model.transformer(model.token_embed(tokens.to(device).view(-1)), None, positions.view(-1), cache = self.cache)
+        self.cache.commit([chunk] * batch)
+        return model.to_logits(hidden.view(batch, chunk, -1)[:, -1])
 
     def embed(self, tokens: Tensor, blocks: list[tuple[int, Latents]]) -> Tensor:
         """(B * Q, dim), as `Transfusion.embed`: token embeddings, latents projected in at their slots."""

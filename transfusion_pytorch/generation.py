@@ -398,14 +398,13 @@ def generate_text_only(model, prompt: Tensor, seq_len: int, *, temperature: floa
     allowed[:model.vocab.num_text_tokens] = True
 
     out = torch.zeros(batch, steps, dtype = torch.long, device = prompt.device)
-    requests = [Request(row.tolist()) for row in prompt]
+    tokens = prompt
 
     with torch.no_grad(), eval_mode(model):
         for step in range(steps):
-            logits = torch.stack(backend.step(requests))
-            tokens = sample_token(logits, allowed, temperature, top_k, min_p, generators)
-            out[:, step] = tokens.to(prompt.device)
-            requests = [Request([token]) for token in tokens.tolist()]
+            tokens = sample_token(backend.decode(tokens), allowed, temperature, top_k, min_p, generators)
+            out[:, step] = tokens
+            tokens = tokens[:, None]
     return out
 
 

@@ -14,6 +14,11 @@ Each generation step feeds every row a chunk of tokens, padded to the longest ch
 A query attends to a cached key of its row when the key lies before the end of the row's chunk
 and is not later than the query, or lies in the same modality span (the rule of `masks.py`,
 with span ids kept per slot). Padded queries write to a spare slot past the end, never read.
+
+Text decoding of rows of equal length (`generate_text_only`, or a batch whose rows happen to
+be in step) takes a shorter path: the rows write at the same slots, through one slice, and one
+token per row attends to its whole prefix with no mask at the row's lengths, which are kept on
+the host so a step never waits on the device to learn them.
 """
 
 from __future__ import annotations
@@ -36,61 +41,90 @@ class KVCache(nn.Module):
         self.register_buffer('keys', torch.zeros(shape, device = device, dtype = dtype), persistent = False)
         self.register_buffer('values', torch.zeros(shape, device = device, dtype = dtype), persistent = False)
         self.register_buffer('slot_span', torch.full((batch_size, capacity), -1, device = device, dtype = torch.long), persistent = False)
-        self.register_buffer('length', torch.zeros(batch_size, device = device, dtype = torch.long), persistent = False)
+        # the rows' lengths live on the host: a step never waits on the device to learn them
+        self.lengths = [0] * batch_size
 
         # set by `prepare` for the step in flight
-        self.write_slots: Tensor | None = None      # (B, Q)
-        self.mask: Tensor | None = None             # (B, 1, Q, L) bool, None where every query sees every key
+        self.write_slots: Tensor | slice | None = None  # (B, Q) slots, or one slice when every row writes the same ones
+        self.mask: Tensor | None = None             # (B or 1, 1, Q, L) bool, None where every query sees every key
         self.bias: Tensor | None = None             # the same as an additive 0 / -inf mask
         self.key_len = 0
 
     @property
     def batch_size(self) -> int:
-        return self.length.shape[0]
+        return len(self.lengths)
 
     @property
     def spare_slot(self) -> int:
         return self.max_len
 
-    def prepare(self, num_new: Tensor, span: Tensor):
+    def prepare(self, num_new: list[int], span: Tensor | None):
         """Sets up a step: row b feeds `num_new[b]` tokens (the first ones of its padded chunk),
-        whose span ids (unique within the row, -1 for text) are `span` (B, Q)."""
-        batch, chunk = span.shape
-        offset = torch.arange(chunk, device = span.device)
-        valid = offset[None, :] < num_new[:, None]                                   # (B, Q)
-        end = self.length + num_new
-        if int(end.max()) > self.max_len:
-            raise RuntimeError(f'the KV cache holds {self.max_len} tokens per row, a step would need {int(end.max())}')
+        whose span ids (unique within the row, -1 for text) are `span` (B, Q); None when the
+        step holds text tokens only."""
+        ends = [length + n for length, n in zip(self.lengths, num_new)]
+        if max(ends) > self.max_len:
+            raise RuntimeError(f'the KV cache holds {self.max_len} tokens per row, a step would need {max(ends)}')
+        chunk = max(num_new)
+        self.key_len = max(max(ends), 1)
 
-        slots = torch.where(valid, self.length[:, None] + offset[None, :], torch.full_like(span, self.spare_slot))
-        rows = torch.arange(batch, device = span.device)[:, None]
+        if span is None and len(set(self.lengths)) == 1 and min(num_new) == chunk:
+            self.prepare_uniform(self.lengths[0], chunk)
+        else:
+            self.prepare_general(num_new, span if span is not None else torch.full((len(num_new), chunk), -1, device = self.keys.device))
+
+    def prepare_uniform(self, start: int, chunk: int):
+        """Text tokens at the same slots of every row (decoding rows of equal length): plain
+        causal attention over the prefix, written through a slice, with no mask at all for one
+        token per row."""
+        self.write_slots = slice(start, start + chunk)
+        self.slot_span[:, self.write_slots] = -1
+        if chunk == 1:
+            self.mask = self.bias = None
+            return
+        key_slot = torch.arange(self.key_len, device = self.keys.device)
+        query_slot = torch.arange(start, start + chunk, device = self.keys.device)
+        self.set_mask((key_slot[None, :] <= query_slot[:, None])[None, None])
+
+    def prepare_general(self, num_new: list[int], span: Tensor):
+        batch, chunk = span.shape
+        device = span.device
+        offset = torch.arange(chunk, device = device)
+        lengths = torch.tensor(self.lengths, device = device)
+        new = torch.tensor(num_new, device = device)
+        valid = offset[None, :] < new[:, None]                                       # (B, Q)
+        end = lengths + new
+
+        slots = torch.where(valid, lengths[:, None] + offset[None, :], torch.full_like(span, self.spare_slot))
+        rows = torch.arange(batch, device = device)[:, None]
         self.slot_span[rows, slots] = torch.where(valid, span, -1)
 
-        key_len = max(int(end.max()), 1)
-        key_slot = torch.arange(key_len, device = span.device)
-        key_span = self.slot_span[:, :key_len]                                        # (B, L)
+        key_slot = torch.arange(self.key_len, device = device)
+        key_span = self.slot_span[:, :self.key_len]                                   # (B, L)
         causal = key_slot[None, None, :] <= slots[:, :, None]
         same_span = (key_span[:, None, :] == span[:, :, None]) & (span[:, :, None] >= 0)
         allowed = (key_slot[None, None, :] < end[:, None, None]) & (causal | same_span)
         # a padded query sees slot 0 only, so that its (discarded) softmax has something to normalise
         allowed = torch.where(valid[:, :, None], allowed, key_slot[None, None, :] == 0)
+        self.write_slots = slots
+        self.set_mask(allowed[:, None])
 
+    def set_mask(self, allowed: Tensor):
         # SDPA on CPU is an order of magnitude slower with a bool mask than with an additive
-        # float one (torch 2.13), and fastest with none: text decoding of rows of equal length
-        # (generate_text_only) needs none at all
+        # float one (torch 2.13), and fastest with none (a batch of one row denoising its
+        # modality needs none, for instance)
         if bool(allowed.all()):
             self.mask = self.bias = None
-        else:
-            self.mask = allowed[:, None]
-            self.bias = torch.zeros(self.mask.shape, dtype = self.keys.dtype, device = span.device).masked_fill_(~self.mask, float('-inf'))
-        self.write_slots, self.key_len = slots, key_len
+            return
+        self.mask = allowed
+        self.bias = torch.zeros(allowed.shape, dtype = self.keys.dtype, device = allowed.device).masked_fill_(~allowed, float('-inf'))
 
-    def commit(self, num_new: Tensor):
+    def commit(self, num_new: list[int]):
         """Keeps the tokens of the step just run: the rows' lengths move past them."""
-        self.length += num_new
+        self.lengths = [length + n for length, n in zip(self.lengths, num_new)]
 
     def rewind(self, row: int, num: int):
-        self.length[row] -= num
+        self.lengths[row] -= num
 
     def layer(self, index: int) -> LayerCache:
         return LayerCache(self, index)
@@ -105,13 +139,18 @@ class LayerCache:
         """(B * Q, heads, dim_head) x 3 -> (B * Q, heads, dim_head): writes k, v at the step's
         slots and attends the queries to the row's cache."""
         cache = self.cache
-        batch, chunk = cache.write_slots.shape
-        heads, dim_head = q.shape[-2:]
-        rows = torch.arange(batch, device = q.device)[:, None]
+        batch, heads, dim_head = cache.batch_size, *q.shape[-2:]
+        chunk = q.shape[0] // batch
 
         keys, values = cache.keys[self.index], cache.values[self.index]              # (B, heads, capacity, dim_head)
-        keys[rows, :, cache.write_slots] = k.view(batch, chunk, heads, dim_head).to(keys.dtype)
-        values[rows, :, cache.write_slots] = v.view(batch, chunk, heads, dim_head).to(values.dtype)
+        k, v = (t.view(batch, chunk, heads, dim_head).to(keys.dtype) for t in (k, v))
+        if isinstance(cache.write_slots, slice):
+            keys[:, :, cache.write_slots] = k.transpose(1, 2)
+            values[:, :, cache.write_slots] = v.transpose(1, 2)
+        else:
+            rows = torch.arange(batch, device = q.device)[:, None]
+            keys[rows, :, cache.write_slots] = k
+            values[rows, :, cache.write_slots] = v
 
         q = q.view(batch, chunk, heads, dim_head).transpose(1, 2)                     # (B, heads, Q, dim_head)
         mask = cache.mask if softcap is not None else (None if cache.bias is None else cache.bias.to(q.dtype))
