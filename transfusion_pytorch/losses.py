@@ -29,7 +29,7 @@ class LossBreakdown:
 
 def at_least_float32(t: Tensor) -> Tensor:
     """Losses of half-precision outputs are computed in float32; float64 (gradcheck) stays float64."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
 def text_loss_per_token(logits: Tensor, targets: Tensor) -> Tensor:

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from .attention import attend
 from .config import TransformerConfig
+from .losses import at_least_float32
 from .masks import AttentionLayout
 from .norms import RMSNorm
 from .residual import ResidualMix
@@ -63,12 +64,7 @@ def apply_rotary(t: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
     Nothing of the size of t is saved for the backward pass (cos and sin are constants)."""
     t32 = at_least_float32(t)
     rotated = torch.addcmul(t32 * cos, t32.roll(t.shape[-1] // 2, dims = -1), signed_sin)
-    return rotated.type_as(t)
-
-
-def at_least_float32(t: Tensor) -> Tensor:
-    """Half precision is computed in float32; float64 (gradcheck) stays float64."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
+    return rotated if rotated.dtype == t.dtype else rotated.to(t.dtype)
 
 
 def softclamp(t: Tensor, bound: float) -> Tensor:
@@ -217,6 +213,9 @@ class SwiGLU(torch.autograd.Function):
 
 
 def swiglu(projected: Tensor) -> Tensor:
+    if not torch.is_grad_enabled():         # nothing to save: plain ops, without the autograd.Function's overhead
+        x, gate = projected.chunk(2, dim = -1)
+        return x * F.silu(gate)
     return SwiGLU.apply(projected)
 
 
@@ -243,7 +242,9 @@ class Block(nn.Module):
                 h, saved = self.mixes[branch_index].read(x)
 
             h, gate = norm(h, ctx.cond)
-            h = self.dropout(branch(h, ctx, cache))
+            h = branch(h, ctx, cache)
+            if self.training and self.dropout.p > 0:
+                h = self.dropout(h)
             h = h if gate is None else h * gate
 
             x = x + h if self.mixes is None else self.mixes[branch_index].write(saved, h)
