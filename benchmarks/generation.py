@@ -12,11 +12,19 @@ measured in its own subprocess (the reference with the virtualenv's python, from
 repository so that it imports the installed package), one after the other, with the same
 thread count, the same model sizes and the same workloads:
 
-- text: `generate_text_only` of 256 new tokens from a 1-token prompt, batch 1 -> tokens/s;
+- text: `generate_text_only` of 256 new tokens from a 1-token prompt, batch 1 -> tokens/s; the
+  reference both with its key / value cache (`cache_kv = True`, its default since it gained
+  one) and without (the contract's version had none);
 - modality: `generate_modality_only` of a fixed shape with 16 steps, batch 4 -> samples/s;
 - multimodal: `sample` of a text prompt followed by a forced modality of a fixed shape, with
   16 ODE steps and classifier-free guidance at 3 (the reference's default), stopping right
   after the modality (max_length set so in both) -> seconds per sample.
+
+To say how close text decoding is to what this machine allows, the worker also records the
+matrix products of one of our decoding steps (every `F.linear` call, through a
+`TorchFunctionMode`) and replays them alone, with nothing else around them: at batch 1 they
+read every weight once per token, so their time is a floor on the time per token of any
+implementation of this model that computes in float32.
 
 Weights cannot be shared (the two models are built differently); both are freshly initialised
 with the same seed. Times are medians over repeats after a warm-up. The load average is
@@ -105,6 +113,9 @@ def worker(which: str, repeats: int) -> dict:
             return model.sample_one([prompt_text], max_length = n - 1, force_modality_at_start = (0, shape),
                                     modality_steps = MODALITY_STEPS, cfg_scale = CFG_SCALE, cache_kv = True)
 
+        def text_uncached():
+            return model.generate_text_only(start_text, TEXT_TOKENS + 1, cache_kv = False)
+
     with torch.no_grad():
         generated = text()
         assert generated.shape == (TEXT_BATCH, TEXT_TOKENS), generated.shape
@@ -115,8 +126,11 @@ def worker(which: str, repeats: int) -> dict:
         text_s = timed(text, repeats, warmup = 0)              # warmed up by the checks above
         modality_s = timed(modality, repeats)
         multimodal_s = timed(multimodal, repeats, warmup = 0)
+        extra = dict(text_uncached_tokens_per_s = TEXT_BATCH * TEXT_TOKENS / timed(text_uncached, repeats)) if which == 'reference' \
+            else dict(text_floor_tokens_per_s = TEXT_BATCH / matmul_floor(model, start_text, repeats))
 
     return dict(
+        **extra,
         which = which,
         package = str(Path(transfusion_pytorch.__file__).parent),
         torch = torch.__version__,
@@ -125,6 +139,40 @@ def worker(which: str, repeats: int) -> dict:
         modality_samples_per_s = MODALITY_BATCH / modality_s,
         multimodal_s_per_sample = multimodal_s,
     )
+
+
+def matmul_floor(model, start_text, repeats: int) -> float:
+    """Seconds per decoding step of the matrix products alone: the `F.linear` calls of one
+    cached text step (batch of `start_text`'s rows), replayed back to back on fresh inputs."""
+    import torch
+    import torch.nn.functional as F
+    from torch.overrides import TorchFunctionMode
+    from transfusion_pytorch.backends import CachedBackend
+
+    class RecordLinear(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_function__(self, func, types, args = (), kwargs = None):
+            kwargs = kwargs or {}
+            if func is F.linear:
+                bias = args[2] if len(args) > 2 else kwargs.get('bias')
+                self.calls.append((args[0].shape, args[1], bias))
+            return func(*args, **kwargs)
+
+    backend = CachedBackend(model, start_text.shape[0], 8)
+    backend.decode(start_text)                                  # the prompt
+    with RecordLinear() as record:
+        backend.decode(start_text)                              # one decoding step: one token per row
+    calls = [(torch.randn(shape), weight, bias) for shape, weight, bias in record.calls]
+
+    def replay():
+        for _ in range(100):
+            for x, weight, bias in calls:
+                F.linear(x, weight, bias)
+
+    return timed(replay, repeats) / 100
 
 
 # the driver
@@ -180,15 +228,21 @@ def main():
           f"torch {ours['torch']} / {reference['torch']}, {args.threads} threads, median of {args.repeats}")
     rows = [
         (f'text tokens/s, generate_text_only, {TEXT_TOKENS} tokens, batch {TEXT_BATCH}', 'text_tokens_per_s', True),
+        (f'the same, 0.20.0 without its KV cache (cache_kv = False)', ('text_tokens_per_s', 'text_uncached_tokens_per_s'), True),
         (f'modality samples/s, generate_modality_only, batch {MODALITY_BATCH}, {MODALITY_STEPS} steps', 'modality_samples_per_s', True),
         (f's per multimodal sample, {PROMPT_LEN}-token prompt + modality, cfg {CFG_SCALE:g}', 'multimodal_s_per_sample', False),
     ]
     print(f"\n| {'measure':<70} | {'ours':>9} | {'0.20.0':>9} | {'speed-up':>8} |")
     print(f"| {'-' * 70} | {'-' * 9}: | {'-' * 9}: | {'-' * 8}: |")
     for label, key, higher_is_better in rows:
-        a, b = ours[key], reference[key]
+        a, b = (ours[key], reference[key]) if isinstance(key, str) else (ours[key[0]], reference[key[1]])
         ratio = a / b if higher_is_better else b / a
         print(f'| {label:<70} | {a:>9.3f} | {b:>9.3f} | {ratio:>7.1f}x |')
+
+    floor = ours['text_floor_tokens_per_s']
+    print(f"\nthe machine's limit for text: one step's matrix products alone run at {floor:.0f} steps/s; "
+          f"ours decodes at {ours['text_tokens_per_s'] / floor:.0%} of that, 0.20.0 (cached) at "
+          f"{reference['text_tokens_per_s'] / floor:.0%}; 10x 0.20.0 would be {10 * reference['text_tokens_per_s'] / floor:.0%}")
 
 
 if __name__ == '__main__':

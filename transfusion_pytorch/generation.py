@@ -78,10 +78,16 @@ class Row:
     opening: tuple[int, tuple[int, ...]] | None = None      # (type, shape) of a modality whose BOM is being fed
     modality: tuple | None = None                   # (type, shape, grid, step index, stages) while denoising
     used_init_noise: bool = False
+    latent_extra: int = 0                           # sum over the Latents among the items of their tokens less one
 
     @property
     def length(self) -> int:
-        return sequence_length(self.items)
+        """Tokens in the sequence so far, without a pass over it (only tokens are ever removed)."""
+        return len(self.items) + self.latent_extra
+
+    def extend(self, items: list):
+        self.items.extend(items)
+        self.latent_extra += sum(len(item) - 1 for item in items if isinstance(item, Latents))
 
 
 class Sampler:
@@ -116,7 +122,7 @@ class Sampler:
             outputs = self.backend.step(requests)
             for row, request in zip(rows, requests):
                 if request is not None and request.keep:
-                    row.items.extend(request.items)
+                    row.extend(request.items)
             requests = self.advance(rows, outputs)
 
         return [row.items for row in rows]
