@@ -190,11 +190,11 @@ def test_init_modality_noise_sets_the_first_modality(model):
 
 
 def test_adaptive_solver_in_sample(model):
-    # dopri5 integrates each row's modality alone: cached = uncached and batch = alone. (Float
-    # differences between the backends can change which adaptive steps are accepted, and this
-    # perturbed untrained model's flow amplifies them: at rtol = atol = 1e-3 the two agree to
-    # about 3e-2, at 1e-6 to under 1e-2 (too slow for the suite). Exactness of the cache is
-    # tested with the fixed-grid solvers; dopri5's accuracy on analytic flows in test_solvers.)
+    # dopri5 integrates each row's modality alone: cached = uncached and batch = alone. The two
+    # backends' velocities differ by float noise (1e-7), which this perturbed model's steep flow
+    # amplifies over dopri5's many evaluations to about 1e-3 (more at tighter tolerances, which
+    # take more steps); exactness of the cache is tested with the fixed-grid solvers above.
+    # (While torchdiffeq stepped past t = 1, where the flow is wilder still, they agreed to 5e-2.)
     options = dict(max_length = 24, force_modality_at_start = (1, (2, 2)), ode_method = 'dopri5', ode_atol = 1e-3, ode_rtol = 1e-3)
     prompts = [PROMPTS['text'], PROMPTS['mixed']]
     cached = run(model, prompts, **options)
@@ -203,10 +203,10 @@ def test_adaptive_solver_in_sample(model):
     euler = run(model, prompts, **{**options, 'ode_method': 'euler', 'modality_steps': 2})
     for a, b, c in zip(cached, uncached, euler):
         assert ('modality', 1, (2, 2)) in kinds(a)
-        assert_same_samples(a, b, atol = 5e-2)
+        assert_same_samples(a, b, atol = 2e-3)
         forced = [x for x in a if isinstance(x, tuple)][-1][1]
         assert not torch.allclose(forced, [x for x in c if isinstance(x, tuple)][-1][1], atol = 5e-2)   # the solver ran
-    assert_same_samples(cached[1], alone, atol = 5e-2)
+    assert_same_samples(cached[1], alone, atol = 2e-3)
 
 
 # batches

@@ -40,6 +40,22 @@ def test_integrates_exponential_growth(method, steps, tolerance):
     assert torch.allclose(x1, math.e * x0, rtol = tolerance, atol = 0)
 
 
+@pytest.mark.parametrize('method', solvers.ADAPTIVE_METHODS)
+def test_adaptive_methods_never_evaluate_past_the_end(method):
+    # torchdiffeq steps past the last time and interpolates back unless told otherwise; a flow
+    # model has never seen t > 1
+    times = []
+
+    def velocity(x, t):
+        times.append(float(t))
+        return x
+
+    x0 = torch.randn(4, 2, dtype = torch.float64)
+    x1 = solvers.integrate(velocity, x0, solvers.time_grid(1).double(), method = method, atol = 1e-7, rtol = 1e-7)
+    assert max(times) <= 1. and min(times) >= 0.
+    assert torch.allclose(x1, math.e * x0, rtol = 1e-4, atol = 0)
+
+
 def test_euler_error_shrinks_linearly_and_midpoint_quadratically():
     x0 = torch.ones(1, dtype = torch.float64)
 

@@ -112,4 +112,7 @@ def integrate(
         return velocity_fn(x, t)
 
     ends = torch.tensor([grid[0], grid[-1]], device = x0.device, dtype = torch.float32)
-    return odeint(derivative, x0, ends, method = method, atol = atol, rtol = rtol)[-1]
+    # torchdiffeq's adaptive solvers step past the last time and interpolate back to it, which
+    # would evaluate the model at times it never saw in training (t > 1): the last step is
+    # made to end on the grid's end instead (`step_t`)
+    return odeint(derivative, x0, ends, method = method, atol = atol, rtol = rtol, options = dict(step_t = ends[-1:]))[-1]
