@@ -123,6 +123,13 @@ def test_bad_sampling_options():
         with pytest.raises(ValueError, match = message):
             model().sample(**{'max_length': 16, **options})
 
+    with pytest.raises(TypeError, match = "sample: unknown key 'temperature'; did you mean 'text_temperature'?"):
+        model().sample(max_length = 16, temperature = 0.)
+    with pytest.raises(TypeError, match = "generate_text_only: unknown key 'temprature'; did you mean 'temperature'?"):
+        model().generate_text_only(torch.zeros(1, 2, dtype = torch.long), 4, temprature = 0.)
+    with pytest.raises(TypeError, match = "generate_modality_only: unknown key 'steps'.* modality_steps"):
+        model().generate_modality_only(steps = 3)
+
     no_default = tiny_model(modality_default_shape = None)
     with pytest.raises(ValueError, match = 'modality type 0 has no modality_default_shape'):
         no_default.sample(max_length = 16, force_modality_at_start = 0)

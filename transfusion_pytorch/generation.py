@@ -25,14 +25,16 @@ sampler (`sampling.py`) and the solver (`solvers.py`) are pure.
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import Tensor
 
 from . import solvers
+from .config import closest_key_error
 from .backends import CachedBackend, Latents, ReferenceBackend, Request, items_to_sample, sequence_length
 from .guidance import GuidedBackend
 from .inputs import Modality, Text, normalize_prompt
@@ -318,6 +320,22 @@ def latents_item(model, modality_type: int, values: Tensor, shape: tuple[int, ..
 
 
 # public entry points (Transfusion's methods delegate here)
+
+def check_options(name: str, given: dict, *accepting):
+    """A keyword that none of `accepting` (functions, dataclasses) takes is an error naming it,
+    the closest valid one and all of them, rather than Python's bare TypeError."""
+    valid = set()
+    for target in accepting:
+        if inspect.isclass(target):
+            valid.update(f.name for f in fields(target))
+        else:
+            valid.update(name for name, parameter in inspect.signature(target).parameters.items()
+                         if parameter.kind == parameter.KEYWORD_ONLY or parameter.kind == parameter.POSITIONAL_OR_KEYWORD)
+    valid -= {'model', 'prompt'}
+    for key in given:
+        if key not in valid:
+            raise closest_key_error(name, key, sorted(valid))
+
 
 def row_generators(batch_size: int, generator, seed: int | None) -> list[torch.Generator | None]:
     """One generator per row, so that a row samples the same alone or in a batch."""

@@ -388,17 +388,20 @@ class Transfusion(nn.Module):
     def sample(self, prompt = None, **kwargs) -> list:
         """One sample in the list form training takes, or a list of them for a list of prompts
         (each a list) or `batch_size=`. Options: `generation.SampleOptions` and `generation.sample`."""
-        from .generation import sample
+        from .generation import SampleOptions, check_options, sample
+        check_options('sample', kwargs, sample, SampleOptions)
         return sample(self, prompt, **kwargs)
 
     def generate_text_only(self, prompt: Tensor, seq_len: int, **kwargs) -> Tensor:
         """Continues `Int[b n]` raw text rows to `seq_len` tokens; returns the new `Int[b, seq_len - n]`."""
-        from .generation import generate_text_only
+        from .generation import check_options, generate_text_only
+        check_options('generate_text_only', kwargs, generate_text_only)
         return generate_text_only(self, prompt, seq_len, **kwargs)
 
     def generate_modality_only(self, **kwargs) -> Tensor:
         """A batch of modalities generated alone; see `generation.generate_modality_only`."""
-        from .generation import generate_modality_only
+        from .generation import check_options, generate_modality_only
+        check_options('generate_modality_only', kwargs, generate_modality_only)
         return generate_modality_only(self, **kwargs)
 
     # saving, loading and weight averaging (see pretrained.py and ema.py)
