@@ -137,6 +137,19 @@ def test_bad_sampling_options():
         no_default.generate_modality_only(modality_type = 0)
 
 
+def test_bad_text_only_prompt():
+    cases = [
+        (torch.zeros(2, 0, dtype = torch.long), 4, ValueError, r'`prompt` must be an Int\[b n\] tensor .* got a torch.int64 tensor of shape \(2, 0\)'),
+        (torch.zeros(3, dtype = torch.long), 4, ValueError, r'`prompt` must be an Int\[b n\] tensor .* shape \(3,\)'),
+        (torch.full((1, 2), NUM_TEXT_TOKENS), 4, ValueError, rf'`prompt`: text ids must lie in \[0, num_text_tokens\) = \[0, {NUM_TEXT_TOKENS}\), got the id {NUM_TEXT_TOKENS}'),
+        (torch.zeros(1, 2), 4, TypeError, '`prompt`: text must be an integer tensor'),
+        (torch.zeros(1, 2, dtype = torch.long), 4., TypeError, '`seq_len` must be an int, got float 4.0'),
+    ]
+    for prompt, seq_len, error, message in cases:
+        with pytest.raises(error, match = message):
+            model().generate_text_only(prompt, seq_len)
+
+
 def test_bad_config():
     with pytest.raises(TypeError, match = "unknown key 'dpth'; did you mean 'depth'"):
         tiny_model(transformer = dict(dim = 32, dpth = 2))

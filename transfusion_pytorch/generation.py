@@ -37,7 +37,7 @@ from . import solvers
 from .config import closest_key_error
 from .backends import CachedBackend, Latents, ReferenceBackend, Request, items_to_sample, sequence_length
 from .guidance import GuidedBackend
-from .inputs import Modality, Text, normalize_prompt
+from .inputs import Modality, Text, check_text, describe, normalize_prompt
 from .sampling import sample_token
 from .vocab import Vocab
 
@@ -413,6 +413,11 @@ def generate_text_only(model, prompt: Tensor, seq_len: int, *, temperature: floa
                        top_k: int | None = None, generator = None, seed: int | None = None, use_cache: bool = True) -> Tensor:
     """Continues raw text rows (no SOS, as `model(Int[b n])` trains them) up to `seq_len`
     tokens in all; returns the (b, seq_len - n) new tokens."""
+    if not torch.is_tensor(prompt) or prompt.ndim != 2 or prompt.shape[0] == 0 or prompt.shape[1] == 0:
+        raise ValueError(f'`prompt` must be an Int[b n] tensor of at least one row of at least one token, got {describe(prompt)}')
+    prompt = check_text(prompt, model.config.num_text_tokens, '`prompt`')
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int):
+        raise TypeError(f'`seq_len` must be an int, got {describe(seq_len)}')
     batch, prompt_len = prompt.shape
     steps = max(0, seq_len - prompt_len)
     generators = row_generators(batch, generator, seed)

@@ -55,7 +55,7 @@ class ModalitySpec:
     num_dim: int | None = None          # number of axes besides the latent dim; None = any
 
 
-def _describe(value) -> str:
+def describe(value) -> str:
     if torch.is_tensor(value):
         return f'a {value.dtype} tensor of shape {tuple(value.shape)}'
     return f'{type(value).__name__} {value!r}'[:120]
@@ -67,7 +67,7 @@ def is_text_dtype(dtype: torch.dtype) -> bool:
 
 def check_text(ids: Tensor, num_text_tokens: int, where: str) -> Tensor:
     if not is_text_dtype(ids.dtype):
-        raise TypeError(f'{where}: text must be an integer tensor (torch.long), got {_describe(ids)}')
+        raise TypeError(f'{where}: text must be an integer tensor (torch.long), got {describe(ids)}')
 
     ids = ids.long()
 
@@ -124,7 +124,7 @@ def normalize_samples(
     modality into its latent (identity when the type has no encoder)."""
 
     if not isinstance(modalities, (list, tuple)):
-        raise TypeError(f'`modalities` must be a list of samples, an Int[b n] tensor or a Float[b ...] tensor, got {_describe(modalities)}')
+        raise TypeError(f'`modalities` must be a list of samples, an Int[b n] tensor or a Float[b ...] tensor, got {describe(modalities)}')
 
     if len(modalities) == 0:
         raise ValueError('`modalities`: expected at least one sample, got an empty list')
@@ -136,7 +136,7 @@ def normalize_samples(
             sample = [sample]   # a sample given as one bare tensor
 
         if not isinstance(sample, (list, tuple)):
-            raise TypeError(f'`modalities[{sample_index}]` must be a list of tensors and (modality_type, tensor) tuples, got {_describe(sample)}')
+            raise TypeError(f'`modalities[{sample_index}]` must be a list of tensors and (modality_type, tensor) tuples, got {describe(sample)}')
 
         if len(sample) == 0:
             raise ValueError(f'`modalities[{sample_index}]` is an empty sample: expected at least one text or modality element, got an empty list')
@@ -161,7 +161,7 @@ def normalize_prompt(
     if torch.is_tensor(prompt) or isinstance(prompt, tuple):
         return [_normalize_element(prompt, f'`{name}`', num_text_tokens, specs, encode)]
     if not isinstance(prompt, list):
-        raise TypeError(f'`{name}` must be None, a text tensor, a (modality_type, tensor) tuple or a list of them, got {_describe(prompt)}')
+        raise TypeError(f'`{name}` must be None, a text tensor, a (modality_type, tensor) tuple or a list of them, got {describe(prompt)}')
     return _normalize_elements(prompt, f'`{name}', num_text_tokens, specs, encode)
 
 
@@ -178,7 +178,7 @@ def _normalize_element(element, where, num_text_tokens, specs, encode) -> Segmen
 
     if isinstance(element, tuple):
         if len(element) != 2 or not torch.is_tensor(element[1]):
-            raise TypeError(f'{where} must be a (modality_type, tensor) tuple, got {_describe(element)}')
+            raise TypeError(f'{where} must be a (modality_type, tensor) tuple, got {describe(element)}')
 
         modality_type, element = element
 
@@ -186,29 +186,29 @@ def _normalize_element(element, where, num_text_tokens, specs, encode) -> Segmen
             modality_type = int(modality_type)
 
         if isinstance(modality_type, bool) or not isinstance(modality_type, int):
-            raise TypeError(f'{where}: the modality type must be an int, got {_describe(modality_type)}')
+            raise TypeError(f'{where}: the modality type must be an int, got {describe(modality_type)}')
 
         if not 0 <= modality_type < len(specs):
             raise ValueError(f'{where}: modality type must lie in [0, {len(specs)}), got {modality_type}')
 
         if not element.is_floating_point():
-            raise TypeError(f'{where}: a modality must be a float tensor, got {_describe(element)}')
+            raise TypeError(f'{where}: a modality must be a float tensor, got {describe(element)}')
 
     if not torch.is_tensor(element):
-        raise TypeError(f'{where} must be a tensor or a (modality_type, tensor) tuple, got {_describe(element)}')
+        raise TypeError(f'{where} must be a tensor or a (modality_type, tensor) tuple, got {describe(element)}')
 
     if modality_type is None and not element.is_floating_point():
         if element.ndim != 1:
-            raise ValueError(f'{where}: text must be a 1-d integer tensor, got {_describe(element)}')
+            raise ValueError(f'{where}: text must be a 1-d integer tensor, got {describe(element)}')
         return Text(check_text(element, num_text_tokens, where))
 
     if not element.is_floating_point():
-        raise TypeError(f'{where}: expected text as an integer tensor or a modality as a float tensor, got {_describe(element)}')
+        raise TypeError(f'{where}: expected text as an integer tensor or a modality as a float tensor, got {describe(element)}')
 
     modality_type = 0 if modality_type is None else modality_type
 
     if len(specs) == 0:
-        raise ValueError(f'{where}: this model has no modality types (dim_latent), got a float tensor {_describe(element)}')
+        raise ValueError(f'{where}: this model has no modality types (dim_latent), got a float tensor {describe(element)}')
 
     if not torch.isfinite(element).all():
         raise ValueError(f'{where}: modality values must be finite, got NaN or inf in a tensor of shape {tuple(element.shape)}')
@@ -222,7 +222,7 @@ def _normalize_element(element, where, num_text_tokens, specs, encode) -> Segmen
 def text_batch(text: Tensor, num_text_tokens: int) -> list[Sample]:
     """`Int['b n']` -> one text segment per row."""
     if text.ndim != 2:
-        raise ValueError(f'`modalities`: text alone must be an Int[b n] tensor, got {_describe(text)}')
+        raise ValueError(f'`modalities`: text alone must be an Int[b n] tensor, got {describe(text)}')
     if text.shape[0] == 0 or text.shape[1] < 2:
         raise ValueError(f'`modalities`: text alone needs at least one row of at least 2 tokens, got the shape {tuple(text.shape)}')
 
@@ -246,7 +246,7 @@ def modality_batch(
         raise ValueError(f'`modality_type` must lie in [0, {len(specs)}), got {modality_type}')
 
     if batch.ndim == 0 or batch.shape[0] == 0:
-        raise ValueError(f'`modalities`: expected a Float[b ...] batch with at least one sample, got {_describe(batch)}')
+        raise ValueError(f'`modalities`: expected a Float[b ...] batch with at least one sample, got {describe(batch)}')
 
     samples = []
     for index, element in enumerate(batch):
