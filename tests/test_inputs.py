@@ -141,13 +141,41 @@ def test_bad_text_only_prompt():
     cases = [
         (torch.zeros(2, 0, dtype = torch.long), 4, ValueError, r'`prompt` must be an Int\[b n\] tensor .* got a torch.int64 tensor of shape \(2, 0\)'),
         (torch.zeros(3, dtype = torch.long), 4, ValueError, r'`prompt` must be an Int\[b n\] tensor .* shape \(3,\)'),
-        (torch.full((1, 2), NUM_TEXT_TOKENS), 4, ValueError, rf'`prompt`: text ids must lie in \[0, num_text_tokens\) = \[0, {NUM_TEXT_TOKENS}\), got the id {NUM_TEXT_TOKENS}'),
-        (torch.zeros(1, 2), 4, TypeError, '`prompt`: text must be an integer tensor'),
+        (torch.full((1, 2), 999), 4, ValueError, r'`prompt`: ids must lie in \[0, vocab size\) = \[0, \d+\) .* values in \[999, 999\]'),
+        (torch.full((1, 2), -1), 4, ValueError, r'`prompt`: ids must lie in \[0, vocab size\)'),
+        (torch.zeros(1, 2), 4, TypeError, '`prompt` must be an integer tensor'),
         (torch.zeros(1, 2, dtype = torch.long), 4., TypeError, '`seq_len` must be an int, got float 4.0'),
     ]
     for prompt, seq_len, error, message in cases:
         with pytest.raises(error, match = message):
             model().generate_text_only(prompt, seq_len)
+
+
+def test_bad_generation_choices():
+    sample_cases = [
+        (dict(batch_size = 0), 'batch_size must be None or a positive int, got 0'),
+        (dict(text_top_k = 0), 'text_top_k must be None or a positive int, got 0'),
+        (dict(text_min_p = 2.), r'text_min_p must be None or lie in \[0, 1\], got 2.0'),
+        (dict(modality_steps = 0), 'modality_steps must be a positive int, got 0'),
+        (dict(fixed_modality_shape = (0,)), r'fixed_modality_shape must be a non-empty tuple of positive ints, got \(0,\)'),
+        (dict(force_modality_at_start = 5), r'force_modality_at_start: the modality type must be an int in \[0, 2\), got 5'),
+        (dict(force_modality_at_start = (1, (3,))), r'force_modality_at_start: the shape: modality type 1 expects 2 axes \(modality_num_dim\), got the shape \(3,\)'),
+    ]
+    for options, message in sample_cases:
+        with pytest.raises(ValueError, match = message):
+            model().sample(max_length = 16, **options)
+
+    modality_cases = [
+        (dict(batch_size = 0), 'batch_size must be a positive int, got 0'),
+        (dict(modality_type = 2), r'modality_type: the modality type must be an int in \[0, 2\), got 2'),
+        (dict(fixed_modality_shape = (2, 0)), r'fixed_modality_shape must be a non-empty tuple of positive ints, got \(2, 0\)'),
+        (dict(modality_type = 1, fixed_modality_shape = (4,)), r'fixed_modality_shape: modality type 1 expects 2 axes'),
+        (dict(ode_method = 'rk99'), "ode_method must be one of .* got 'rk99'"),
+        (dict(modality_steps = 0), 'modality_steps must be a positive int, got 0'),
+    ]
+    for options, message in modality_cases:
+        with pytest.raises(ValueError, match = message):
+            model().generate_modality_only(**options)
 
 
 def test_bad_config():

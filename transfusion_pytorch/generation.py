@@ -37,7 +37,7 @@ from . import solvers
 from .config import closest_key_error
 from .backends import CachedBackend, Latents, ReferenceBackend, Request, items_to_sample, sequence_length
 from .guidance import GuidedBackend
-from .inputs import Modality, Text, check_text, describe, normalize_prompt
+from .inputs import Modality, Text, describe, is_text_dtype, normalize_prompt
 from .sampling import sample_token
 from .vocab import Vocab
 
@@ -63,12 +63,47 @@ class SampleOptions:
             raise ValueError(f'max_length must be at least 2, got {self.max_length}')
         if self.text_temperature < 0:
             raise ValueError(f'text_temperature must be >= 0, got {self.text_temperature}')
-        if self.ode_method not in (*solvers.FIXED_METHODS, *solvers.ADAPTIVE_METHODS):
-            raise ValueError(f'ode_method must be one of {solvers.FIXED_METHODS + solvers.ADAPTIVE_METHODS}, got {self.ode_method!r}')
+        if self.text_top_k is not None and not is_positive_int(self.text_top_k):
+            raise ValueError(f'text_top_k must be None or a positive int, got {self.text_top_k!r}')
+        if self.text_min_p is not None and not 0. <= self.text_min_p <= 1.:
+            raise ValueError(f'text_min_p must be None or lie in [0, 1], got {self.text_min_p!r}')
+        if self.fixed_modality_shape is not None:
+            check_shape(self.fixed_modality_shape, 'fixed_modality_shape')
+        check_method(self.ode_method, self.modality_steps)
 
     @property
     def adaptive(self) -> bool:
         return self.ode_method in solvers.ADAPTIVE_METHODS
+
+
+def is_positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def check_shape(shape, name: str) -> tuple[int, ...]:
+    if not isinstance(shape, (tuple, list)) or len(shape) == 0 or not all(is_positive_int(n) for n in shape):
+        raise ValueError(f'{name} must be a non-empty tuple of positive ints, got {shape!r}')
+    return tuple(shape)
+
+
+def check_method(method: str, steps: int):
+    if method not in (*solvers.FIXED_METHODS, *solvers.ADAPTIVE_METHODS):
+        raise ValueError(f'ode_method must be one of {solvers.FIXED_METHODS + solvers.ADAPTIVE_METHODS}, got {method!r}')
+    if not is_positive_int(steps):
+        raise ValueError(f'modality_steps must be a positive int, got {steps!r}')
+
+
+def check_modality(model, modality_type, shape, type_name: str, shape_name: str):
+    """A modality type to generate, and its shape when one is given (None: the default)."""
+    num_types = model.vocab.num_modality_types
+    if isinstance(modality_type, bool) or not isinstance(modality_type, int) or not 0 <= modality_type < num_types:
+        raise ValueError(f'{type_name}: the modality type must be an int in [0, {num_types}), got {modality_type!r}')
+    if shape is None:
+        return
+    shape = check_shape(shape, shape_name)
+    num_dim = model.config.modality_num_dim[modality_type]
+    if num_dim is not None and len(shape) != num_dim:
+        raise ValueError(f'{shape_name}: modality type {modality_type} expects {num_dim} axes (modality_num_dim), got the shape {shape}')
 
 
 @dataclass
@@ -394,6 +429,12 @@ def prompt_sample(model, prompt, name: str) -> list:
 def sample(model, prompt = None, *, batch_size: int | None = None, return_latents: bool = False,
            generator = None, seed: int | None = None, use_cache: bool = True, **options) -> list:
     options = SampleOptions(**options)
+    if batch_size is not None and not is_positive_int(batch_size):
+        raise ValueError(f'batch_size must be None or a positive int, got {batch_size!r}')
+    forced = options.force_modality_at_start
+    if forced is not None:
+        m, shape = forced if isinstance(forced, tuple) and len(forced) == 2 else (forced, None)
+        check_modality(model, m, shape, 'force_modality_at_start', 'force_modality_at_start: the shape')
     batched = is_batch(prompt) or batch_size is not None
     prompts = prompt if is_batch(prompt) else [prompt] * (batch_size or 1)
     names = [f'prompt[{i}]' for i in range(len(prompts))] if is_batch(prompt) else ['prompt'] * len(prompts)
@@ -415,7 +456,15 @@ def generate_text_only(model, prompt: Tensor, seq_len: int, *, temperature: floa
     tokens in all; returns the (b, seq_len - n) new tokens."""
     if not torch.is_tensor(prompt) or prompt.ndim != 2 or prompt.shape[0] == 0 or prompt.shape[1] == 0:
         raise ValueError(f'`prompt` must be an Int[b n] tensor of at least one row of at least one token, got {describe(prompt)}')
-    prompt = check_text(prompt, model.config.num_text_tokens, '`prompt`')
+    if not is_text_dtype(prompt.dtype):
+        raise TypeError(f'`prompt` must be an integer tensor (torch.long), got {describe(prompt)}')
+    vocab_size = model.vocab.size
+    if bool(((prompt < 0) | (prompt >= vocab_size)).any()):
+        # text ids, or ids of the model's vocabulary such as SOS, when training framed rows with it
+        raise ValueError(f'`prompt`: ids must lie in [0, vocab size) = [0, {vocab_size}) (text ids below num_text_tokens = '
+                         f'{model.config.num_text_tokens}, then the ids of model.vocab such as SOS), got {describe(prompt)} '
+                         f'with values in [{int(prompt.min())}, {int(prompt.max())}]')
+    prompt = prompt.long()
     if isinstance(seq_len, bool) or not isinstance(seq_len, int):
         raise TypeError(f'`seq_len` must be an int, got {describe(seq_len)}')
     batch, prompt_len = prompt.shape
@@ -443,6 +492,10 @@ def generate_modality_only(model, *, batch_size: int = 1, modality_type: int = 0
                            generator = None, seed: int | None = None, use_cache: bool = True) -> Tensor:
     """A batch of modalities of one type and shape, each after SOS and its header alone:
     (batch, *shape, dim_latent), or channel first, decoded unless `return_latents`."""
+    if not is_positive_int(batch_size):
+        raise ValueError(f'batch_size must be a positive int, got {batch_size!r}')
+    check_modality(model, modality_type, fixed_modality_shape, 'modality_type', 'fixed_modality_shape')
+    check_method(ode_method, modality_steps)
     m, vocab = modality_type, model.vocab
     shape = tuple(fixed_modality_shape) if fixed_modality_shape is not None else model.config.modality_default_shape[m]
     if shape is None:
