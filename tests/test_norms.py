@@ -1,0 +1,57 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from transfusion_pytorch.norms import RMSNorm, RMSNormFunction
+
+
+def saved_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd keeps for the backward pass of fn()."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize('dtype, atol', [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+@pytest.mark.parametrize('unit_offset', [True, False])
+def test_rmsnorm_matches_f_rms_norm_with_less_saved(dtype, atol, unit_offset):
+    torch.manual_seed(0)
+    norm = RMSNorm(64, unit_offset = unit_offset).to(dtype)
+    with torch.no_grad():
+        norm.weight.add_(torch.randn(64, dtype = dtype) * 0.1)
+    x = torch.randn(50, 4, 64, dtype = dtype, requires_grad = True)
+    grad = torch.randn(50, 4, 64, dtype = dtype)
+
+    gain = lambda: norm.weight + 1. if unit_offset else norm.weight
+    ours = norm(x)
+    reference = F.rms_norm(x, (64,), gain(), None)
+    assert torch.allclose(ours, reference, atol = atol)
+    for a, b in zip(torch.autograd.grad(ours, (x, norm.weight), grad), torch.autograd.grad(reference, (x, norm.weight), grad)):
+        assert torch.allclose(a, b, atol = atol * 10)
+
+    # the input and one value per row, not the normalised input besides
+    assert saved_bytes(lambda: norm(x)) < saved_bytes(lambda: F.rms_norm(x, (64,), gain(), None))
+    assert saved_bytes(lambda: norm(x)) <= x.numel() * x.element_size() + 64 * x.element_size() + 50 * 4 * x.element_size()
+
+
+def test_rmsnorm_function_gradcheck():
+    x = torch.randn(3, 5, 16, dtype = torch.float64, requires_grad = True)
+    gain = torch.randn(16, dtype = torch.float64, requires_grad = True)
+    assert torch.autograd.gradcheck(lambda x, g: RMSNormFunction.apply(x, g, 1e-6), (x, gain))
+
+
+def test_rmsnorm_half_precision_input_computes_in_float32():
+    norm = RMSNorm(64)
+    x = (torch.randn(8, 64) * 0.01).bfloat16().requires_grad_()
+    out = norm(x)
+    assert out.dtype == torch.bfloat16
+    # the eps of float32 (as F.rms_norm uses for bf16 inputs), not bf16's 0.0078, which would
+    # shrink these small rows
+    expected = x.float() * torch.rsqrt(x.float().square().mean(-1, keepdim = True) + torch.finfo(torch.float32).eps)
+    assert torch.allclose(out.float(), expected, atol = 2e-2)
