@@ -136,7 +136,8 @@ def test_swiglu_gradients():
 
 
 def test_masks_are_made_once_per_batch_and_shared_by_every_layer(monkeypatch):
-    """One additive mask per batch, the same tensor in every layer's SDPA call."""
+    """One additive mask per batch (or per sample, when samples are attended one by one), the
+    same tensor in every layer's SDPA calls."""
     model, packed, times, noise = setup(1)
     seen = []
     sdpa = F.scaled_dot_product_attention
@@ -147,8 +148,13 @@ def test_masks_are_made_once_per_batch_and_shared_by_every_layer(monkeypatch):
 
     monkeypatch.setattr(F, 'scaled_dot_product_attention', spy)
     model.compute_loss(packed, times, noise)
-    assert len(seen) == 4 and seen[0] is not None and seen[0].dtype == torch.float32
-    assert all(mask is seen[0] for mask in seen)
+    depth = model.config.transformer.depth
+    per_layer = len(seen) // depth
+    assert len(seen) == depth * per_layer and per_layer >= 1
+    first = seen[:per_layer]
+    assert any(mask is not None for mask in first) and all(mask.dtype == torch.float32 for mask in first if mask is not None)
+    for layer in range(depth):
+        assert all(mask is expected for mask, expected in zip(seen[layer * per_layer:(layer + 1) * per_layer], first))
 
 
 def test_additive_mask_equals_bool_mask():

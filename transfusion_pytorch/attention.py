@@ -2,7 +2,8 @@
 
 - SDPA (`F.scaled_dot_product_attention`), used on CPU and wherever flex attention is off:
   the flat tokens are gathered into a (B, L) padded grid, attended with the padded mask
-  (or `is_causal` when the batch has no modality), and scattered back;
+  (or `is_causal` when the batch has no modality), and scattered back; or, when padding would
+  waste much of the work, each sample is attended over its own slice (`masks.py`);
 - flex attention over the flat sequence with a block mask, used on CUDA (`use_flex_attn`).
 
 Both take and return flat (N, heads, dim_head) tensors, so the transformer never sees the
@@ -67,6 +68,8 @@ def _attend_flex(q: Tensor, k: Tensor, v: Tensor, layout: AttentionLayout, softc
 
 
 def _attend_sdpa(q: Tensor, k: Tensor, v: Tensor, layout: AttentionLayout, dropout_p: float, softcap: float | None) -> Tensor:
+    if layout.samples is not None:
+        return _attend_per_sample(q, k, v, layout, dropout_p, softcap)
     batch, length = layout.batch_size, layout.max_len
     heads, dim_head = q.shape[-2:]
 
@@ -85,6 +88,18 @@ def _attend_sdpa(q: Tensor, k: Tensor, v: Tensor, layout: AttentionLayout, dropo
 
     out = out.transpose(1, 2).reshape(batch * length, heads, dim_head)
     return out if layout.scatter is None else out[layout.scatter]
+
+
+def _attend_per_sample(q: Tensor, k: Tensor, v: Tensor, layout: AttentionLayout, dropout_p: float, softcap: float | None) -> Tensor:
+    outs = []
+    for index, sample in enumerate(layout.samples):
+        mask = sample.mask
+        if mask is not None and softcap is None:
+            mask = layout.additive_mask(q.dtype, sample = index)
+        one = [t[sample.start:sample.end].transpose(0, 1)[None] for t in (q, k, v)]        # (1, heads, L, dim_head)
+        out = scaled_dot_product(*one, mask = mask, is_causal = sample.mask is None, dropout_p = dropout_p, softcap = softcap)
+        outs.append(out[0].transpose(0, 1))
+    return torch.cat(outs)
 
 
 def attend_cached(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, softcap: float | None = None) -> Tensor:

@@ -11,6 +11,12 @@ layouts:
 - padded (SDPA): samples become the rows of a (B, L) grid, L the longest sample, so the mask
   costs B * L^2 rather than (total packed length)^2, and a batch without modalities needs no
   mask at all (plain causal attention: padding lies after every real token);
+- per sample (SDPA): each sample is attended by itself, over its own slice of the flat
+  sequence, with its own L_i^2 mask, or none (plain causal) when it has no modality. Chosen when
+  the samples' lengths differ, so that padding would waste work (the cost follows the sum of
+  L_i^2, as with flex attention), and there are not so many samples that one SDPA call each
+  costs more than it saves. On the training benchmark's multimodal batch (8 samples of 270 to
+  431 tokens) attention's forward and backward take 30% less time than padded;
 - flat (flex attention): a block mask over the packed sequence; blocks of different samples
   are skipped, so the cost follows the sum of squared sample lengths.
 """
@@ -41,16 +47,27 @@ class AttentionLayout:
     scatter: Tensor | None = None       # (N,) padded slot of each flat token
     mask: Tensor | None = None          # (B, 1, L, L) bool; None means plain causal
     block_mask: object = None           # flex attention BlockMask over the flat sequence, when using flex
+    samples: list[SampleSlice] | None = None    # the per-sample layout: each sample's slice and mask
     _additive: dict = field(default_factory = dict, repr = False)
 
-    def additive_mask(self, dtype: torch.dtype) -> Tensor:
-        """`mask` as 0 / -inf of the queries' dtype, for SDPA's fused CPU kernel, which would
-        otherwise convert the bool mask in every layer, forward and backward. Made on the
-        first layer's call and reused by the others (one per dtype: bf16 under autocast)."""
-        if dtype not in self._additive:
-            zero = torch.zeros((), dtype = dtype, device = self.mask.device)
-            self._additive[dtype] = torch.where(self.mask, zero, torch.tensor(float('-inf'), dtype = dtype, device = self.mask.device))
-        return self._additive[dtype]
+    def additive_mask(self, dtype: torch.dtype, sample: int | None = None) -> Tensor:
+        """`mask` (or sample `sample`'s) as 0 / -inf of the queries' dtype, for SDPA's fused CPU
+        kernel, which would otherwise convert the bool mask in every layer, forward and
+        backward. Made on the first layer's call and reused by the others (one per dtype: bf16
+        under autocast)."""
+        key = (dtype, sample)
+        if key not in self._additive:
+            mask = self.mask if sample is None else self.samples[sample].mask
+            zero = torch.zeros((), dtype = dtype, device = mask.device)
+            self._additive[key] = torch.where(mask, zero, torch.tensor(float('-inf'), dtype = dtype, device = mask.device))
+        return self._additive[key]
+
+
+@dataclass
+class SampleSlice:
+    start: int                          # the sample's tokens are start:end of the flat sequence
+    end: int
+    mask: Tensor | None                 # (1, 1, L, L) bool; None means plain causal (no modality)
 
 
 def padded_layout(packed: PackedBatch) -> AttentionLayout:
@@ -82,6 +99,26 @@ def padded_layout(packed: PackedBatch) -> AttentionLayout:
     return layout
 
 
+def per_sample_layout(packed: PackedBatch) -> AttentionLayout:
+    bounds = packed.cu_seqlens.tolist()
+    layout = AttentionLayout(packed.num_tokens, packed.batch_size, max(b - a for a, b in zip(bounds[:-1], bounds[1:])), samples = [])
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        span = packed.span[start:end]
+        mask = None
+        if bool((span >= 0).any()):
+            idx = torch.arange(end - start, device = span.device)
+            same = torch.zeros_like(idx)
+            mask = mask_rule(same[:, None], idx[:, None], span[:, None], same[None, :], idx[None, :], span[None, :])[None, None]
+        layout.samples.append(SampleSlice(start, end, mask))
+    return layout
+
+
+# a batch is attended per sample when padding would cost at least this much more work, and it
+# holds at most this many samples (each SDPA call costs some tens of microseconds by itself)
+PER_SAMPLE_MIN_SAVING = 1.05
+PER_SAMPLE_MAX_SAMPLES = 64
+
+
 def flex_layout(packed: PackedBatch) -> AttentionLayout:
     from torch.nn.attention.flex_attention import create_block_mask
 
@@ -95,7 +132,13 @@ def flex_layout(packed: PackedBatch) -> AttentionLayout:
 
 
 def build_layout(packed: PackedBatch, use_flex_attn: bool = False) -> AttentionLayout:
-    return flex_layout(packed) if use_flex_attn else padded_layout(packed)
+    if use_flex_attn:
+        return flex_layout(packed)
+    lengths = packed.seq_lengths.tolist()
+    padded_work, own_work = len(lengths) * max(lengths) ** 2, sum(length ** 2 for length in lengths)
+    if padded_work >= PER_SAMPLE_MIN_SAVING * own_work and len(lengths) <= PER_SAMPLE_MAX_SAMPLES:
+        return per_sample_layout(packed)
+    return padded_layout(packed)
 
 
 def dense_mask(packed: PackedBatch) -> Tensor:
