@@ -4,18 +4,7 @@ import torch.nn.functional as F
 
 from transfusion_pytorch.norms import RMSNorm, RMSNormFunction
 
-
-def saved_bytes(fn) -> int:
-    """Bytes of the distinct storages autograd keeps for the backward pass of fn()."""
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values())
+from transformer_helpers import saved_storage_bytes as saved_bytes
 
 
 @pytest.mark.parametrize('dtype, atol', [(torch.float32, 1e-5), (torch.float64, 1e-12)])

@@ -59,7 +59,8 @@ def slow_path(monkeypatch, packed):
     monkeypatch.setattr(transformer_module, 'apply_rotary', textbook_rotary)
     monkeypatch.setattr(transformer_module, 'swiglu', textbook_swiglu)
     monkeypatch.setattr(transformer_module, 'skip_merge', textbook_skip)
-    monkeypatch.setattr(AdaptiveNorm, 'forward', textbook_adaptive_norm)
+    monkeypatch.setattr(AdaptiveNorm, 'forward', textbook_adaptive_norm)      # returns a per-token gate
+    monkeypatch.setattr(transformer_module, 'apply_gate', lambda h, gate, cond: h * gate)
 
 
 def loss_and_grads(model, packed, times, noise, autocast = False):
@@ -220,3 +221,32 @@ def test_a_block_traces_without_graph_breaks(use_flex):
         explained = torch._dynamo.explain(transformer.blocks[1])(x, ctx)
     assert explained.graph_break_count == 0, [str(reason.reason) for reason in explained.break_reasons]
     assert explained.graph_count == 1
+
+
+def test_modulation_keeps_no_per_token_table():
+    """adaLN's scale and gate reach the tokens through per-span tables; the backward pass keeps
+    the (S + 1, dim) tables, never their (N, dim) per-token copies."""
+    from transformer_helpers import saved_storage_bytes
+    from transfusion_pytorch.transformer import Conditioning, apply_gate
+
+    torch.manual_seed(0)
+    n, dim, spans = 500, 64, 3
+    norm = AdaptiveNorm(dim, unit_offset = True)
+    with torch.no_grad():
+        norm.to_modulation.weight.normal_()
+    cond = Conditioning(torch.randn(spans, dim), torch.randint(-1, spans, (n,)))
+    x = torch.randn(n, dim, requires_grad = True)
+    branch = torch.randn(n, dim, requires_grad = True)
+
+    def fast():
+        h, gate = norm(x, cond)
+        return apply_gate(branch * h, gate, cond)
+
+    def textbook():
+        h, gate = textbook_adaptive_norm(norm, x, cond)
+        return branch * h * gate
+
+    per_token, tables = n * dim * 4, 3 * (spans + 1) * dim * 4
+    # the textbook keeps (N, dim) copies of 1 + scale and of the gate; the fast path three small tables
+    assert saved_storage_bytes(fast) <= saved_storage_bytes(textbook) - 2 * per_token + tables
+    assert torch.allclose(fast(), textbook(), atol = 1e-5)

@@ -87,17 +87,47 @@ class Conditioning:
         self.span_embed = span_embed        # (S, dim)
         self.token_row = torch.where(token_span >= 0, token_span, span_embed.shape[0])  # (N,)
 
-    def lookup(self, per_span: Tensor, text_row: Tensor) -> Tensor:
-        """(S, k) values per span + (k,) value for text tokens -> (N, k)"""
-        return F.embedding(self.token_row, torch.cat((per_span, text_row[None]), dim = 0))
+    def table(self, per_span: Tensor, text_value: float) -> Tensor:
+        """(S, k) values per span -> (S + 1, k), the last row the value of text tokens."""
+        return torch.cat((per_span, per_span.new_full((1, per_span.shape[-1]), text_value)), dim = 0)
+
+
+class Modulate(torch.autograd.Function):
+    """x * scale[rows] (+ shift[rows]) for per-span tables (S + 1, dim), looked up by each token's
+    row. Autograd would keep the (N, dim) per-token copy of scale; this keeps x and the small
+    tables, and looks scale up again in the backward pass."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: Tensor, shift: Tensor | None, rows: Tensor) -> Tensor:
+        ctx.save_for_backward(x, scale, rows)
+        ctx.has_shift = shift is not None
+        if shift is None:
+            return x * F.embedding(rows, scale)
+        return torch.addcmul(F.embedding(rows, shift), x, F.embedding(rows, scale))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, scale, rows = ctx.saved_tensors
+        grad_x = grad * F.embedding(rows, scale)
+        wide = torch.promote_types(grad.dtype, x.dtype)
+        grad_scale = scale.new_zeros(scale.shape, dtype = wide).index_add_(0, rows, (grad * x).to(wide))
+        grad_shift = scale.new_zeros(scale.shape, dtype = wide).index_add_(0, rows, grad.to(wide)) if ctx.has_shift else None
+        return (grad_x.to(x.dtype), grad_scale.to(scale.dtype),
+                None if grad_shift is None else grad_shift.to(scale.dtype), None)
+
+
+def apply_gate(h: Tensor, gate: Tensor, cond: Conditioning) -> Tensor:
+    """h * gate[row of each token], for the (S + 1, dim) gate table of `AdaptiveNorm`."""
+    return Modulate.apply(h, gate, None, cond.token_row)
 
 
 class AdaptiveNorm(nn.Module):
     """RMSNorm, then for conditioned tokens x * (1 + scale) + shift, and a gate for the branch output.
 
-    The modulation is computed per span, `1 +` included, and each of (1 + scale, shift, gate) is
-    looked up per token by itself: one fused multiply-add per token, and the backward pass keeps
-    only the two per-token tables it needs (1 + scale and gate), not shift."""
+    The modulation is computed per span, `1 +` included, as (S + 1, dim) tables whose last row
+    is that of text tokens (1 + scale = 1, shift = 0, gate = 1), and applied per token by
+    `Modulate`: one fused multiply-add per token, and the backward pass keeps no per-token
+    table at all."""
 
     def __init__(self, dim: int, unit_offset: bool):
         super().__init__()
@@ -105,18 +135,15 @@ class AdaptiveNorm(nn.Module):
         self.to_modulation = nn.Linear(dim, dim * 3)
         nn.init.zeros_(self.to_modulation.weight)       # adaLN-zero: conditioned branches start closed
         nn.init.zeros_(self.to_modulation.bias)
-        self.register_buffer('text_row', torch.tensor([1., 0., 1.]), persistent = False)   # 1 + scale, shift, gate of text tokens
 
     def forward(self, x: Tensor, cond: Conditioning | None) -> tuple[Tensor, Tensor | None]:
+        """The normalised, modulated x, and the gate table for the branch output (None: no gate)."""
         x = self.norm(x)
         if cond is None:
             return x, None
         scale, shift, gate = self.to_modulation(F.silu(cond.span_embed)).chunk(3, dim = -1)   # (S, dim) each
-        one_plus_scale, shift, gate = (
-            cond.lookup(per_span, self.text_row[i].expand(per_span.shape[-1]))                # (N, dim)
-            for i, per_span in enumerate((1. + scale, shift, gate))
-        )
-        return torch.addcmul(shift, x, one_plus_scale), gate
+        x = Modulate.apply(x, cond.table(1. + scale, 1.), cond.table(shift, 0.), cond.token_row)
+        return x, cond.table(gate, 1.)
 
 
 @dataclass
@@ -245,7 +272,7 @@ class Block(nn.Module):
             h = branch(h, ctx, cache)
             if self.training and self.dropout.p > 0:
                 h = self.dropout(h)
-            h = h if gate is None else h * gate
+            h = h if gate is None else apply_gate(h, gate, ctx.cond)
 
             x = x + h if self.mixes is None else self.mixes[branch_index].write(saved, h)
         return x
