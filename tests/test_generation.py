@@ -189,12 +189,15 @@ def test_init_modality_noise_sets_the_first_modality(model):
     assert not torch.allclose(b[0][1], c[0][1])
 
 
-def test_adaptive_solver_in_sample(model):
+def test_adaptive_solver_in_sample():
     # dopri5 integrates each row's modality alone: cached = uncached and batch = alone. The two
-    # backends' velocities differ by float noise (1e-7), which this perturbed model's steep flow
-    # amplifies over dopri5's many evaluations to about 1e-3 (more at tighter tolerances, which
-    # take more steps); exactness of the cache is tested with the fixed-grid solvers above.
-    # (While torchdiffeq stepped past t = 1, where the flow is wilder still, they agreed to 5e-2.)
+    # backends' velocities differ by float noise (1e-7), which a perturbed model's steep flow
+    # amplifies over dopri5's many evaluations: from 2e-5 to 6e-3 over the random models tried
+    # (more at tighter tolerances, which take more steps), hence a model of its own, seeded, and
+    # a margin. Exactness of the cache is tested with the fixed-grid solvers above. (While
+    # torchdiffeq stepped past t = 1, where the flow is wilder still, they agreed to 5e-2.)
+    torch.manual_seed(0)
+    model = untrained_but_not_trivial()
     options = dict(max_length = 24, force_modality_at_start = (1, (2, 2)), ode_method = 'dopri5', ode_atol = 1e-3, ode_rtol = 1e-3)
     prompts = [PROMPTS['text'], PROMPTS['mixed']]
     cached = run(model, prompts, **options)
@@ -203,10 +206,10 @@ def test_adaptive_solver_in_sample(model):
     euler = run(model, prompts, **{**options, 'ode_method': 'euler', 'modality_steps': 2})
     for a, b, c in zip(cached, uncached, euler):
         assert ('modality', 1, (2, 2)) in kinds(a)
-        assert_same_samples(a, b, atol = 2e-3)
+        assert_same_samples(a, b, atol = 1e-2)
         forced = [x for x in a if isinstance(x, tuple)][-1][1]
         assert not torch.allclose(forced, [x for x in c if isinstance(x, tuple)][-1][1], atol = 5e-2)   # the solver ran
-    assert_same_samples(cached[1], alone, atol = 2e-3)
+    assert_same_samples(cached[1], alone, atol = 1e-2)
 
 
 # batches
