@@ -75,19 +75,16 @@ def test_config_rejects_an_unknown_key_naming_the_closest(tmp_path):
         load_config(path)
 
 
-def test_config_rejects_wrong_types_and_values(tmp_path):
+@pytest.mark.parametrize('text, message', [
+    ('steps = "many"\n', "'steps' must be int"),
+    ('steps = 0\n', "'steps' must be positive"),
+    ('[model]\ndim = 3\n', "'model' is a table"),
+    ('codec = "vq"\n', 'codec must be one of'),
+])
+def test_config_rejects_wrong_types_and_values(tmp_path, text, message):
     path = tmp_path / 'bad.toml'
-    path.write_text('steps = "many"\n')
-    with pytest.raises(ConfigError, match = "'steps' must be int"):
-        load_config(path)
-    path.write_text('steps = 0\n')
-    with pytest.raises(ConfigError, match = "'steps' must be positive"):
-        load_config(path)
-    path.write_text('[model]\ndim = 3\n')
-    with pytest.raises(ConfigError, match = "'model' is a table"):
-        load_config(path)
-    path.write_text('codec = "vq"\n')
-    with pytest.raises(ConfigError, match = 'codec must be one of'):
+    path.write_text(text)
+    with pytest.raises(ConfigError, match = message):
         load_config(path)
 
 

@@ -12,6 +12,10 @@ def closest_match(key: str, valid, cutoff: float = 0.6) -> str | None:
     return matches[0] if matches else None
 
 
+def is_positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 def closest_key_error(name: str, key: str, valid: list[str]) -> TypeError:
     close = closest_match(key, valid)
     hint = f"; did you mean '{close}'?" if close else ''
@@ -43,7 +47,7 @@ class TransformerConfig:
     def __post_init__(self):
         for name in ('dim', 'depth', 'dim_head', 'heads', 'dim_time', 'num_residual_streams', 'num_residual_fracs'):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if not is_positive_int(value):
                 raise ValueError(f'transformer.{name} must be a positive int, got {value!r}')
         if self.dim_head % 2 != 0:
             raise ValueError(f'transformer.dim_head must be even for rotary positions, got {self.dim_head}')

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from . import solvers
-from .config import closest_key_error
+from .config import closest_key_error, is_positive_int
 from .backends import CachedBackend, Latents, ReferenceBackend, Request, items_to_sample, sequence_length
 from .guidance import GuidedBackend
 from .inputs import Modality, Text, describe, is_text_dtype, normalize_prompt
@@ -74,10 +74,6 @@ class SampleOptions:
     @property
     def adaptive(self) -> bool:
         return self.ode_method in solvers.ADAPTIVE_METHODS
-
-
-def is_positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def check_shape(shape, name: str) -> tuple[int, ...]:

@@ -101,7 +101,7 @@ def padded_layout(packed: PackedBatch) -> AttentionLayout:
 
 def per_sample_layout(packed: PackedBatch) -> AttentionLayout:
     bounds = packed.cu_seqlens.tolist()
-    layout = AttentionLayout(packed.num_tokens, packed.batch_size, max(b - a for a, b in zip(bounds[:-1], bounds[1:])), samples = [])
+    layout = AttentionLayout(packed.num_tokens, packed.batch_size, int(packed.seq_lengths.max()), samples = [])
     for start, end in zip(bounds[:-1], bounds[1:]):
         span = packed.span[start:end]
         mask = None

@@ -225,9 +225,8 @@ class SwiGLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, projected: Tensor) -> Tensor:
-        x, gate = projected.chunk(2, dim = -1)
         ctx.save_for_backward(projected)
-        return x * F.silu(gate)
+        return swiglu_values(projected)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
@@ -239,10 +238,14 @@ class SwiGLU(torch.autograd.Function):
         return torch.cat((grad * silu, grad_gate), dim = -1)
 
 
+def swiglu_values(projected: Tensor) -> Tensor:
+    x, gate = projected.chunk(2, dim = -1)
+    return x * F.silu(gate)
+
+
 def swiglu(projected: Tensor) -> Tensor:
     if not torch.is_grad_enabled():         # nothing to save: plain ops, without the autograd.Function's overhead
-        x, gate = projected.chunk(2, dim = -1)
-        return x * F.silu(gate)
+        return swiglu_values(projected)
     return SwiGLU.apply(projected)
 
 
