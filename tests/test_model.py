@@ -235,3 +235,26 @@ def test_overfits_a_tiny_fixed_mixed_batch():
     torch.manual_seed(0)
     first, last = overfit(tiny_model(transformer = OVERFIT_TRANSFORMER))
     assert last < first / 10, (first, last)
+
+
+def test_text_logits_match_the_loss_and_a_causal_prefix(one_thread):
+    """`model(text, return_loss = False)`: (b, n, vocab) logits whose cross-entropy against the
+    next tokens is the training loss, a prefix's logits equal the full rows' (causal), and a
+    non-contiguous slice of a batch gives the rows' own logits."""
+    model = tiny_model().eval()
+    text = torch.randint(0, NUM_TEXT_TOKENS, (3, 10))
+
+    logits = model(text, return_loss = False)
+    assert logits.shape == (3, 10, model.vocab.size)
+
+    loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), text[:, 1:].reshape(-1))
+    torch.testing.assert_close(loss, model(text), rtol = 1e-5, atol = 1e-6)
+
+    torch.testing.assert_close(model(text[:, :4], return_loss = False), logits[:, :4], rtol = 1e-5, atol = 1e-5)
+    strided = text[::2, :]                                  # rows 0 and 2: a non-contiguous slice
+    assert not strided.is_contiguous()
+    torch.testing.assert_close(model(strided, return_loss = False), logits[::2], rtol = 1e-5, atol = 1e-5)
+    assert model(text[:, :1], return_loss = False).shape == (3, 1, model.vocab.size)
+
+    with pytest.raises(ValueError, match = 'return_loss = False takes Int'):
+        model(torch.randn(2, 4, DIM_LATENTS[0]), return_loss = False)

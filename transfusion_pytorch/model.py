@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from . import flow
 from .config import TransfusionConfig, per_type
 from .guidance import drop_text_conditions
-from .inputs import Modality, ModalitySpec, Sample, modality_batch, normalize_samples, text_batch
+from .inputs import Modality, ModalitySpec, Sample, Text, check_text, describe, modality_batch, normalize_samples, text_batch
 from .losses import LossBreakdown, at_least_float32, combine, flow_loss_per_token, mean_or_zero, text_loss_per_token
 from .masks import build_layout
 from .packing import IGNORE, PackedBatch, pack
@@ -219,9 +219,14 @@ class Transfusion(nn.Module):
         velocity_consistency_delta_time: float = 1e-3,
         prob_uncond: float | None = None,
         return_breakdown: bool = False,
+        return_loss: bool = True,
     ) -> Tensor | tuple[Tensor, LossBreakdown]:
         """The training loss of a batch in any of the contract's forms (see `inputs.py`).
-        `prob_uncond` overrides the configured condition dropout, which applies in training mode only."""
+        `prob_uncond` overrides the configured condition dropout, which applies in training mode only.
+        With `return_loss = False`, `Int[b n]` text rows give their next-token logits instead,
+        (b, n, vocab size), for evaluation and perplexity."""
+        if not return_loss:
+            return self.text_logits(modalities)
         prob_uncond = (self.config.prob_uncond if self.training else 0.) if prob_uncond is None else prob_uncond
         packed = self.pack(modalities, modality_type, prob_uncond = prob_uncond)
         span_times = self.span_times(packed, times, num_modalities_to_times_fn)
@@ -232,6 +237,16 @@ class Transfusion(nn.Module):
             ema_model = velocity_consistency_ema_model, delta_time = velocity_consistency_delta_time,
         )
         return (breakdown.total, breakdown) if return_breakdown else breakdown.total
+
+    def text_logits(self, text: Tensor) -> Tensor:
+        """(b, n) raw text rows, as `model(text)` trains them (no SOS / EOS) -> (b, n, vocab size)
+        logits: position i predicts token i + 1."""
+        if not torch.is_tensor(text) or text.is_floating_point() or text.ndim != 2 or text.numel() == 0:
+            raise ValueError(f'`modalities`: return_loss = False takes Int[b n] text rows (b, n > 0), got {describe(text)}')
+        samples = [[Text(row)] for row in check_text(text, self.config.num_text_tokens, '`modalities`')]
+        packed = pack(samples, self.vocab, wrap = False).to(self.device)
+        hidden = self.hidden_states(packed, packed.latents, torch.ones(0, device = self.device))
+        return self.to_logits(hidden).view(*text.shape, -1)
 
     def spans_of_type(self, packed: PackedBatch, modality_type: int) -> list:
         return [record for record in packed.span_records if record.modality_type == modality_type]
