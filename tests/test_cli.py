@@ -125,7 +125,7 @@ def test_a_rerun_resumes_and_refuses_another_config(tmp_path, capsys):
     assert (run / 'config.toml').read_text() == saved
 
     # a longer run, with keys a rerun may change: it resumes at step 2 and each step is logged once
-    cli.main([*base, '--steps', '4', '--threads', '2', '--eval-every', '4', '--eval-per-label', '2'])
+    cli.main([*base, '--steps', '4', '--checkpoint-every', '4', '--eval-every', '4', '--eval-per-label', '2'])
     steps = [json.loads(line)['step'] for line in (run / 'metrics.jsonl').read_text().splitlines()]
     assert steps == [2, 4]
     assert 'steps = 4' in (run / 'config.toml').read_text()
