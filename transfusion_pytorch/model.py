@@ -189,7 +189,7 @@ class Transfusion(nn.Module):
         return replace(segment, token_shape = self.token_shape(segment.modality_type, segment.shape))
 
     def pack(self, modalities, modality_type: int | None = None, prob_uncond: float = 0.) -> PackedBatch:
-        """With `prob_uncond > 0`, samples are replaced by their text-free versions at that rate
+        """With `prob_uncond > 0`, samples are replaced by their unconditional versions at that rate
         (condition dropout for classifier-free guidance, see `guidance.py`)."""
         samples, wrap = self.to_samples(modalities, modality_type)
         if prob_uncond > 0 and wrap:
