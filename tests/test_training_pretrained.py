@@ -190,6 +190,8 @@ def test_save_refuses_a_folder_with_other_files(tmp_path):
     with pytest.raises(ValueError, match = r'holds files that are not part of a saved model \(notes.txt\)'):
         tiny_model().save_pretrained(tmp_path)
     assert (tmp_path / 'notes.txt').read_text() == 'mine'
+    with pytest.raises(ValueError, match = 'notes.txt exists and is not a directory'):
+        tiny_model().save_pretrained(tmp_path / 'notes.txt')
 
 
 # from_pretrained: codecs passed and saved, eval mode
@@ -232,6 +234,11 @@ def test_passed_codecs_are_merged_with_the_saved_ones(tmp_path, caplog):
         pre_post_transformer_enc_dec = make_pre_post(),
     )
     assert torch.equal(fixed_loss(model, batch).total, fixed_loss(everything, batch).total)
+
+    # a down / up block for a type that had none cannot take the saved weights
+    with pytest.raises(ValueError, match = r'model.safetensors does not match the config: missing \[.*pre_post.0'):
+        Transfusion.from_pretrained(tmp_path, pre_post_transformer_enc_dec = ((nn.Linear(DIM_LATENTS[0], 32), nn.Linear(32, DIM_LATENTS[0])), make_pre_post()[1]),
+                                    modality_encoder = (model.modality_encoders[0], None), modality_decoder = (model.modality_decoders[0], None))
 
 
 def test_from_pretrained_returns_the_model_in_eval_mode(tmp_path):
