@@ -12,7 +12,10 @@ text after the last modality and EOS stay, in order. So
 
 The text after a modality is what the model should say about it, not a condition of it:
 dropping it would teach that a modality may be followed by EOS, and a captioning model would
-learn to stop after an image. With several modalities, the text between two of them is both a
+learn to stop after an image. For the same reason, when a dropped sample ends with its
+modality (text -> image), the EOS after it is not a target (`without_eos_after_modality`):
+`SOS [image] EOS` is a sequence the data never has, and learning it would compete with the
+captions that do follow `SOS [image]`. With several modalities, the text between two of them is both a
 caption of the first and a condition of the second; it is dropped, so that each modality of a
 dropped sample is denoised after exactly the unconditional prefix that guided sampling gives it
 (SOS, the earlier modalities with their headers, its own header). The rule is one function of
@@ -32,11 +35,14 @@ the sequence, used on both sides:
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import Tensor
 
 from .backends import Latents, Request
 from .inputs import Modality, Sample, Text
+from .packing import IGNORE, PackedBatch
 from .vocab import Vocab
 
 
@@ -68,6 +74,17 @@ def drop_text_conditions(samples: list[Sample], prob_uncond: float, generator: t
     draws = torch.rand(len(samples), generator = generator) < prob_uncond
     dropped = torch.tensor([bool(draw) and can_drop(sample) for draw, sample in zip(draws, samples)], dtype = torch.bool)
     return [unconditional_sample(s) if drop else s for s, drop in zip(samples, dropped.tolist())], dropped
+
+
+def without_eos_after_modality(packed: PackedBatch, samples: list[Sample], dropped: Tensor) -> PackedBatch:
+    """`packed` (of `samples`, framed by SOS / EOS) with no EOS target in the dropped samples
+    that end with a modality: the position before EOS (that modality's EOM) predicts nothing."""
+    docs = [doc for doc, (sample, drop) in enumerate(zip(samples, dropped.tolist())) if drop and isinstance(sample[-1], Modality)]
+    if len(docs) == 0:
+        return packed
+    text_target = packed.text_target.clone()
+    text_target[packed.cu_seqlens[1:][docs] - 2] = IGNORE
+    return replace(packed, text_target = text_target)
 
 
 # sampling

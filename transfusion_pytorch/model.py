@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from . import flow
 from .config import TransfusionConfig, per_type
-from .guidance import drop_text_conditions
+from .guidance import drop_text_conditions, without_eos_after_modality
 from .inputs import Modality, ModalitySpec, Sample, Text, check_text, describe, modality_batch, normalize_samples, text_batch
 from .losses import LossBreakdown, at_least_float32, combine, flow_loss_per_token, mean_or_zero, text_loss_per_token
 from .masks import build_layout
@@ -192,9 +192,11 @@ class Transfusion(nn.Module):
         """With `prob_uncond > 0`, samples are replaced by their unconditional versions at that rate
         (condition dropout for classifier-free guidance, see `guidance.py`)."""
         samples, wrap = self.to_samples(modalities, modality_type)
-        if prob_uncond > 0 and wrap:
-            samples, _ = drop_text_conditions(samples, prob_uncond)
-        return pack(samples, self.vocab, wrap = wrap, latent_dtype = self.latent_dtype).to(self.device)
+        if not (prob_uncond > 0 and wrap):
+            return pack(samples, self.vocab, wrap = wrap, latent_dtype = self.latent_dtype).to(self.device)
+        samples, dropped = drop_text_conditions(samples, prob_uncond)
+        packed = pack(samples, self.vocab, latent_dtype = self.latent_dtype)
+        return without_eos_after_modality(packed, samples, dropped).to(self.device)
 
     @property
     def latent_dtype(self) -> torch.dtype:
