@@ -5,7 +5,7 @@ drops that condition and nothing else: every text segment that comes before the 
 modality is removed; SOS, each modality with its own header (META, shape, BOM) and EOM, the
 text after the last modality and EOS stay, in order. So
 
-    text -> image            SOS [image] EOS
+    text -> image            SOS [image] EOS (EOS not a target, below)
     image -> text            unchanged: nothing comes before the image (a caption is kept)
     text -> image -> text    SOS [image] text EOS: the caption after the image is kept
     t1 -> A -> t2 -> B -> t3  SOS [A] [B] t3 EOS: t1 conditions A, and t1 t2 condition B
@@ -15,15 +15,16 @@ dropping it would teach that a modality may be followed by EOS, and a captioning
 learn to stop after an image. For the same reason, when a dropped sample ends with its
 modality (text -> image), the EOS after it is not a target (`without_eos_after_modality`):
 `SOS [image] EOS` is a sequence the data never has, and learning it would compete with the
-captions that do follow `SOS [image]`. With several modalities, the text between two of them is both a
-caption of the first and a condition of the second; it is dropped, so that each modality of a
-dropped sample is denoised after exactly the unconditional prefix that guided sampling gives it
-(SOS, the earlier modalities with their headers, its own header). The rule is one function of
-the sequence, used on both sides:
+captions that do follow `SOS [image]`. With several modalities, the text between two of them
+is both a caption of the first and a condition of the second; it is dropped, so that each
+modality of a dropped sample is denoised after exactly the unconditional prefix that guided
+sampling gives it (SOS, the earlier modalities with their headers, its own header). The rule
+is one function of the sequence, used on both sides:
 
 - training: `drop_text_conditions` replaces each sample, with probability `prob_uncond`, by
   `unconditional_sample(sample)`, before packing, so neither packing nor the losses know about
-  guidance and no extra token is needed. A sample with no text before its last modality
+  guidance (the EOS target above is the one change made after packing) and no extra token is
+  needed. A sample with no text before its last modality
   (text only, a modality only, a caption after an image) has nothing to drop and is left as
   it is. (Replacing each text token by a null token, as the reference package does, would keep
   the positions but teach the model nothing a shorter sequence does not);
