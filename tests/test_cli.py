@@ -87,7 +87,7 @@ def test_a_broken_model_folder_is_one_line(folders, capsys, tmp_path):
 
 
 @pytest.mark.parametrize('overrides, message', [
-    (['--dim-head', '7'], 'config: transformer.dim_head must be even for rotary positions, got 7'),
+    (['--dim-head', '7'], 'config: transformer.dim_head must be even (rotary positions rotate pairs of dims), got 7'),
     (['--caption-fraction', '1.0'], "'caption_fraction' must lie in [0, 1)"),
     (['--ema-beta', '1.0'], 'config: ema_beta must lie in [0, 1) or be None, got 1.0'),
     (['--lr', '-0.001'], 'config: lr must be a finite number >= 0, got -0.001'),

@@ -39,6 +39,8 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from tqdm import tqdm
 
+from ..residual import ResidualMix
+from ..transformer import Transformer
 from . import checkpoint, distributed
 from .data import SampleDataset, TokenBudgetLoader, packed_num_tokens
 from .parallelize import CHECKPOINTING, STRATEGIES, gradient_sync, parallelize
@@ -107,7 +109,13 @@ class NonFiniteError(RuntimeError):
 
 def param_groups(model: nn.Module, weight_decay: float, decay_all: bool) -> list[dict]:
     """AdamW groups: no decay on norm gains, biases and embedding tables unless `decay_all`;
-    unit-offset norms (Rubin, 2024) are decayed, towards a gain of 1."""
+    unit-offset norms (Rubin, 2024) are decayed, towards a gain of 1.
+
+    Nor on the weights that start at the identity and are stored as such: the U-ViT skip
+    projections ([I, 0] on (x, skip)) and the hyper-connection static read / mix / write
+    matrices. Decay would pull them towards zero, that is, towards scaling the residual stream
+    down (the reason unit-offset norms exist); they hold a few (2 dim² per skip, (streams x
+    fracs)² per branch) of the model's parameters."""
     no_decay = set()
     if not decay_all:
         for module in model.modules():
@@ -116,6 +124,10 @@ def param_groups(model: nn.Module, weight_decay: float, decay_all: bool) -> list
                 continue
             if isinstance(module, (nn.Embedding, nn.RMSNorm, nn.LayerNorm)):
                 no_decay.update(id(p) for p in module.parameters(recurse = False))
+            if isinstance(module, Transformer):
+                no_decay.update(id(p) for p in module.skip_projs.parameters())
+            if isinstance(module, ResidualMix):
+                no_decay.update(id(p) for p in (module.static_read, module.static_mix, module.static_write))
         no_decay.update(id(p) for name, p in model.named_parameters() if name.endswith('bias'))
     trainable = [p for p in model.parameters() if p.requires_grad]
     return [
