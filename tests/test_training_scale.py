@@ -168,3 +168,37 @@ def test_compiled_flex_attention_forward_matches_sdpa(one_thread, fresh_dynamo):
         out = flex(*padded, block_mask = layout.block_mask)[0].transpose(0, 1)[:n]           # (N, heads, dim_head)
         torch.testing.assert_close(out, attend(q, k, v, build_layout(packed)), atol = 1e-5, rtol = 1e-4)
     assert compiled_graphs() == 1
+
+
+def test_a_compiled_model_still_generates(one_thread, fresh_dynamo):
+    """Generation runs a new shape at every step (a KV cache); the blocks compiled for training
+    run it eagerly: nothing is compiled, and the samples are the eager model's."""
+    torch.manual_seed(0)
+    eager = tiny_model()
+    compiled = copy.deepcopy(eager)
+    apply_activation_checkpointing(compiled, 'selective')
+    apply_compile(compiled, 'aot_eager', max_tokens = 60)
+
+    prompt = torch.randint(0, NUM_TEXT_TOKENS, (2, 3))
+    assert torch.equal(compiled.generate_text_only(prompt, 12, seed = 0), eager.generate_text_only(prompt, 12, seed = 0))
+    samples = [model.sample(seed = 0, max_length = 24, modality_steps = 2, force_modality_at_start = 1) for model in (eager, compiled)]
+    flat = [[t if torch.is_tensor(t) else t[1] for t in sample] for sample in samples]
+    assert len(flat[0]) == len(flat[1]) and all(torch.equal(a, b) for a, b in zip(*flat))
+    assert compiled_graphs() == 0
+
+
+def test_gpu_benchmark_dry_run():
+    """`benchmarks/gpu.py --dry-run`: the GPU script's checks and measurements on CPU, tiny
+    models, so that it does not fail on a typo when a GPU is there to run it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH = str(root), OMP_NUM_THREADS = '1')
+    done = subprocess.run([sys.executable, str(root / 'benchmarks' / 'gpu.py'), '--dry-run', '--modes', 'selective', '--steps', '1', '--warmup', '0'],
+                          capture_output = True, text = True, env = env, timeout = 300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert 'FAILED' not in done.stdout and done.stdout.count('[ok]') >= 8
+    assert '| image_text | selective |' in done.stdout and '| llama | selective |' in done.stdout

@@ -23,6 +23,7 @@ The transformer returns hidden states; it computes no loss.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -351,14 +352,16 @@ class Transformer(nn.Module):
         depth, num_skips = len(self.blocks), len(self.skip_projs)
         skips = []
 
-        for index, block in enumerate(self.blocks):
-            if index >= depth - num_skips:
-                x = skip_merge(self.skip_projs[index - (depth - num_skips)], x, skips.pop())
+        # generation changes shapes at every step: there, blocks compiled for training run eagerly
+        with nullcontext() if cache is None else torch.compiler.set_stance('force_eager'):
+            for index, block in enumerate(self.blocks):
+                if index >= depth - num_skips:
+                    x = skip_merge(self.skip_projs[index - (depth - num_skips)], x, skips.pop())
 
-            x = block(x, ctx, None if cache is None else cache.layer(index))
+                x = block(x, ctx, None if cache is None else cache.layer(index))
 
-            if index < num_skips:
-                skips.append(x)
+                if index < num_skips:
+                    skips.append(x)
 
         if first_mix is not None:
             x = first_mix.reduce(x)
