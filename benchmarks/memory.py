@@ -2,7 +2,7 @@
 'selective' (every other block) and 'full' (every block) against none.
 
     python benchmarks/memory.py                             # the multimodal case, fp32, 2 threads
-    python benchmarks/memory.py --cases multimodal long-2 --bf16 --steps 5
+    python benchmarks/memory.py --cases multimodal long-2 --bf16 --rounds 3
 
 Each (case, mode) trains in a fresh process, so that its peak belongs to it alone. A step is
 forward + backward + AdamW (fused), as in `train.py`, on the model and batch of `workload.py`.
@@ -13,7 +13,8 @@ Reported for each mode:
   `torch.cuda.max_memory_allocated`;
 - gradients and activations: the peak minus the same process's memory before the first
   forward pass, with the weights and the AdamW state made (the part checkpointing changes);
-- step time: the median of `--steps` steps after `--warmup`, and its cost over no checkpointing.
+- step time: the median of `--steps` steps after `--warmup` (the best of `--rounds` rounds, the
+  modes taking turns), and its cost over no checkpointing.
 """
 
 from __future__ import annotations
@@ -108,16 +109,22 @@ def run_worker(case: str, mode: str, args) -> dict:
 def driver(args):
     import torch
     load = os.getloadavg()
-    rows = []
-    for case in args.cases:
-        for mode in args.modes:
-            rows.append(run_worker(case, mode, args))
-            print(f'  done {case} / {mode}: {rows[-1]["step_s"]:.2f} s/step', file = sys.stderr)
+    runs = {}
+    for round in range(args.rounds):
+        for case in args.cases:
+            for mode in args.modes:
+                run = run_worker(case, mode, args)
+                runs.setdefault((case, mode), []).append(run)
+                print(f'  round {round + 1}, {case} / {mode}: {run["step_s"]:.2f} s/step, peak {run["peak_mb"]:,.0f} MB', file = sys.stderr)
+    # the fastest round of each: the modes take turns, so that a busy spell of the machine slows
+    # one round of every mode rather than all rounds of one
+    rows = [min(runs[key], key = lambda run: run['step_s']) for key in runs]
     load_after = os.getloadavg()
 
     memory = 'peak RSS' if args.device == 'cpu' else 'peak allocated'
     print(f'\ntorch {torch.__version__}, {args.device}, {args.threads} threads, {"bf16 autocast" if args.bf16 else "fp32"}, '
-          f'median of {args.steps} steps after {args.warmup} warm-up; load average {load[0]:.2f} before, {load_after[0]:.2f} after\n')
+          f'median of {args.steps} steps after {args.warmup} warm-up, best of {args.rounds} rounds; '
+          f'load average {load[0]:.2f} before, {load_after[0]:.2f} after\n')
     print(f'| case | checkpointing | {memory} | gradients + activations (peak - before) | step time | step time vs none |')
     print('|---|---|---|---|---|---|')
     for row in rows:
@@ -140,6 +147,7 @@ def main():
     parser.add_argument('--modes', nargs = '*', default = list(MODES), choices = MODES)
     parser.add_argument('--steps', type = int, default = 3)
     parser.add_argument('--warmup', type = int, default = 1)
+    parser.add_argument('--rounds', type = int, default = 1, help = 'run every mode this many times, in turn, and keep the fastest')
     parser.add_argument('--threads', type = int, default = 2)
     parser.add_argument('--seed', type = int, default = 0)
     parser.add_argument('--device', default = 'cpu')

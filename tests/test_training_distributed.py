@@ -41,11 +41,14 @@ def single(tmp_path_factory):
     return run(tmp_path_factory.mktemp('single'), 'single', 'ddp', nproc = 1, grad_accum = 2)
 
 
-FSDP_CHECKPOINTED_COMPILED = ('activation_checkpointing=full', 'compile=True', 'compile_backend=aot_eager')
+COMPILED = ('compile=True', 'compile_backend=aot_eager')
 
 
-@pytest.mark.parametrize('strategy, options', [('ddp', ()), ('fsdp', ()), ('fsdp', FSDP_CHECKPOINTED_COMPILED)],
-                         ids = ['ddp', 'fsdp', 'fsdp-checkpointed-compiled'])
+@pytest.mark.parametrize('strategy, options', [
+    ('ddp', ()), ('fsdp', ()),
+    ('fsdp', ('activation_checkpointing=full', *COMPILED)),
+    ('ddp', ('activation_checkpointing=selective', *COMPILED)),
+], ids = ['ddp', 'fsdp', 'fsdp-full-checkpointing-compiled', 'ddp-selective-checkpointing-compiled'])
 def test_two_processes_match_one_over_the_same_global_batch(single, strategy, options, tmp_path):
     double = run(tmp_path, strategy, strategy, nproc = 2, grad_accum = 1, options = options)
 
@@ -58,8 +61,8 @@ def test_two_processes_match_one_over_the_same_global_batch(single, strategy, op
     # and training did move the parameters
     moved = [name for name, value in double['model'].items() if not torch.equal(value, double['initial'][name])]
     assert len(moved) > len(double['model']) // 2
-    # the blocks were compiled (one graph: the token count is padded to the budget) or not
-    assert double['graphs'] == (1 if options else 0)
+    # the blocks were compiled (one graph per kind of block: the token count is padded to the budget) or not
+    assert double['graphs'] == (0 if not options else 2 if 'activation_checkpointing=selective' in options else 1)
 
 
 def test_fsdp_bf16_gathers_bf16_weights_and_keeps_fp32_shards(single, tmp_path):
