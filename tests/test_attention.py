@@ -65,3 +65,21 @@ def test_backends_give_the_same_gradients():
     for padded, per_sample, reference in zip(*grads):
         torch.testing.assert_close(padded, reference, atol = 1e-5, rtol = 1e-4)
         torch.testing.assert_close(per_sample, reference, atol = 1e-5, rtol = 1e-4)
+
+
+@pytest.mark.parametrize('softcap', [None, 5.])
+@pytest.mark.parametrize('layout', [padded_layout, per_sample_layout, flex_layout])
+def test_grouped_query_attention_equals_repeated_key_value_heads(layout, softcap):
+    """kv_heads key / value heads, each shared by heads / kv_heads consecutive query heads (the
+    Llama / Qwen convention): the same as repeating each of them for its group."""
+    packed = packed_from(random_batch(random.Random(4)))
+    q, (k, v) = qkv(packed.num_tokens, heads = 4)[0], qkv(packed.num_tokens, heads = 2)[:2]
+    q, k, v = (t.float() for t in (q, k, v))
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        grouped = attend(q, k, v, layout(packed), softcap = softcap)
+        repeated = attend(q, k.repeat_interleave(2, dim = 1), v.repeat_interleave(2, dim = 1), layout(packed), softcap = softcap)
+    torch.testing.assert_close(grouped, repeated, atol = 1e-5, rtol = 1e-4)
+    if softcap is None:
+        torch.testing.assert_close(grouped, reference_attention(q, k.repeat_interleave(2, dim = 1), v.repeat_interleave(2, dim = 1),
+                                                                reference_mask(packed)), atol = 1e-5, rtol = 1e-4)
