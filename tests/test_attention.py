@@ -83,3 +83,19 @@ def test_grouped_query_attention_equals_repeated_key_value_heads(layout, softcap
     if softcap is None:
         torch.testing.assert_close(grouped, reference_attention(q, k.repeat_interleave(2, dim = 1), v.repeat_interleave(2, dim = 1),
                                                                 reference_mask(packed)), atol = 1e-5, rtol = 1e-4)
+
+
+def test_per_sample_attention_backward_concatenates_once():
+    """Each sample's queries, keys and values are pieces of one split, so the backward pass
+    concatenates their gradients once; a slice per sample would scatter each into a zero
+    tensor the size of the whole sequence (samples x sequence of memory traffic per layer)."""
+    packed = packed_from([[torch.arange(12)], [torch.tensor([1]), (0, torch.randn(2, 6)), torch.tensor([2])], [torch.tensor([3, 4])]])
+    q, k, v = (t.float().requires_grad_() for t in qkv(packed.num_tokens))
+    out = attend(q, k, v, per_sample_layout(packed))
+    names, stack = set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        names.add(node.name())
+        stack.extend(next_node for next_node, _ in node.next_functions if next_node is not None)
+    assert 'SplitWithSizesBackward0' in names
+    assert not {'SliceBackward0', 'SelectBackward0'} & names, names

@@ -94,6 +94,16 @@ def test_greedy_decoding_matches_the_language_model(language_models, family, one
     assert torch.equal(uncached, expected)
 
 
+def test_a_bfloat16_model_is_close_to_the_language_model(language_models, one_thread):
+    folder, hf = language_models['llama']
+    model = Transfusion.from_language_model(folder, dtype = torch.bfloat16, **OPTIONS)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    rows = text_rows()
+    with torch.no_grad():
+        expected = hf(rows).logits
+    assert_close_relative(text_logits(model, rows).float(), expected, tolerance = 5e-2)
+
+
 def test_the_kv_cache_holds_key_value_heads_only(language_models):
     model = Transfusion.from_language_model(language_models['qwen3'][0], **OPTIONS)
     cache = CachedBackend(model, batch_size = 2, max_len = 10).cache
@@ -206,6 +216,9 @@ def test_save_and_load_round_trip(language_models, family, options, tmp_path, on
         assert torch.equal(loaded.state_dict()[name], value), name
     assert [p.requires_grad for p in loaded.parameters()] == [p.requires_grad for p in model.parameters()]
     assert loaded.to_logits.is_tied == model.to_logits.is_tied
+    if loaded.to_logits.is_tied:                # an EMA copy ties its own head to its own embedding
+        ema = loaded.create_ema()
+        assert ema.module.to_logits.tables[0] is ema.module.token_embed.weight
     torch.manual_seed(0)
     a = model(mixed_batch())
     torch.manual_seed(0)

@@ -97,14 +97,18 @@ def _attend_sdpa(q: Tensor, k: Tensor, v: Tensor, layout: AttentionLayout, dropo
 
 
 def _attend_per_sample(q: Tensor, k: Tensor, v: Tensor, layout: AttentionLayout, dropout_p: float, softcap: float | None) -> Tensor:
+    # the samples tile the sequence in order: one split per tensor, whose backward pass is one
+    # concatenation (a slice per sample would scatter each sample's gradient into a zero
+    # tensor of the whole sequence: samples x sequence of memory traffic per layer)
+    sizes = [sample.end - sample.start for sample in layout.samples]
     outs = []
-    for index, sample in enumerate(layout.samples):
+    for index, (sample, *one) in enumerate(zip(layout.samples, q.split(sizes), k.split(sizes), v.split(sizes))):
         mask = sample.mask
         if mask is not None and softcap is None:
             mask = layout.additive_mask(q.dtype, sample = index)
-        one = [t[sample.start:sample.end].transpose(0, 1)[None] for t in (q, k, v)]        # (1, heads, L, dim_head)
+        one = [t.transpose(0, 1).unsqueeze(0) for t in one]                                  # (1, heads, L, dim_head)
         out = scaled_dot_product(*one, mask = mask, is_causal = sample.mask is None, dropout_p = dropout_p, softcap = softcap)
-        outs.append(out[0].transpose(0, 1))
+        outs.append(out.squeeze(0).transpose(0, 1))
     return torch.cat(outs)
 
 

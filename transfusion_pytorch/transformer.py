@@ -3,7 +3,7 @@
 Choices, with where they come from (each switch lives in `TransformerConfig`):
 
 - RMSNorm with unit-offset gains (Rubin, 2024), SwiGLU feed-forward (Shazeer, 2020), no biases
-  in the main projections;
+  in the main projections by default;
 - rotary positions (Su et al., 2021) from per-token position ids: every token of a modality
   span shares one position, as the tokens of a grid have no order among themselves;
 - queries and keys RMS-normalised per head (Dehghani et al., 2023), an optional logit
@@ -15,7 +15,14 @@ Choices, with where they come from (each switch lives in `TransformerConfig`):
   once per span and block, and looked up by every token of the span. Text tokens are not
   conditioned (scale 0, shift 0, gate 1);
 - U-ViT long skips from the first half of the blocks to the second (Bao et al., 2022);
-- optional hyper- and frac-connections for the residual stream (`residual.py`).
+- optional hyper- and frac-connections for the residual stream (`residual.py`);
+- what pretrained language models need (`language_models.py`), each a generic option:
+  grouped-query attention, q / k / v and output biases, plain norms with a given epsilon,
+  rotary scaling (`rotary.py`), an explicit SwiGLU width;
+- optional separate modality weights (Mixture-of-Transformers, Liang et al., 2024): latent
+  rows on their own copies of every block's weights, text rows on the originals, one joint
+  attention (`routing.py`); adaLN then conditions the modality path only. The text path can
+  be frozen (`freeze_text_weights`, LMFusion).
 
 The transformer returns hidden states; it computes no loss.
 """
@@ -178,7 +185,7 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, ctx: Context, cache = None) -> Tensor:
         config, routing = self.config, ctx.routing
-        q, k, v = route(routing, x, self.text_projection, getattr(self, 'modality_projection', None))
+        q, k, v = route(routing, x, self.text_projection, self.modality_projection)
         if routing is not None:
             q, k, v = (routing.to_sequence(t) for t in (q, k, v))           # attention sees the sequence's order
         q, k = apply_rotary(q, *ctx.rotary), apply_rotary(k, *ctx.rotary)
