@@ -20,9 +20,9 @@ from torch import Tensor, nn
 from .losses import at_least_float32
 
 
-def inverse_frequencies(dim_head: int, theta: float, scaling: dict | None = None) -> Tensor:
+def inverse_frequencies(dim_head: int, theta: float, scaling: dict | None = None, device: torch.device | str | None = None) -> Tensor:
     """(dim_head / 2,) float32 angular frequencies of the rotated pairs."""
-    inv_freq = 1. / theta ** (torch.arange(0, dim_head, 2, dtype = torch.float32) / dim_head)
+    inv_freq = 1. / theta ** (torch.arange(0, dim_head, 2, dtype = torch.float32, device = device) / dim_head)
     if scaling is None:
         return inv_freq
     if scaling['type'] == 'linear':
@@ -40,15 +40,23 @@ def inverse_frequencies(dim_head: int, theta: float, scaling: dict | None = None
 
 
 class Rotary(nn.Module):
+    """The frequencies are computed where they are used, from the config, and not kept in a
+    buffer: a non-persistent buffer is neither saved nor restored, so a model built on the meta
+    device (`to_empty`, then `load_state_dict`, as for FSDP and large checkpoints) would hold
+    uninitialised memory there. A few small operations per forward pass, once for all layers."""
+
     def __init__(self, dim_head: int, theta: float, scaling: dict | None = None):
         super().__init__()
-        self.register_buffer('inv_freq', inverse_frequencies(dim_head, theta, scaling), persistent = False)
+        self.dim_head, self.theta, self.scaling = dim_head, theta, scaling
+
+    def inv_freq(self, device: torch.device) -> Tensor:
+        return inverse_frequencies(self.dim_head, self.theta, self.scaling, device)
 
     def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """(N,) positions -> cos and signed sin over the whole head, each (N, 1, dim_head):
         (cos, cos) and (-sin, sin), so that `apply_rotary` is two fused elementwise passes.
         Computed once per forward pass and shared by every layer."""
-        angles = positions.float()[:, None] * self.inv_freq[None, :]
+        angles = positions.float()[:, None] * self.inv_freq(positions.device)[None, :]
         cos, sin = angles.cos(), angles.sin()
         return torch.cat((cos, cos), dim = -1)[:, None], torch.cat((-sin, sin), dim = -1)[:, None]
 
