@@ -2,6 +2,7 @@
 downloaded). Between them they cover grouped-query attention, head_dim != hidden / heads, tied
 and untied heads, q / k / v biases, q / k norms, Llama 3 rotary scaling and sharded files."""
 
+import random
 from pathlib import Path
 
 import torch
@@ -42,3 +43,21 @@ def build_language_model(family: str, folder: Path, seed: int = 0):
     shard = dict(max_shard_size = '60KB') if family == 'llama' else {}
     model.save_pretrained(folder, **shard)
     return model
+
+
+def frozen_language_model_run(folder, rng: random.Random) -> tuple[list, object]:
+    """24 samples (text only, mixed, a modality alone) and a model started from the LM in
+    `folder`, frozen, with separate modality weights: the distributed test's run."""
+    from transfusion_pytorch import Transfusion
+
+    def sample() -> list:
+        text = lambda: torch.randint(0, VOCAB, (rng.randint(1, 6),))
+        kind = rng.choice(['text', 'mixed', 'modality'])
+        if kind == 'text':
+            return [text()]
+        modality = (0, torch.randn(rng.randint(1, 4), 6))
+        return [text(), modality, text()] if kind == 'mixed' else [modality]
+
+    model = Transfusion.from_language_model(folder, freeze_language_model = True, separate_modality_weights = True,
+                                            dim_latent = 6, modality_default_shape = (3,))
+    return [sample() for _ in range(24)], model

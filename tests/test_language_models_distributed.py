@@ -13,13 +13,13 @@ import torch
 from lm_helpers import build_language_model
 
 pytest.importorskip('transformers')
-RUN = Path(__file__).parent / 'distributed_lm_run.py'
+RUN = Path(__file__).parent / 'distributed_run.py'
 
 
 def run(tmp_path: Path, folder: Path, strategy: str, nproc: int, grad_accum: int) -> dict:
     out = tmp_path / f'{strategy}_{nproc}.pt'
     env = dict(os.environ, OMP_NUM_THREADS = '1')
-    arguments = [str(RUN), str(out), str(folder), strategy, str(grad_accum)]
+    arguments = [str(RUN), str(out), strategy, str(grad_accum), str(folder)]
     if nproc > 1:
         arguments = ['-m', 'torch.distributed.run', '--nproc_per_node', str(nproc), '--standalone', *arguments]
     result = subprocess.run([sys.executable, *arguments], env = env, capture_output = True, text = True, timeout = 240)

@@ -182,7 +182,7 @@ def rules(config: TransformerConfig, num_text_tokens: int) -> list[Rule]:
     return table
 
 
-class Checkpoint:
+class TensorSource:
     """The tensors of a causal LM by name: a folder of safetensors (sharded or not), read
     lazily, or the state dict of a loaded model."""
 
@@ -236,19 +236,19 @@ def tensor_files(folder: Path) -> dict[str, Path]:
                             f'checkpoints are read), found {found}')
 
 
-def check_tensors(checkpoint: Checkpoint, table: list[Rule]):
+def check_tensors(tensors: TensorSource, table: list[Rule]):
     """Every tensor the config implies is there with its shape, and nothing else is."""
     expected = {name: rule.shape(index) for rule in table for index, name in enumerate(rule.theirs)}
-    names = checkpoint.names()
+    names = tensors.names()
     ignored = {name for name in names if name.endswith('rotary_emb.inv_freq')}      # a buffer some older checkpoints hold
-    if checkpoint.config.get('tie_word_embeddings', False):
+    if tensors.config.get('tie_word_embeddings', False):
         ignored.add('lm_head.weight')                                                  # saved alongside a tied table by some tools
     missing = sorted(set(expected) - names)
     unexpected = sorted(names - set(expected) - ignored)
     if missing or unexpected:
         raise ValueError(f'language model: the checkpoint does not match its config.json: missing {missing[:8]}'
                          f'{" ..." if len(missing) > 8 else ""}, unexpected {unexpected[:8]}{" ..." if len(unexpected) > 8 else ""}')
-    wrong = [f'{name} {checkpoint.shape(name)} (config implies {shape})' for name, shape in expected.items() if checkpoint.shape(name) != shape]
+    wrong = [f'{name} {tensors.shape(name)} (config implies {shape})' for name, shape in expected.items() if tensors.shape(name) != shape]
     if wrong:
         raise ValueError(f'language model: tensors of the wrong shape for its config.json: {"; ".join(wrong[:8])}')
 
@@ -258,8 +258,8 @@ def check_tensors(checkpoint: Checkpoint, table: list[Rule]):
 def from_language_model(cls, source, *, separate_modality_weights: bool = False, freeze_language_model: bool = False,
                         transformer: dict | None = None, dtype: torch.dtype | None = None, **transfusion_kwargs):
     """A Transfusion whose transformer, embedding and text head are the given causal LM's."""
-    checkpoint = Checkpoint(source)
-    options = transformer_options(checkpoint.config)
+    tensors = TensorSource(source)
+    options = transformer_options(tensors.config)
     extra = dict(transformer or {})
     for key in extra:
         if key not in EXTRA_TRANSFORMER_OPTIONS:
@@ -267,24 +267,24 @@ def from_language_model(cls, source, *, separate_modality_weights: bool = False,
                              f'{", ".join(EXTRA_TRANSFORMER_OPTIONS)} may be given, got {sorted(extra)}')
     if 'num_text_tokens' in transfusion_kwargs:
         raise ValueError(f'from_language_model: num_text_tokens is the language model\'s vocab_size '
-                         f'({checkpoint.config.get("vocab_size")}), got {transfusion_kwargs["num_text_tokens"]!r}')
+                         f'({tensors.config.get("vocab_size")}), got {transfusion_kwargs["num_text_tokens"]!r}')
     options.update(extra, separate_modality_weights = separate_modality_weights, freeze_text_weights = freeze_language_model)
 
-    num_text_tokens = checkpoint.config['vocab_size']
+    num_text_tokens = tensors.config['vocab_size']
     config = TransformerConfig(**options)
     table = rules(config, num_text_tokens)
-    check_tensors(checkpoint, table)
+    check_tensors(tensors, table)
 
     model = cls(num_text_tokens = num_text_tokens, transformer = options, **transfusion_kwargs)
-    load_text_weights(model, checkpoint, table)
+    load_text_weights(model, tensors, table)
     return model if dtype is None else model.to(dtype)
 
 
 @torch.no_grad()
-def load_text_weights(model, checkpoint: Checkpoint, table: list[Rule]):
+def load_text_weights(model, tensors: TensorSource, table: list[Rule]):
     params = dict(model.named_parameters())
     for rule in table:
-        value = torch.cat([checkpoint.tensor(name) for name in rule.theirs])
+        value = torch.cat([tensors.tensor(name) for name in rule.theirs])
         if rule.ours in ('token_embed.weight', 'to_logits.weight'):
             set_vocab_rows(getattr(model, rule.ours.split('.')[0]), value)
         else:
