@@ -226,6 +226,7 @@ def test_adaptive_solver_in_sample():
 
 # batches
 
+@BOTH
 def test_batch_matches_each_prompt_alone(model):
     prompts = list(PROMPTS.values())
     scripts = [[], written_shape_script(model, (3, 1), 1), [], written_shape_script(model, (2,), 0, before = ())]
