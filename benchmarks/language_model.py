@@ -19,6 +19,8 @@ Int[b n] form, and the next-token loss over the LM's vocabulary before training 
 for both, as a check that they are the same model). A step is forward +
 backward + AdamW step; tokens/s counts the rows' own tokens (ours also reads the SOS / EOS
 that frame each list-form sample, uncounted) over the median of --steps steps after --warmup.
+Each side runs `--rounds` times in alternating order, and its step time is the median over
+the rounds: on a shared machine whose speed drifts, neither side gets the quiet moments.
 Memory is the peak RSS of the process on CPU, the peak allocated memory on CUDA.
 """
 
@@ -124,7 +126,7 @@ def write_language_model(folder: Path, args):
 
 def run_worker(side: str, case: str, folder: Path, args) -> dict:
     options = [f'--{key.replace("_", "-")}={value}' for key, value in vars(args).items()
-               if key not in ('side', 'case', 'folder', 'worker', 'bf16', 'cases')]
+               if key not in ('side', 'case', 'folder', 'worker', 'bf16', 'cases', 'rounds')]
     command = [sys.executable, str(Path(__file__).resolve()), '--worker', '--side', side, '--case', case, '--folder', str(folder),
                *options, *(['--bf16'] if args.bf16 else [])]
     done = subprocess.run(command, capture_output = True, text = True, env = dict(os.environ, OMP_NUM_THREADS = str(args.threads)))
@@ -134,17 +136,35 @@ def run_worker(side: str, case: str, folder: Path, args) -> dict:
     return json.loads(lines[-1][len(RESULT):])
 
 
+def rounds(case: str, folder, args) -> tuple[dict, dict]:
+    """Each side `--rounds` times, in alternating order (ours, transformers, transformers, ours,
+    ...), so that a machine whose speed drifts favours neither; per side the median step time
+    over its rounds and the largest peak memory."""
+    runs = dict(ours = [], hf = [])
+    for index in range(args.rounds):
+        for side in (('ours', 'hf') if index % 2 == 0 else ('hf', 'ours')):
+            runs[side].append(run_worker(side, case, folder, args))
+    merged = []
+    for side in ('ours', 'hf'):
+        result = dict(runs[side][0])
+        result['step_s'] = statistics.median(run['step_s'] for run in runs[side])
+        result['round_step_s'] = [run['step_s'] for run in runs[side]]
+        result['peak_memory_mb'] = max(run['peak_memory_mb'] for run in runs[side])
+        merged.append(result)
+    return tuple(merged)
+
+
 def driver(args):
     import torch
     load = os.getloadavg()
     with tempfile.TemporaryDirectory() as folder:
         write_language_model(Path(folder), args)
-        results = {case: (run_worker('ours', case, folder, args), run_worker('hf', case, folder, args)) for case in args.cases}
+        results = {case: rounds(case, folder, args) for case in args.cases}
     load_after = os.getloadavg()
 
     print(f'\ntorch {torch.__version__}, {args.device}, {"bf16" if args.bf16 else "fp32"}, {args.threads} threads; Llama dim {args.dim}, '
           f'{args.depth} layers, {args.heads} / {args.kv_heads} heads, SwiGLU {args.dim_ff}, vocab {args.vocab:,}; {args.rows} rows, '
-          f'median of {args.steps} steps after {args.warmup}; load average {load[0]:.2f} before, {load_after[0]:.2f} after\n')
+          f'median of {args.steps} steps after {args.warmup}, median of {args.rounds} alternating rounds; load average {load[0]:.2f} before, {load_after[0]:.2f} after\n')
     memory = 'peak allocated' if args.device.startswith('cuda') else 'peak RSS'
     print(f'| case | tokens (padded for transformers) | ours tok/s | transformers tok/s | speed-up | ours {memory} | transformers {memory} | loss before training, ours / transformers |')
     print('|---|---|---|---|---|---|---|---|')
@@ -168,6 +188,7 @@ def main():
     parser.add_argument('--max-len', type = int, default = 256)
     parser.add_argument('--steps', type = int, default = 3)
     parser.add_argument('--warmup', type = int, default = 1)
+    parser.add_argument('--rounds', type = int, default = 2, help = 'processes per side, in alternating order')
     parser.add_argument('--threads', type = int, default = 2)
     parser.add_argument('--seed', type = int, default = 0)
     parser.add_argument('--device', default = 'cpu')
