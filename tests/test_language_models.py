@@ -328,3 +328,19 @@ def test_bad_language_model_options_are_named(options, message):
     with pytest.raises(ValueError) as caught:
         tiny_model(transformer = dict(dim = 32, depth = 1, dim_head = 8, heads = 2) | options)
     assert message in str(caught.value)
+
+
+def test_mistral_without_sliding_windows_is_llama(tmp_path, one_thread):
+    from transformers import MistralConfig, MistralForCausalLM
+    from lm_helpers import COMMON
+    torch.manual_seed(0)
+    hf = MistralForCausalLM(MistralConfig(**COMMON, num_key_value_heads = 2, sliding_window = None)).eval()
+    hf.save_pretrained(tmp_path / 'full')
+    model = Transfusion.from_language_model(tmp_path / 'full', **OPTIONS)
+    rows = text_rows()
+    with torch.no_grad():
+        assert_close_relative(text_logits(model, rows), hf(rows).logits)
+
+    MistralForCausalLM(MistralConfig(**COMMON, sliding_window = 16)).save_pretrained(tmp_path / 'windowed')
+    with pytest.raises(ValueError, match = "sliding-window attention is not supported, found {'sliding_window': 16"):
+        Transfusion.from_language_model(tmp_path / 'windowed', **OPTIONS)
