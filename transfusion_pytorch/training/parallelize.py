@@ -40,6 +40,10 @@ FSDP; https://github.com/pytorch/torchtitan):
      not use, so the collectives match. The EMA copy is sharded the same way (in fp32), so
      each rank averages only its own shards.
 
+Frozen weights (a frozen language model, `freeze_text_weights`) may share an FSDP2 unit with
+trainable ones: FSDP2 shards each parameter on its own and reduce-scatters only the gradients
+that exist, so no grouping by requires_grad is needed (tests/test_language_models_distributed.py).
+
 With one process, steps 3 and 4 apply and nothing is wrapped for distribution.
 """
 
