@@ -9,10 +9,10 @@ Two models, each on image-caption batches of about `--tokens` packed tokens (cap
 
 - `image-text`: the model of the image-text job (`transfusion train --job image_text`) at
   width 1024, depth 16;
-- `llama`: a Llama-shaped transformer (Llama 3.2 1B: width 2048, 16 blocks, 32 heads, SwiGLU
-  8192, a 128k vocabulary, plain RMSNorm, rotary theta 5e5), as a model started from a
-  language model would be. (See MARKED SPOT below: with `Transfusion.from_language_model` and
-  grouped-query attention it will start from a saved `LlamaForCausalLM`.)
+- `llama`: a model started from a Llama-shaped language model (Llama 3.2 1B: width 2048, 16
+  blocks, 32 query and 8 key-value heads, SwiGLU 8192, a 128k vocabulary, rotary theta 5e5)
+  with `Transfusion.from_language_model`; the language model has random weights (nothing is
+  downloaded), written in the Hugging Face layout to a temporary folder first.
 
 It checks itself first and stops at the first failed check:
 
@@ -45,6 +45,7 @@ import math
 import random
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, replace
@@ -60,6 +61,7 @@ from transfusion_pytorch import Transfusion        # noqa: E402
 import transfusion_pytorch.masks as masks          # noqa: E402
 import transfusion_pytorch.model as model_module    # noqa: E402
 from transfusion_pytorch.attention import attend   # noqa: E402
+from transfusion_pytorch.language_models import LANGUAGE_MODEL_LACKS   # noqa: E402
 from transfusion_pytorch.masks import padded_length  # noqa: E402
 from transfusion_pytorch.training.parallelize import TOKEN_MULTIPLE, apply_activation_checkpointing, apply_compile  # noqa: E402
 
@@ -75,36 +77,43 @@ class Shape:
     tokens: int                     # packed tokens per batch, about
     grid: int = 32                  # image latents: grid x grid tokens ...
     dim_latent: int = 16            # ... of this many channels
-    llama: bool = False
+    kv_heads: int | None = None     # a language model's: grouped-query attention ...
+    dim_ff_hidden: int | None = None    # ... and its SwiGLU width (None: the image-text model)
 
 
 FULL = dict(
     # the image-text job's model (`jobs/image_text.py`: a tokenizer's vocabulary, the VAE's latent
     # channels and grid) at a GPU size
     image_text = Shape(vocab = 50257, dim = 1024, depth = 16, heads = 16, dim_head = 64, tokens = 16384),
-    llama = Shape(vocab = 128256, dim = 2048, depth = 16, heads = 32, dim_head = 64, tokens = 16384, llama = True),
+    # Llama 3.2 1B
+    llama = Shape(vocab = 128256, dim = 2048, depth = 16, heads = 32, dim_head = 64, tokens = 16384, kv_heads = 8, dim_ff_hidden = 8192),
 )
 TINY = dict(
     image_text = Shape(vocab = 1000, dim = 64, depth = 2, heads = 2, dim_head = 32, tokens = 400, grid = 4, dim_latent = 8),
-    llama = Shape(vocab = 2000, dim = 64, depth = 2, heads = 4, dim_head = 16, tokens = 400, grid = 4, dim_latent = 8, llama = True),
+    llama = Shape(vocab = 2000, dim = 64, depth = 2, heads = 4, dim_head = 16, tokens = 400, grid = 4, dim_latent = 8,
+                  kv_heads = 2, dim_ff_hidden = 128),
 )
 MODES = ('none', 'full', 'selective')
 
 
-def build_model(shape: Shape, use_flex: bool) -> Transfusion:
+def build_model(shape: Shape, use_flex: bool, device, language_models: Path) -> Transfusion:
+    """The image-text model, or a model started from a Llama-shaped language model: saved in
+    the Hugging Face layout (random weights: nothing is downloaded) and loaded back by
+    `Transfusion.from_language_model`, as a downloaded one would be."""
     torch.manual_seed(0)
-    transformer = dict(dim = shape.dim, depth = shape.depth, heads = shape.heads, dim_head = shape.dim_head, use_flex_attn = use_flex)
-    if shape.llama:
-        # MARKED SPOT (waiting for branch h-lm): start from a language model, as
-        #   Transfusion.from_language_model(<a LlamaForCausalLM of this shape saved with save_pretrained>, ...)
-        # with its grouped-query attention (8 key-value heads). Until then: the same shape from
-        # the transformer options on main, with full multi-head attention.
-        transformer.update(ff_expansion_factor = 6., rotary_theta = 5e5, unit_offset_norms = False, qk_rmsnorm = False,
-                           attn_gate_values = False, unet_skips = False)
-    return Transfusion(
-        num_text_tokens = shape.vocab, dim_latent = shape.dim_latent, modality_default_shape = (shape.grid, shape.grid),
-        transformer = transformer,
-    )
+    latents = dict(dim_latent = shape.dim_latent, modality_default_shape = (shape.grid, shape.grid))
+    with torch.device(device):                      # initialised where it trains: seconds, not minutes, for 1.5B parameters
+        if shape.kv_heads is None:
+            return Transfusion(num_text_tokens = shape.vocab, **latents, transformer = dict(
+                dim = shape.dim, depth = shape.depth, heads = shape.heads, dim_head = shape.dim_head, use_flex_attn = use_flex))
+        folder = language_models / f'llama-{shape.dim}-{shape.depth}'
+        if not folder.exists():
+            language_model = Transfusion(num_text_tokens = shape.vocab, transformer = dict(
+                dim = shape.dim, depth = shape.depth, heads = shape.heads, kv_heads = shape.kv_heads, dim_head = shape.dim_head,
+                dim_ff_hidden = shape.dim_ff_hidden, rotary_theta = 5e5, norm_eps = 1e-5, **LANGUAGE_MODEL_LACKS))
+            language_model.save_language_model(folder, dtype = torch.bfloat16)
+            del language_model
+        return Transfusion.from_language_model(folder, **latents, transformer = dict(use_flex_attn = use_flex))
 
 
 def image_text_batch(shape: Shape, seed: int) -> list:
@@ -254,10 +263,10 @@ def check_no_recompile(model, shape, device):
     check(graphs() == before, f'batches of (tokens, spans) {lengths} compiled {graphs() - before} new graph(s)')
 
 
-def run_checks(shape: Shape, device, backend: str, use_flex: bool):
+def run_checks(shape: Shape, device, backend: str, use_flex: bool, folder: Path):
     print(f'checks (image-text model, {backend}, {"flex attention" if use_flex else "SDPA"}):', flush = True)
-    eager = build_model(shape, use_flex = False).to(device)
-    model = build_model(shape, use_flex).to(device)          # the same weights
+    eager = build_model(shape, False, device, folder)
+    model = build_model(shape, use_flex, device, folder)          # the same weights
     model.pad_to_multiple = padded_length(shape.tokens, TOKEN_MULTIPLE)
     packed = eager.pack(image_text_batch(shape, 0))
 
@@ -270,8 +279,8 @@ def run_checks(shape: Shape, device, backend: str, use_flex: bool):
 
 # the measurements
 
-def measure(name: str, shape: Shape, mode: str, device, backend: str, use_flex: bool, args, peak: float) -> dict:
-    model = build_model(shape, use_flex).to(device)
+def measure(name: str, shape: Shape, mode: str, device, backend: str, use_flex: bool, args, peak: float, folder: Path) -> dict:
+    model = build_model(shape, use_flex, device, folder)
     apply_activation_checkpointing(model, None if mode == 'none' else mode)
     apply_compile(model, backend, max_tokens = shape.tokens)
     optimizer = torch.optim.AdamW(model.parameters(), lr = 1e-4, fused = True)
@@ -360,16 +369,18 @@ def main():
     warnings.filterwarnings('ignore', message = '.*flex_attention.*')
     warnings.filterwarnings('ignore', message = 'Mismatch dtype between input and weight')     # F.rms_norm unfused under CPU autocast
 
-    run_checks(shapes['image_text'], device, backend, use_flex)
-    peak = matmul_peak(device)
-    print(f'\nmeasurements (bf16 autocast, {backend}, {"flex attention" if use_flex else "SDPA"}; bf16 matmul peak {peak / 1e12:.1f} TFLOP/s):', flush = True)
-    rows, skipped = [], []
-    for mode in args.modes:
-        for name in args.models:
-            if time.perf_counter() - start > args.time_budget:
-                skipped.append(f'{name} / {mode}')
-                continue
-            rows.append(measure(name, shapes[name], mode, device, backend, use_flex, args, peak))
+    with tempfile.TemporaryDirectory() as folder:
+        run_checks(shapes['image_text'], device, backend, use_flex, Path(folder))
+        peak = matmul_peak(device)
+        print(f'\nmeasurements (bf16 autocast, {backend}, {"flex attention" if use_flex else "SDPA"}; '
+              f'bf16 matmul peak {peak / 1e12:.1f} TFLOP/s):', flush = True)
+        rows, skipped = [], []
+        for mode in args.modes:
+            for name in args.models:
+                if time.perf_counter() - start > args.time_budget:
+                    skipped.append(f'{name} / {mode}')
+                    continue
+                rows.append(measure(name, shapes[name], mode, device, backend, use_flex, args, peak, Path(folder)))
     summary(rows, skipped, peak, device, time.perf_counter() - start)
 
 
