@@ -202,3 +202,27 @@ def test_gpu_benchmark_dry_run():
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert 'FAILED' not in done.stdout and done.stdout.count('[ok]') >= 8
     assert '| image_text | selective |' in done.stdout and '| llama | selective |' in done.stdout
+
+
+def test_a_run_resumes_with_checkpointing_and_compile_switched_on(one_thread, fresh_dynamo, tmp_path):
+    """Checkpoints keep their names under both (a digits run may be resumed with either key
+    changed): 2 plain steps, then 2 checkpointed and compiled ones, end where 4 plain steps do
+    (a constant learning rate: the schedule follows max_steps)."""
+    rng = random.Random(1)
+    data = ListDataset([random_sample(rng) for _ in range(16)])
+
+    def run(out_dir, steps, **options):
+        torch.manual_seed(0)
+        config = TrainConfig(out_dir = str(out_dir), max_steps = steps, max_tokens = 60, checkpoint_every = 2, log_every = 1,
+                             progress = False, ema_beta = 0.9, min_lr_ratio = 1., **options)
+        trainer = Trainer(tiny_model(), data, config)
+        trainer.train()
+        return trainer.model.state_dict(), trainer.ema.module.state_dict()
+
+    straight = run(tmp_path / 'straight', 4)
+    run(tmp_path / 'resumed', 2)
+    resumed = run(tmp_path / 'resumed', 4, activation_checkpointing = 'full', compile = True, compile_backend = 'aot_eager')
+    for expected, got in zip(straight, resumed):
+        assert got.keys() == expected.keys()
+        for name in expected:
+            torch.testing.assert_close(got[name], expected[name], atol = 1e-5, rtol = 1e-5, msg = lambda m: f'{name}: {m}')
