@@ -1,8 +1,11 @@
 """`transfusion`: train, sample and evaluate from the command line.
 
-    transfusion train [CONFIG] [--key value ...]     train a job (by default the digits demo)
+    transfusion train [CONFIG] [--key value ...]     train a job (by default the digits demo; --job image_text)
     transfusion sample RUN_OR_MODEL --prompt "draw 3" [--num N] [--out FILE]
     transfusion eval RUN_OR_MODEL
+    transfusion shapes OUT                           write the walk-through set of captioned drawings
+    transfusion prepare SOURCE --out DIR             encode captioned images (or text) into shards
+    transfusion caption RUN PICTURE                  caption a picture with an image-text run
 
 A CONFIG is a small TOML file of `key = value` lines (see `transfusion train --help` for the
 keys); `--key value` overrides it. A RUN is a run folder written by `transfusion train`; a
@@ -19,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .config_files import ConfigError, describe, parse_overrides
+from .jobs.commands import COMMANDS as JOB_COMMANDS, add_parsers, image_text_keys
 
 
 def digits_config_class():
@@ -72,6 +76,9 @@ def load_model(path: str, ema: bool = True):
 # commands
 
 def command_train(args, extra: list[str]):
+    from .jobs import commands
+    if commands.job_of(args.config, extra) == 'image_text':
+        return commands.train_image_text(args.config, extra)
     from .demos import digits_job
     overrides = parse_overrides(digits_job.DigitsConfig, extra)
     config = digits_job.load_config(args.config, overrides)
@@ -79,6 +86,9 @@ def command_train(args, extra: list[str]):
 
 
 def command_sample(args):
+    from .jobs import sampling
+    if sampling.is_image_text_run(args.model):
+        return sampling.command_sample(args)
     from .demos import digits_eval, plots
     from .demos.digits import tokenize, detokenize
     model, config, codec = load_model(args.model, ema = not args.no_ema)
@@ -107,6 +117,9 @@ def command_sample(args):
 
 
 def command_eval(args):
+    from .jobs import sampling
+    if sampling.is_image_text_run(args.model):
+        return sampling.command_eval(args)
     from .demos import digits_eval
     model, config, codec = load_model(args.model, ema = not args.no_ema)
     if codec is None:
@@ -138,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
         description = 'Train a job from a TOML config (default: the digits demo, about 10 minutes on 2 CPU cores), '
                       'writing a run folder with the config, checkpoints, metrics.jsonl, loss.png and sample grids. '
                       'Rerunning the same command resumes from the newest checkpoint.',
-        epilog = 'config keys, in the TOML file as `key = value` or on the command line as --key value:\n' + describe(digits_config_class()),
+        epilog = 'config keys, in the TOML file as `key = value` or on the command line as --key value:\n' + describe(digits_config_class())
+                 + '\n\nkeys of the image_text job (--job image_text, or job = "image_text" in the TOML file):\n' + image_text_keys(),
     )
     train.add_argument('config', nargs = '?', help = 'a TOML file of key = value lines; omitted: the defaults below')
 
@@ -153,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument('--modality-steps', type = int, help = "ODE steps per image (default: the run's modality_steps, else 16)")
     sample.add_argument('--max-length', type = int, default = 256, help = 'tokens per sequence for models other than digits (default 256)')
     sample.add_argument('--no-ema', action = 'store_true', help = "use a run's online weights instead of its EMA weights")
+    sample.add_argument('--cfg-scale', type = float, default = 3., help = 'classifier-free guidance scale for image-text runs (default 3; 1 is off)')
+    sample.add_argument('--vae', help = "an image-text run's VAE folder, if it moved since prepare")
 
     evaluate = commands.add_parser('eval', help = 'evaluate a digits model: text-to-image and captioning accuracy, held-out losses',
                                    description = 'Text-to-image accuracy (a classifier trained on real digits reads the drawings), '
@@ -165,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument('--modality-steps', type = int, help = "ODE steps per image (default: the run's modality_steps, else 16)")
     evaluate.add_argument('--out', help = 'where to write the figures as JSON (default <run>/eval.json)')
     evaluate.add_argument('--no-ema', action = 'store_true', help = "use a run's online weights instead of its EMA weights")
+    evaluate.add_argument('--per-caption', type = int, default = 4, help = 'image-text runs on the walk-through set: drawings per caption (default 4)')
+    evaluate.add_argument('--cfg-scale', type = float, default = 3., help = 'image-text runs: classifier-free guidance scale (default 3)')
+    add_parsers(commands)
     return parser
 
 
@@ -179,7 +198,7 @@ def main(argv: list[str] | None = None):
             config = rest.pop(0) if rest and not rest[0].startswith('-') else None
             return command_train(argparse.Namespace(config = config), rest)
         args = parser.parse_args(argv)
-        return {'sample': command_sample, 'eval': command_eval}[args.command](args)
+        return {'sample': command_sample, 'eval': command_eval, **JOB_COMMANDS}[args.command](args)
     except ConfigError as error:
         print(f'transfusion: error: {error}', file = sys.stderr)
         raise SystemExit(2)
