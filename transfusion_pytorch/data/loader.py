@@ -224,7 +224,7 @@ class SlotStream(torch.utils.data.IterableDataset):
         return 2 + entry['text_tokens'] + (self.modality_tokens[tuple(entry['shape'])] if entry['shape'] is not None else 0)
 
     def next_batch(self, state: SlotState, cursors: list[SourceCursor], shards: OrderedDict) -> Batch:
-        chosen, used = [], 0
+        samples, keys, used = [], [], 0
         first_epoch = cursors[0].state.epoch
         while True:
             cursor = cursors[self.choose(state.draws)]
@@ -235,16 +235,15 @@ class SlotStream(torch.utils.data.IterableDataset):
             if length > self.config.max_tokens:
                 raise ValueError(f"sample {entry['key']} of {self.sources[cursor.index].name} has {length} tokens, "
                                  f'more than the budget of max_tokens = {self.config.max_tokens}')
-            if chosen and used + length > self.config.max_tokens:
+            if samples and used + length > self.config.max_tokens:
                 break
-            chosen.append((cursor.index, cursor.state.epoch, shard, sample, entry))
+            samples.append(self.materialize(cursor.index, cursor.state.epoch, shard, sample, entry))     # while its shard is open
+            keys.append(f"{self.sources[cursor.index].name}:{entry['key']}")
             used += length
             cursor.take()
             state.draws += 1
         global_index = state.batches * self.num_slots + self.slot
         state.batches += 1
-        samples = [self.materialize(*item) for item in chosen]
-        keys = [f"{self.sources[source].name}:{entry['key']}" for source, _, _, _, entry in chosen]
         return Batch(samples = samples, indices = keys, num_tokens = used, epoch = first_epoch, global_index = global_index)
 
     def materialize(self, source: int, epoch: int, shard: Shard, sample: int, entry: dict) -> list:

@@ -17,7 +17,7 @@ ranks and workers, resumable position) the loader here does in a few lines over 
 
 Inside a shard, sample i is `{i:05d}.text` (int32 token ids), `{i:05d}.mean` (float32 latents,
 (h, w, dim) channels last) and, for a stochastic VAE, `{i:05d}.std`. The safetensors metadata
-holds, as JSON, each sample's key, token count and latent shape (so the loader plans batches
+holds, as one JSON entry, each sample's key, token count and latent shape (so the loader plans batches
 from headers alone) and the records skipped in this shard with the reason.
 """
 
@@ -81,8 +81,10 @@ def write_shard(path: Path, samples: list[dict], skipped: list[tuple[str, str]])
             if sample.get('std') is not None:
                 tensors[f'{i:05d}.std'] = sample['std'].to(torch.float32).contiguous()
         index.append(entry)
-    metadata = dict(format = FORMAT, version = str(VERSION), samples = json.dumps(index), skipped = json.dumps([list(s) for s in skipped]))
-    atomic_write(path, safetensors_bytes(tensors, metadata = metadata))
+    # one metadata entry: safetensors keeps the metadata in a hash map, whose order (and so the
+    # bytes written) would change from process to process with several
+    header = json.dumps(dict(format = FORMAT, version = VERSION, samples = index, skipped = [list(s) for s in skipped]))
+    atomic_write(path, safetensors_bytes(tensors, metadata = {FORMAT: header}))
 
 
 class Shard:
@@ -90,7 +92,7 @@ class Shard:
     (or use it as a context manager) to release the memory map."""
 
     def __init__(self, path: Path):
-        self.path, self._file, self._meta, self._names, self._samples = Path(path), None, None, set(), None
+        self.path, self._file, self._meta, self._names = Path(path), None, None, set()
 
     def open(self):
         if self._file is None:
@@ -98,9 +100,10 @@ class Shard:
                 self._file = safe_open(str(self.path), framework = 'pt')
             except Exception as error:
                 raise ShardError(f'{self.path} cannot be read as a safetensors shard: {error}') from None
-            self._meta, self._names = self._file.metadata() or {}, set(self._file.keys())
-            if self._meta.get('format') != FORMAT:
-                raise ShardError(f'{self.path} is not a transfusion shard (its metadata has no format {FORMAT!r})')
+            header = (self._file.metadata() or {}).get(FORMAT)
+            if header is None:
+                raise ShardError(f'{self.path} is not a transfusion shard (its metadata has no {FORMAT!r} entry)')
+            self._meta, self._names = json.loads(header), set(self._file.keys())
         return self
 
     def close(self):
@@ -114,14 +117,12 @@ class Shard:
 
     @property
     def samples(self) -> list[dict]:
-        """Each sample's key, text_tokens and shape (None for text), parsed once."""
-        if self._samples is None:
-            self._samples = json.loads(self.open()._meta['samples'])
-        return self._samples
+        """Each sample's key, text_tokens and shape (None for text)."""
+        return self.open()._meta['samples']
 
     @property
     def skipped(self) -> list[list[str]]:
-        return json.loads(self.open()._meta['skipped'])
+        return self.open()._meta['skipped']
 
     def tensors(self, i: int) -> dict[str, Tensor]:
         self.open()
