@@ -69,6 +69,7 @@ class ImageTextConfig:
     heads: int = option(4, 'attention heads')
     dim_head: int = option(64, 'width of a head')
     flow_loss_weight: float = option(1., 'weight of the flow-matching loss against the text loss')
+    predict_clean: bool = option(False, 'predict the clean latent instead of the velocity (Li & He, 2025): for latent tokens wider than dim, such as large pixel patches')
     # training
     steps: int = option(10000, 'optimizer steps')
     max_tokens: int = option(4096, 'tokens per batch and process')
@@ -177,6 +178,7 @@ def build_model(config: ImageTextConfig, record: dict) -> Transfusion:
         modality_default_shape = tuple(record['shape']),
         flow_loss_weight = config.flow_loss_weight,
         prob_uncond = config.prob_uncond,
+        model_output_clean = config.predict_clean,
         transformer = dict(dim = config.dim, depth = config.depth, heads = config.heads, dim_head = config.dim_head),
     )
 
