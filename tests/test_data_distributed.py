@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytest.importorskip('PIL')          # the data extra
+
 from transfusion_pytorch.data.shards import Shard
 
 from data_helpers import prepared_set
@@ -35,3 +39,4 @@ def test_two_processes_read_each_sample_once_per_epoch_and_train(tmp_path):
     metrics = [json.loads(line) for line in (run / 'metrics.jsonl').read_text().splitlines()]
     assert [m['step'] for m in metrics if 'loss' in m] == [1, 2]
     assert (run / 'pretrained_ema' / 'model.safetensors').exists() and (run / 'samples' / 'step_000002.png').exists()
+

@@ -6,6 +6,8 @@ import math
 import pytest
 import torch
 
+pytest.importorskip('PIL')          # the data extra
+
 from transfusion_pytorch.data import loader as loader_module
 from transfusion_pytorch.data.codecs import CodecMismatch
 from transfusion_pytorch.data.loader import LoaderConfig, StreamingLoader, epoch_references, modality_tokens_of, slot_runs

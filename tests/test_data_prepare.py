@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytest.importorskip('PIL')          # the data extra
+
 from transfusion_pytorch.data import shapes, sources
 from transfusion_pytorch.data.codecs import VAECodec, patchify
 from transfusion_pytorch.data.images import make_buckets, to_tensor
@@ -51,7 +53,7 @@ def test_each_layout_gives_the_same_samples(tmp_path, format):
 def test_imagefolder_reads_as_hugging_face_datasets_does(tmp_path):
     """Our reading of the imagefolder layout (nested folders, metadata.csv, another caption
     column) gives the pairs `datasets.load_dataset('imagefolder')` gives."""
-    import datasets
+    datasets = pytest.importorskip('datasets')
     root = tmp_path / 'folder'
     (root / 'a' / 'b').mkdir(parents = True)
     rows = []
@@ -217,3 +219,27 @@ def test_a_source_in_no_known_layout_is_an_error(tmp_path, make, message):
     make(root)
     with pytest.raises(sources.SourceError, match = message):
         prepare(PrepareConfig(source = str(root), out = str(tmp_path / 'out'), image_size = 16, progress = False))
+
+
+def test_bad_prepare_arguments_are_errors_naming_them(tmp_path):
+    source = shapes.write_set(tmp_path / 'set', 4, 16)
+    def run(**options):
+        prepare(PrepareConfig(**dict(dict(source = str(source), out = str(tmp_path / 'out'), image_size = 16, progress = False), **options)))
+    with pytest.raises(sources.SourceError, match = r'source .*nowhere does not exist'):
+        run(source = str(tmp_path / 'nowhere'))
+    with pytest.raises(ValueError, match = r'image_size must be a multiple of the codec stride 4 \(the patch\), got 18'):
+        run(image_size = 18)
+    with pytest.raises(ValueError, match = r'shard_size must be a positive int, got 0'):
+        run(shard_size = 0)
+    with pytest.raises(FileNotFoundError, match = r'vae: .*set has no config.json \(a local diffusers autoencoder folder'):
+        run(vae = str(source))
+    with pytest.raises(FileNotFoundError, match = r'tokenizer: .*missing is not a folder \(a local Hugging Face tokenizer folder'):
+        run(tokenizer = str(tmp_path / 'missing'))
+
+
+def test_a_damaged_shard_is_found_before_training(tmp_path):
+    prepared = prepared_set(tmp_path, num = 20)
+    shard = prepared.shard_paths()[1]
+    shard.write_bytes(shard.read_bytes()[:-8])
+    with pytest.raises(ShardError, match = r'shard-00001.safetensors has \d+ bytes, manifest.json says \d+ \(damaged or replaced\)'):
+        Prepared(prepared.folder)

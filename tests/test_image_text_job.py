@@ -6,7 +6,8 @@ import math
 
 import pytest
 import torch
-from PIL import Image
+
+Image = pytest.importorskip('PIL.Image')          # the data extra
 
 from transfusion_pytorch import cli
 from transfusion_pytorch.data import shapes
@@ -194,3 +195,18 @@ def test_the_train_command_takes_a_toml_file_and_names_a_mistyped_key(trained, t
     with pytest.raises(SystemExit):
         cli.main(['train', '--job', 'image_text'])
     assert "'data' is required" in capsys.readouterr().err
+
+
+def test_bad_job_settings_are_errors_naming_the_key(trained, tmp_path):
+    _, prepared = trained
+    corpus = tmp_path / 'corpus.txt'
+    corpus.write_text('some text\n')
+    text = prepare(PrepareConfig(source = str(corpus), out = str(tmp_path / 'text'), progress = False))
+    with pytest.raises(ValueError, match = r"'data_weights' needs one weight per data folder \(1\), got 2"):
+        config(tmp_path, [prepared.folder], data_weights = '1,2')
+    with pytest.raises(ValueError, match = r"'caption_fraction' must lie in \[0, 1\], got 1.5"):
+        config(tmp_path, [prepared.folder], caption_fraction = 1.5)
+    with pytest.raises(ValueError, match = r"'data': .*text holds text rows; image-caption folders go in 'data', text-only ones in 'text_data'"):
+        image_text.train(config(tmp_path, [text.folder]))
+    with pytest.raises(ValueError, match = r"'text_data': .*prepared holds image_text rows, not text-only rows"):
+        image_text.train(config(tmp_path, [prepared.folder], text_data = (str(prepared.folder),)))

@@ -94,7 +94,7 @@ class VAECodec:
         if cls is None or not hasattr(cls, 'encode') or not hasattr(cls, 'decode'):
             raise ValueError(f'vae: {self.path} holds a {name!r}, not a diffusers autoencoder with encode and decode')
         self.name, self.patch = name, patch
-        self.vae = cls.from_pretrained(str(self.path)).eval().requires_grad_(False).to(device)
+        self.vae = cls.from_pretrained(str(self.path), low_cpu_mem_usage = False).eval().requires_grad_(False).to(device)
         self.scaling_factor = float(getattr(self.vae.config, 'scaling_factor', None) or 1.)
         self.shift_factor = float(getattr(self.vae.config, 'shift_factor', None) or 0.)
         self.in_channels = int(getattr(self.vae.config, 'in_channels', 3))
