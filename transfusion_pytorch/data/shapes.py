@@ -58,7 +58,7 @@ def draw(drawing: Drawing, size: int = 32, seed: int = 0):
     from PIL import Image, ImageDraw
     rng = random.Random(seed)
     image = Image.new('RGB', (size, size), BACKGROUND)
-    radius = size * rng.uniform(0.13, 0.2)
+    radius = size * rng.uniform(0.16, 0.22)
     row, col = POSITIONS.index(drawing.position) // 2, POSITIONS.index(drawing.position) % 2
     jitter = size / 4 - radius                      # the shape stays inside its quadrant
     cx = size * (0.25 + 0.5 * col) + rng.uniform(-jitter, jitter) * 0.8
