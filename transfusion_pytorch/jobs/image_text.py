@@ -20,13 +20,13 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from ..config_files import load, to_toml
+from ..config_files import ConfigError, load, to_toml, write_text_atomic
 from ..data.loader import LoaderConfig, StreamingLoader, modality_tokens_of
 from ..data.shards import Prepared, write_json
 from ..model import Transfusion
@@ -121,6 +121,27 @@ class ImageTextConfig:
 
 def load_config(path = None, overrides: dict | None = None) -> ImageTextConfig:
     return load(ImageTextConfig, path, overrides)
+
+
+# how long a run goes on and how it is watched, and where its VAE and tokenizer are: none
+# changes the model, the data or the updates so far
+RERUN_KEYS = ('steps', 'threads', 'checkpoint_every', 'log_every', 'sample_every', 'prompts', 'samples_per_prompt', 'modality_steps',
+              'cfg_scale', 'vae', 'tokenizer')
+
+
+def check_rerun(config: ImageTextConfig):
+    """A rerun resumes the run in the folder: refused when it would change what that run is
+    (as the digits job does)."""
+    path = config.run_dir / 'config.toml'
+    if not path.exists():
+        return
+    saved = load(ImageTextConfig, path)
+    ignored = set(RERUN_KEYS) | {'name', 'out_root'}
+    changed = [f'{f.name} = {getattr(saved, f.name)!r} in the run, {getattr(config, f.name)!r} now'
+               for f in fields(config) if f.name not in ignored and getattr(saved, f.name) != getattr(config, f.name)]
+    if changed:
+        raise ConfigError(f"{config.run_dir} holds a run with another config ({'; '.join(changed)}). A rerun resumes that run "
+                          f"and may change only {', '.join(RERUN_KEYS)}: use another --name, or delete the folder to start over")
 
 
 # the data of a run
@@ -232,6 +253,7 @@ def train(config: ImageTextConfig) -> Path:
 
 
 def run_job(config: ImageTextConfig, callbacks = ()) -> Path:
+    check_rerun(config)
     dist = distributed.setup()
     run_dir = config.run_dir
     folders, record = open_data(config, run_dir)
@@ -246,7 +268,7 @@ def run_job(config: ImageTextConfig, callbacks = ()) -> Path:
     prompts = list(config.prompts) or default_prompts(folders)
     if dist.is_main:
         run_dir.mkdir(parents = True, exist_ok = True)
-        (run_dir / 'config.toml').write_text(to_toml(config))
+        write_text_atomic(run_dir / 'config.toml', to_toml(config))
         write_json(run_dir / 'data.json', record)
     train_config = TrainConfig(
         out_dir = str(run_dir), max_steps = config.steps, max_tokens = config.max_tokens, grad_accum = config.grad_accum, lr = config.lr,

@@ -115,19 +115,32 @@ def load_run(run: str | Path, ema: bool = True, vae: str | None = None, tokenize
     if not (model_dir / 'config.json').exists():
         model_dir = run / 'pretrained'
     if not (model_dir / 'config.json').exists():
-        raise SystemExit(f'{run} has no trained model yet (no pretrained/ folder): has its training finished?')
+        from ..cli import UsageError
+        raise UsageError(f'{run} has no trained model yet (no pretrained/ folder): has its training finished?')
     return Transfusion.from_pretrained(model_dir).eval(), Assets.of(record, vae, tokenizer), record
 
 
 # the commands
 
+def run_setting(run: str | Path, key: str, given):
+    """`given` when not None, else the run's own setting in its config.toml."""
+    if given is not None:
+        return given
+    from .image_text import load_config
+    return getattr(load_config(Path(run) / 'config.toml'), key)
+
+
 def command_sample(args):
+    from ..cli import UsageError, output_path
     from .pictures import save_image_grid
+    if args.prompt is None:
+        raise UsageError('--prompt: an image-text run draws pictures for a caption; give one, e.g. --prompt "a red circle at the top left"')
+    if args.max_length is not None:
+        raise UsageError('--max-length is for models other than digits and image-text runs: these write one prompt and one picture')
+    out = output_path(args.out or 'samples.png', image = True)
     model, assets, _ = load_run(args.model, ema = not args.no_ema, vae = args.vae)
-    steps = args.modality_steps or 24
     prompts = [args.prompt] * args.num
-    pixels = draw(model, assets, prompts, steps, args.cfg_scale, seed = args.seed)
-    out = Path(args.out or 'samples.png')
+    pixels = draw(model, assets, prompts, run_setting(args.model, 'modality_steps', args.modality_steps), args.cfg_scale, seed = args.seed)
     save_image_grid(pixels[None], out, [args.prompt])
     rate = shapes_match_rate(pixels, prompts)
     read = f'; the checker reads {rate:.0%} of them as the prompt' if rate is not None else ''
@@ -136,6 +149,10 @@ def command_sample(args):
 
 
 def command_caption(args):
+    from ..cli import UsageError
+    missing = [p for p in args.pictures if not Path(p).is_file()]
+    if missing:
+        raise UsageError(f'no such picture file: {missing[0]}')
     model, assets, _ = load_run(args.model, ema = not args.no_ema, vae = args.vae)
     pixels = torch.stack([load_picture(path, assets.image_size) for path in args.pictures])
     captions = caption(model, assets, pixels)
@@ -166,8 +183,8 @@ def evaluate_shapes(model, assets: Assets, per_caption: int = 4, num_captions: i
 
 def command_eval(args):
     model, assets, _ = load_run(args.model, ema = not args.no_ema)
-    results = evaluate_shapes(model, assets, per_caption = args.per_caption, modality_steps = args.modality_steps or 24,
-                              cfg_scale = args.cfg_scale, seed = args.seed)
+    results = evaluate_shapes(model, assets, per_caption = args.per_caption, cfg_scale = args.cfg_scale, seed = args.seed,
+                              modality_steps = run_setting(args.model, 'modality_steps', args.modality_steps))
     print(f"text to image: {results['text_to_image']:.1%} of {results['num_drawings']} drawings read by the checker as their caption "
           f"(shape {results['text_to_image_shape']:.0%}, colour {results['text_to_image_colour']:.0%}, "
           f"position {results['text_to_image_position']:.0%})")
