@@ -10,6 +10,7 @@ import torch
 Image = pytest.importorskip('PIL.Image')          # the data extra
 
 from transfusion_pytorch import cli
+from transfusion_pytorch.config_files import ConfigError
 from transfusion_pytorch.data import shapes
 from transfusion_pytorch.data.loader import StreamingLoader
 from transfusion_pytorch.data.prepare import PrepareConfig, prepare
@@ -112,14 +113,27 @@ def test_a_killed_run_resumes_with_the_same_batches_bitwise(tmp_path, monkeypatc
 
 
 def test_data_from_another_tokenizer_is_refused_by_a_run(tmp_path):
-    bytes_data = prepared_set(tmp_path / 'bytes', num = 8)
-    words = prepared_set(tmp_path / 'words', num = 8, tokenizer = str(make_tokenizer(tmp_path / 'tok')))
-    image_text.train(config(tmp_path, [bytes_data.folder], steps = 1))
-    with pytest.raises(TokenizerMismatch, match = r'the data in .*words/prepared was tokenized with the tokenizer .*, but this run uses '
+    import shutil
+    data = prepared_set(tmp_path / 'data', num = 8)
+    image_text.train(config(tmp_path, [data.folder], steps = 1))
+    # the same folder prepared again, with another tokenizer: the run's data.json refuses it
+    shutil.rmtree(data.folder)
+    prepared_set(tmp_path / 'data', num = 8, tokenizer = str(make_tokenizer(tmp_path / 'tok')))
+    with pytest.raises(TokenizerMismatch, match = r'the data in .*data/prepared was tokenized with the tokenizer .*, but this run uses '
                                                   r'UTF-8 bytes \(vocabulary 256\)'):
-        image_text.train(config(tmp_path, [words.folder], steps = 2))
+        image_text.train(config(tmp_path, [data.folder], steps = 2))
+    # and folders of two tokenizers do not make one run
+    other = prepared_set(tmp_path / 'bytes', num = 8)
     with pytest.raises(TokenizerMismatch):
-        image_text.train(config(tmp_path, [bytes_data.folder, words.folder], name = 'both', steps = 1))
+        image_text.train(config(tmp_path, [other.folder, data.folder], name = 'both', steps = 1))
+
+
+def test_a_rerun_that_changes_the_run_is_refused(tmp_path):
+    data = prepared_set(tmp_path, num = 8)
+    image_text.train(config(tmp_path, [data.folder], steps = 1))
+    image_text.train(config(tmp_path, [data.folder], steps = 2, modality_steps = 3))        # goes on: allowed
+    with pytest.raises(ConfigError, match = r"holds a run with another config \(dim = 32 in the run, 48 now\). A rerun resumes that run"):
+        image_text.train(config(tmp_path, [data.folder], steps = 3, dim = 48))
 
 
 def test_text_rows_mix_in_and_the_mix_is_recorded(tmp_path):
