@@ -23,7 +23,6 @@ from headers alone) and the records skipped in this shard with the reason.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -32,6 +31,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
+
+from ..training.checkpoint import sha256
 
 FORMAT, VERSION = 'transfusion-shards', 1
 MANIFEST, SETTINGS = 'manifest.json', 'prepare.json'
@@ -58,14 +59,6 @@ def atomic_write(path: Path, data: bytes):
 
 def write_json(path: Path, value):
     atomic_write(path, (json.dumps(value, indent = 1, sort_keys = True) + '\n').encode())
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, 'rb') as file:
-        for chunk in iter(lambda: file.read(1 << 22), b''):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def write_shard(path: Path, samples: list[dict], skipped: list[tuple[str, str]]):

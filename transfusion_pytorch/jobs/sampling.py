@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ..data import codecs, images, shapes, tokenizers
+from ..demos.digits_eval import first_modality, text_after_modality
 
 
 @dataclass
@@ -33,22 +34,6 @@ class Assets:
     def of(cls, record: dict, vae: str | None = None, tokenizer: str | None = None, device = 'cpu') -> Assets:
         return cls(tokenizers.from_description(record['tokenizer'], tokenizer), codecs.from_description(record['codec'], vae, device),
                    tuple(record['shape']), record['image_size'], record['max_caption_tokens'])
-
-
-def first_modality(sample: list) -> Tensor:
-    return next(element[1] for element in sample if isinstance(element, tuple))
-
-
-def text_after_modality(sample: list) -> list[int]:
-    seen, ids = False, []
-    for element in sample:
-        if isinstance(element, tuple):
-            if seen:
-                break
-            seen = True
-        elif seen:
-            ids.extend(element.tolist())
-    return ids
 
 
 def image_budget(model, prompt_tokens: int, shape: tuple) -> int:
