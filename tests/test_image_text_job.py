@@ -224,3 +224,15 @@ def test_bad_job_settings_are_errors_naming_the_key(trained, tmp_path):
         image_text.train(config(tmp_path, [text.folder]))
     with pytest.raises(ValueError, match = r"'text_data': .*prepared holds image_text rows, not text-only rows"):
         image_text.train(config(tmp_path, [prepared.folder], text_data = (str(prepared.folder),)))
+
+
+def test_sample_draws_a_row_for_each_prompt(trained, tmp_path, capsys):
+    run, _ = trained
+    out = tmp_path / 'rows.png'
+    cli.main(['sample', str(run), '--prompt', 'a red circle at the top left|a blue square at the bottom right', '--num', '3',
+              '--out', str(out), '--modality-steps', '2'])
+    assert grid_size(out)[1] == 2 * (64 + 2)
+    assert 'wrote 6 pictures of a red circle at the top left | a blue square at the bottom right' in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(['sample', str(run), '--num', '2'])
+    assert "--prompt: an image-text run draws pictures for a caption" in capsys.readouterr().err

@@ -266,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                '(text ids and latents) with torch.save.')
     sample.add_argument('model', metavar = 'RUN_OR_MODEL', help = 'a run folder (runs/digits) or a save_pretrained folder')
     sample.add_argument('--prompt', help = 'for a digits model "draw <digit>" (or just the digit; default "draw 0"); for an image-text '
-                                           'run any caption; other models record no tokenizer, and take no prompt')
+                                           'run any caption ("a|b": a row of pictures for each); other models record no tokenizer, and take no prompt')
     sample.add_argument('--num', type = positive_int, default = 8, help = 'how many samples (default 8)')
     sample.add_argument('--out', help = 'output file (default draw_<digit>.png, or samples.pt for other models)')
     sample.add_argument('--seed', type = int, default = 0, help = 'seed of the noise (default 0)')

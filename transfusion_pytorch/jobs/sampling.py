@@ -124,12 +124,13 @@ def command_sample(args):
         raise UsageError('--max-length is for models other than digits and image-text runs: these write one prompt and one picture')
     out = output_path(args.out or 'samples.png', image = True)
     model, assets, _ = load_run(args.model, ema = not args.no_ema, vae = args.vae)
-    prompts = [args.prompt] * args.num
+    rows = [p.strip() for p in args.prompt.split('|') if p.strip()]          # "a|b": one row per prompt
+    prompts = [p for p in rows for _ in range(args.num)]
     pixels = draw(model, assets, prompts, run_setting(args.model, 'modality_steps', args.modality_steps), args.cfg_scale, seed = args.seed)
-    save_image_grid(pixels[None], out, [args.prompt])
+    save_image_grid(pixels.reshape(len(rows), args.num, *pixels.shape[1:]), out, rows)
     rate = shapes_match_rate(pixels, prompts)
-    read = f'; the checker reads {rate:.0%} of them as the prompt' if rate is not None else ''
-    print(f'wrote {args.num} pictures of {args.prompt!r} to {out}{read}')
+    read = f'; the checker reads {rate:.0%} of them as their prompt' if rate is not None else ''
+    print(f'wrote {len(prompts)} pictures of {" | ".join(rows)} to {out}{read}')
     return out
 
 
