@@ -2,12 +2,12 @@
 
     python benchmarks/data.py [--work DIR] [--num 4000] [--threads 1]
 
-1. Data: the walk-through set (`transfusion shapes`, 32 x 32 pictures), prepared as in the
-   README walk-through (patch codec, patch 8, UTF-8 bytes), and a 10x larger prepared folder
+1. Data: the walk-through set (`transfusion shapes`, 24 x 24 pictures), prepared as in the
+   README walk-through (patch codec, patch 4, UTF-8 bytes), and a 10x larger prepared folder
    made of the same shards copied ten times (so the two differ only in size).
 2. Loader throughput, samples/s and tokens/s, with 0, 1 and 2 DataLoader workers, batches of
    the README configuration's budget (1,024 tokens), no model.
-3. What training consumes: steps of the README model (dim 128, depth 4, x-prediction) fed by
+3. What training consumes: steps of the README model (dim 128, depth 4, 4 heads of 32) fed by
    the loader with its default 2 workers, each step timed in two parts, waiting for the batch
    and the forward, backward and AdamW step; the share of time spent waiting.
 4. Peak resident memory while reading one epoch of the 1x and of the 10x folder, each in a
@@ -38,8 +38,8 @@ def prepared_folders(work: Path, num: int) -> tuple[Path, Path]:
     from transfusion_pytorch.data.shards import MANIFEST, shard_name, write_json
     one, ten = work / 'prepared', work / 'prepared_x10'
     if not (one / MANIFEST).exists():
-        write_set(work / 'shapes', num, 32)
-        prepare(PrepareConfig(source = str(work / 'shapes'), out = str(one), image_size = 32, patch = 8, progress = False))
+        write_set(work / 'shapes', num, 24)
+        prepare(PrepareConfig(source = str(work / 'shapes'), out = str(one), image_size = 24, patch = 4, progress = False))
     if not (ten / MANIFEST).exists():
         shutil.rmtree(ten, ignore_errors = True)
         ten.mkdir(parents = True)
@@ -60,8 +60,7 @@ def model():
     import torch
     from transfusion_pytorch import Transfusion
     torch.manual_seed(0)
-    return Transfusion(num_text_tokens = 256, dim_latent = 192, modality_default_shape = (4, 4), model_output_clean = True,
-                       transformer = README_MODEL)
+    return Transfusion(num_text_tokens = 256, dim_latent = 48, modality_default_shape = (6, 6), transformer = README_MODEL)
 
 
 def make_loader(folder: Path, workers: int, tokens_of):
@@ -180,7 +179,7 @@ def main():
     tokens_of = modality_tokens_of(model())
     load = os.getloadavg()[0]
     print(f'torch {torch.__version__}, {args.threads} thread(s) for training, {os.cpu_count()} CPUs, load average {load:.2f} before')
-    print(f'data: {args.num} pictures 32 x 32, patch 8 (16 latent tokens of 192), captions as UTF-8 bytes; batches of {MAX_TOKENS} tokens\n')
+    print(f'data: {args.num} pictures 24 x 24, patch 4 (36 latent tokens of 48), captions as UTF-8 bytes; batches of {MAX_TOKENS} tokens\n')
 
     print('| loader workers | samples/s | tokens/s |\n|---|---|---|')
     for workers in (0, 1, 2):

@@ -96,6 +96,9 @@ def load_run(run: str | Path, ema: bool = True, vae: str | None = None, tokenize
     from ..model import Transfusion
     run = Path(run)
     record = json.loads((run / 'data.json').read_text())
+    threads = run_setting(run, 'threads', None)
+    if threads > 0:
+        torch.set_num_threads(threads)              # as the run trained
     model_dir = run / ('pretrained_ema' if ema else 'pretrained')
     if not (model_dir / 'config.json').exists():
         model_dir = run / 'pretrained'
