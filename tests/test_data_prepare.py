@@ -188,10 +188,10 @@ def test_buckets_keep_the_aspect_ratio(tmp_path):
     Image.new('RGB', (32, 32), (10, 10, 200)).save(root / 'square.png')
     (root / 'metadata.jsonl').write_text('{"file_name": "wide.png", "text": "wide"}\n{"file_name": "square.png", "text": "square"}\n')
     prepared = prepare(PrepareConfig(source = str(root), out = str(tmp_path / 'out'), image_size = 16, buckets = True, progress = False))
-    assert make_buckets(16, 4) == [(24, 12), (20, 12), (16, 16), (12, 20)]     # (height, width), by aspect ratio
+    assert make_buckets(16, 4) == [(24, 12), (20, 12), (16, 16), (12, 20), (12, 24)]     # (height, width), by aspect ratio
     shapes_by_key = {key: tuple(sample['mean'].shape[:2]) for key, sample in shard_samples(prepared)}
-    assert shapes_by_key == {'wide.png': (3, 5), 'square.png': (4, 4)}          # 12 x 20 and 16 x 16 pixels, patch 4
-    assert set(prepared.manifest['shapes']) == {'3x5', '4x4'}
+    assert shapes_by_key == {'wide.png': (3, 6), 'square.png': (4, 4)}          # 12 x 24 and 16 x 16 pixels, patch 4
+    assert set(prepared.manifest['shapes']) == {'3x6', '4x4'}
 
 
 def test_text_rows_are_continued_not_cut(tmp_path):

@@ -236,3 +236,22 @@ def test_sample_draws_a_row_for_each_prompt(trained, tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(['sample', str(run), '--num', '2'])
     assert "--prompt: an image-text run draws pictures for a caption" in capsys.readouterr().err
+
+
+def test_a_run_on_aspect_ratio_buckets(tmp_path):
+    """Pictures of three aspect ratios prepared into buckets train together (latents of
+    several shapes in one batch) and the run samples at the most common shape."""
+    root = tmp_path / 'wide'
+    (root / 'images').mkdir(parents = True)
+    rows = []
+    for i, (_, picture, caption) in enumerate(shapes.pictures(20, 32)):
+        width, height = [(32, 32), (32, 32), (32, 16), (16, 32)][i % 4]
+        picture.resize((width, height)).save(root / 'images' / f'{i}.png')
+        rows.append(json.dumps(dict(file_name = f'images/{i}.png', text = caption)))
+    (root / 'metadata.jsonl').write_text('\n'.join(rows) + '\n')
+    prepared = prepare(PrepareConfig(source = str(root), out = str(tmp_path / 'prepared'), image_size = 16, buckets = True, progress = False))
+    assert set(prepared.manifest['shapes']) == {'4x4', '3x6', '6x3'}
+
+    run = image_text.train(config(tmp_path, [prepared.folder], steps = 3, max_tokens = 400))
+    assert all(math.isfinite(loss) for loss in losses(run).values())
+    assert json.loads((run / 'data.json').read_text())['shape'] == [4, 4]

@@ -74,7 +74,7 @@ def make_buckets(image_size: int, stride: int, max_ratio: float = 2.) -> list[tu
     for height in range(stride, int(image_size * math.sqrt(max_ratio)) + stride, stride):
         width = max(stride, round(area / height / stride) * stride)
         if 1 / max_ratio <= width / height <= max_ratio:
-            buckets.add((height, width))
+            buckets.update({(height, width), (width, height)})      # both orientations, so wide and tall fare alike
     return sorted(buckets, key = lambda hw: hw[1] / hw[0])
 
 
