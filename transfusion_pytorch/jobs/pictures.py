@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from torch import Tensor
 
 from ..data.images import to_uint8
@@ -41,9 +40,3 @@ def save_image_grid(pixels: Tensor, path: str | Path, row_labels: list[str] | No
     tmp.replace(path)
     return path
 
-
-def load_pixels(path: str | Path) -> Tensor:
-    """A picture file as (h, w, 3) uint8."""
-    from PIL import Image
-    with Image.open(path) as image:
-        return torch.frombuffer(bytearray(image.convert('RGB').tobytes()), dtype = torch.uint8).reshape(image.height, image.width, 3)
