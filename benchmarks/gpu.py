@@ -7,8 +7,9 @@ blocks on packed batches padded to the token budget, activation checkpointing, b
 Two models, each on image-caption batches of about `--tokens` packed tokens (captions with
 32 x 32 x 16 image latents, a fifth of them image first, and text-only rows):
 
-- `image-text`: the model of the image-text job (`transfusion train --job image_text`) at
-  width 1024, depth 16;
+- `image-text`: the model of the image-text job (`transfusion train --job image_text`,
+  `jobs.image_text.build_model`) at width 1024, depth 16, for a 50k-token vocabulary and a VAE
+  of 16 latent channels;
 - `llama`: a model started from a Llama-shaped language model (Llama 3.2 1B: width 2048, 16
   blocks, 32 query and 8 key-value heads, SwiGLU 8192, a 128k vocabulary, rotary theta 5e5)
   with `Transfusion.from_language_model`; the language model has random weights (nothing is
@@ -62,6 +63,7 @@ from transfusion_pytorch import Transfusion        # noqa: E402
 import transfusion_pytorch.masks as masks          # noqa: E402
 import transfusion_pytorch.model as model_module    # noqa: E402
 from transfusion_pytorch.attention import attend   # noqa: E402
+from transfusion_pytorch.jobs import image_text     # noqa: E402
 from transfusion_pytorch.language_models import LANGUAGE_MODEL_LACKS   # noqa: E402
 from transfusion_pytorch.masks import padded_length  # noqa: E402
 from transfusion_pytorch.training.parallelize import TOKEN_MULTIPLE, apply_activation_checkpointing, apply_compile  # noqa: E402
@@ -83,8 +85,7 @@ class Shape:
 
 
 FULL = dict(
-    # the image-text job's model (`jobs/image_text.py`: a tokenizer's vocabulary, the VAE's latent
-    # channels and grid) at a GPU size
+    # the image-text job's model at a GPU size (a tokenizer's vocabulary, a VAE's latent channels and grid)
     image_text = Shape(vocab = 50257, dim = 1024, depth = 16, heads = 16, dim_head = 64, tokens = 16384),
     # Llama 3.2 1B
     llama = Shape(vocab = 128256, dim = 2048, depth = 16, heads = 32, dim_head = 64, tokens = 16384, kv_heads = 8, dim_ff_hidden = 8192),
@@ -105,8 +106,14 @@ def build_model(shape: Shape, use_flex: bool, device, language_models: Path) -> 
     latents = dict(dim_latent = shape.dim_latent, modality_default_shape = (shape.grid, shape.grid))
     with torch.device(device):                      # initialised where it trains: seconds, not minutes, for 1.5B parameters
         if shape.kv_heads is None:
-            return Transfusion(num_text_tokens = shape.vocab, **latents, transformer = dict(
-                dim = shape.dim, depth = shape.depth, heads = shape.heads, dim_head = shape.dim_head, use_flex_attn = use_flex))
+            # the job's own model, for a tokenizer of `vocab` ids and a VAE of `dim_latent` channels
+            config = image_text.ImageTextConfig(data = ('unused',), dim = shape.dim, depth = shape.depth, heads = shape.heads,
+                                                dim_head = shape.dim_head)
+            record = dict(tokenizer = dict(vocab_size = shape.vocab), codec = dict(dim_latent = shape.dim_latent), shape = [shape.grid] * 2)
+            model = image_text.build_model(config, record)
+            # flex attention or SDPA: read from the config at each forward pass
+            model.config = replace(model.config, transformer = replace(model.config.transformer, use_flex_attn = use_flex))
+            return model
         folder = language_models / f'llama-{shape.dim}-{shape.depth}'
         if not folder.exists():
             language_model = Transfusion(num_text_tokens = shape.vocab, transformer = dict(

@@ -31,6 +31,7 @@ from ..data.loader import LoaderConfig, StreamingLoader, modality_tokens_of
 from ..data.shards import Prepared, write_json
 from ..model import Transfusion
 from ..training import Every, TrainConfig, Trainer, distributed
+from ..training.parallelize import CHECKPOINTING
 from . import sampling
 
 JOB = 'image_text'
@@ -80,6 +81,8 @@ class ImageTextConfig:
     ema_beta: float = option(0.995, 'EMA decay of the weights used for sampling')
     seed: int = option(0, 'seed of the weights, data order and noise')
     strategy: str = option('ddp', '"ddp" or "fsdp" under torchrun')
+    compile: bool = option(False, 'torch.compile each transformer block, batches padded to max_tokens (for GPUs; on CPU the first step takes minutes)')
+    activation_checkpointing: str | None = option(None, '"selective" (every other block) or "full" (every block): recompute activations in the backward pass, to save memory')
     checkpoint_every: int = option(1000, 'steps between checkpoints')
     log_every: int = option(25, 'steps between metric lines')
     # sampling during training
@@ -113,6 +116,8 @@ class ImageTextConfig:
             raise ValueError(f"'text_weight' must lie in [0, 1), got {self.text_weight}")
         if self.workers < 0:
             raise ValueError(f"'workers' must be >= 0, got {self.workers}")
+        if self.activation_checkpointing not in CHECKPOINTING:
+            raise ValueError(f"'activation_checkpointing' must be one of {CHECKPOINTING}, got {self.activation_checkpointing!r}")
 
     @property
     def run_dir(self) -> Path:
@@ -123,10 +128,11 @@ def load_config(path = None, overrides: dict | None = None) -> ImageTextConfig:
     return load(ImageTextConfig, path, overrides)
 
 
-# how long a run goes on and how it is watched, and where its VAE and tokenizer are: none
-# changes the model, the data or the updates so far
+# how long a run goes on and how it is watched and computed (compile and activation
+# checkpointing: the same gradients, to float rounding), and where its VAE and tokenizer are:
+# none changes the model, the data or the updates so far
 RERUN_KEYS = ('steps', 'threads', 'checkpoint_every', 'log_every', 'sample_every', 'prompts', 'samples_per_prompt', 'modality_steps',
-              'cfg_scale', 'vae', 'tokenizer')
+              'cfg_scale', 'vae', 'tokenizer', 'compile', 'activation_checkpointing')
 
 
 def check_rerun(config: ImageTextConfig):
@@ -274,6 +280,7 @@ def run_job(config: ImageTextConfig, callbacks = ()) -> Path:
         out_dir = str(run_dir), max_steps = config.steps, max_tokens = config.max_tokens, grad_accum = config.grad_accum, lr = config.lr,
         warmup_steps = config.warmup_steps, weight_decay = config.weight_decay, ema_beta = config.ema_beta, seed = config.seed,
         strategy = config.strategy, checkpoint_every = config.checkpoint_every, log_every = config.log_every, keep_last = 2,
+        compile = config.compile, activation_checkpointing = config.activation_checkpointing,
     )
     if dist.is_main:
         print(f"{sum(p.numel() for p in model.parameters()):,} parameters; {sum(f['samples'] for f in record['folders']):,} samples in "
