@@ -238,7 +238,7 @@ class CachedBackend:
             cursor.position += chunk
 
         self.cache.prepare([chunk] * batch, None)
-        hidden = model.transformer(model.token_embed(tokens.to(device).view(-1)), None, positions.view(-1), cache = self.cache)
+        hidden = model.transformer(model.token_embed(tokens.to(device).reshape(-1)), None, positions.view(-1), cache = self.cache)
         self.cache.commit([chunk] * batch)
         return model.to_logits(hidden.view(batch, chunk, -1)[:, -1])
 
