@@ -155,5 +155,5 @@ def test_cfg_scale_zero_samples_the_unconditional_model(model):
     guided = run(model, [PROMPTS['mixed']], cfg_scale = 0., **options)[0]
     text_free = run(model, [[PROMPTS['mixed'][1]]], **options)[0]
     conditional = run(model, [PROMPTS['mixed']], **options)[0]
-    assert torch.allclose(guided[3][1], text_free[1][1], atol = 1e-5)
+    assert torch.allclose(guided[3][1], text_free[3][1], atol = 1e-5)      # [text?, (0, x), text?, (1, forced), text]
     assert not torch.allclose(guided[3][1], conditional[3][1], atol = 1e-3)

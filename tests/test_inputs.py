@@ -87,7 +87,8 @@ def test_bad_prompt():
     cases = [
         ('hello', TypeError, ['`prompt` must be None, a text tensor, a (modality_type, tensor) tuple or a list of them', "str 'hello'"]),
         (['hello'], TypeError, ['`prompt[0]` must be a tensor or a (modality_type, tensor) tuple', 'str']),
-        ([[text()], [text(), torch.tensor([NUM_TEXT_TOKENS])]], ValueError, ['`prompt[1][1]`', f'id {NUM_TEXT_TOKENS} at position 0']),
+        ([[text()], [text(), torch.tensor([NUM_TEXT_TOKENS])]], ValueError, ['`prompt[1][1]`', f'id {NUM_TEXT_TOKENS} (SOS) at position 0']),
+        ([[text()], [text(), torch.tensor([999])]], ValueError, ['`prompt[1][1]`', 'ids must lie in [0, vocab size) = [0, 50)', 'id 999 at position 0']),
         (torch.ones(2, 2, dtype = torch.long), ValueError, ['`prompt`', '1-d integer tensor', '(2, 2)']),
         ([(0, torch.randn(2, 5))], ValueError, ['`prompt[0]`', 'latent dim 6', '(2, 5)']),
         ([(3, torch.randn(2, 6))], ValueError, ['`prompt[0]`', '[0, 2)', 'got 3']),
@@ -104,20 +105,26 @@ def test_empty_prompts_are_allowed():
         assert isinstance(model().sample(prompt, max_length = 4, seed = 0), list)
 
 
-def test_max_length_below_the_prompt():
-    with pytest.raises(ValueError, match = r'`max_length` must be at least the length of prompt 1: it takes 22 tokens .* got max_length = 10'):
-        model().sample([[text(2)], [text(21)]], max_length = 10)
-    with pytest.raises(ValueError, match = r'`max_length` must be at least the length of prompt 0: it takes 10 tokens .* got max_length = 8'):
-        model().sample([text(2)], max_length = 8, force_modality_at_start = (0, (3,)))   # SOS, 2 text, META 3 BOM, 3 latents, EOM
+def test_max_length_too_small_for_a_requested_modality():
+    # a prompt longer than max_length is not an error (tests/test_generation_length.py); a modality
+    # asked for that cannot fit in the budget is, since a modality is never cut
+    with pytest.raises(ValueError, match = r'the modality that force_modality_at_start asks for \(type 0, shape \(3,\)\) takes 7 tokens '
+                                           r'after prompt 0 \(with its header where the sampler writes it, and EOM\), but max_length = 6 leave 6'):
+        model().sample([[text(2)], [text(30)]], max_length = 6, force_modality_at_start = (0, (3,)))   # META 3 BOM, 3 latents, EOM
+    with pytest.raises(ValueError, match = r'max_length = 20 and max_total_length = 9 leave 6'):
+        model().sample([text(2)], max_length = 20, max_total_length = 9, force_modality_at_start = (0, (3,)))
+    with pytest.raises(ValueError, match = r'max_total_length = 10 is less than the 31 tokens of prompt 1'):
+        model().sample([[text(2)], [text(30)]], max_total_length = 10)
 
 
 def test_bad_sampling_options():
     cases = [
-        (dict(max_length = 1), 'max_length must be at least 2, got 1'),
+        (dict(max_length = 0), r'max_length must be a positive int \(the tokens to generate after the prompt\), got 0'),
+        (dict(max_total_length = 2.5), r'max_total_length must be None or a positive int \(the tokens of a row, prompt included\), got 2.5'),
         (dict(text_temperature = -1.), 'text_temperature must be >= 0, got -1.0'),
         (dict(ode_method = 'rk99'), "ode_method must be one of .* got 'rk99'"),
         (dict(batch_size = 2, generator = [torch.Generator()]), r'expected one generator per prompt \(2\), got 1'),
-        (dict(force_modality_at_start = (0, (3,)), init_modality_noise = torch.randn(2, 6)), r'init_modality_noise has 12 values, the modality of shape \(3,\) needs 18'),
+        (dict(force_modality_at_start = (0, (3,)), init_modality_noise = torch.randn(2, 6)), r'init_modality_noise must hold 3 rows of 6 values'),
     ]
     for options, message in cases:
         with pytest.raises(ValueError, match = message):

@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument('--out', help = 'output file (default draw_<digit>.png, or samples.pt for other models)')
     sample.add_argument('--seed', type = int, default = 0, help = 'seed of the noise (default 0)')
     sample.add_argument('--modality-steps', type = int, help = "ODE steps per image (default: the run's modality_steps, else 16)")
-    sample.add_argument('--max-length', type = int, default = 256, help = 'tokens per sequence for models other than digits (default 256)')
+    sample.add_argument('--max-length', type = int, default = 256, help = 'tokens to generate per sample for models other than digits (default 256)')
     sample.add_argument('--no-ema', action = 'store_true', help = "use a run's online weights instead of its EMA weights")
 
     evaluate = commands.add_parser('eval', help = 'evaluate a digits model: text-to-image and captioning accuracy, held-out losses',

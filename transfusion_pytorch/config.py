@@ -101,6 +101,8 @@ class TransfusionConfig:
                                                             # since latent tokens share one rotary position)
     modality_default_shape: tuple[tuple[int, ...] | None, ...]  # shape to sample when the model writes an invalid one
     modality_num_dim: tuple[int | None, ...]                # number of axes of each type, None: any
+    fallback_to_default_shape_if_invalid: bool = True       # sampling: an invalid shape written by the model is replaced
+                                                            # by the default (with a warning); off, it is an error
     text_loss_weight: float = 1.
     flow_loss_weight: tuple[float, ...] = ()
     model_output_clean: bool = False                        # predict the clean latent, converted to a velocity (Li & He, 2025)
@@ -134,7 +136,8 @@ class TransfusionConfig:
     @classmethod
     def from_kwargs(
         cls, *, num_text_tokens, transformer, dim_latent = None, channel_first_latent = False, add_pos_emb = None,
-        modality_default_shape = None, modality_num_dim = None, text_loss_weight = 1., flow_loss_weight = 1.,
+        modality_default_shape = None, modality_num_dim = None, fallback_to_default_shape_if_invalid = True,
+        text_loss_weight = 1., flow_loss_weight = 1.,
         model_output_clean = False, reconstruction_loss_weight = 0., velocity_consistency_loss_weight = 0.1,
         prob_uncond = 0.1,
     ) -> TransfusionConfig:
@@ -158,6 +161,7 @@ class TransfusionConfig:
             ),
             modality_default_shape = shapes,
             modality_num_dim = num_dims,
+            fallback_to_default_shape_if_invalid = bool(fallback_to_default_shape_if_invalid),
             text_loss_weight = float(text_loss_weight),
             flow_loss_weight = tuple(float(w) for w in per_type(flow_loss_weight, num_types, 'flow_loss_weight', lambda v: isinstance(v, (int, float)))),
             model_output_clean = bool(model_output_clean),

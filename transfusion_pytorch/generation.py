@@ -3,7 +3,7 @@
     text  --META-->  shape  --BOM_m-->  modality (ODE steps against the prefix)
       ^                                      |
       +------- commit clean latents + EOM ---+
-    text  --EOS or max_length-->  done
+    text  --EOS or the row's budget-->  done
 
 - text: the next token is sampled among text, META and EOS;
 - shape: among the shape digits, ',' and the BOM tokens (only BOM with a fixed shape, whose
@@ -16,6 +16,17 @@
   sees a finished sequence) and the EOM token are committed in one step. An adaptive solver
   (dopri5, ...) chooses its own evaluation times, so it integrates a row's modality in one go
   while the other rows wait (see `Sampler.integrate_alone`).
+
+The budget. `max_length` is the number of tokens a row may generate after its prompt, and it
+is never exceeded. Generated are all the tokens the sequence grows by: text, EOS, and every
+modality's META, shape tokens, BOM, latent tokens (as many as it takes in the sequence) and
+EOM, so that the budget bounds the compute and the KV cache (preallocated for the longest
+prompt plus the budget). The prompt's tokens are not counted: SOS, the prompt as given (each
+modality with its header and EOM) and the header of a modality that the prompt opens. The
+header of `force_modality_at_start`'s modality is written by the sampler, so it is counted.
+`max_total_length` bounds the whole row instead, SOS and prompt included. A modality the model
+starts that would not fit is not started (the row ends there); one that the prompt or
+`force_modality_at_start` asks for and that cannot fit is an error.
 
 Every row advances through its own phase; each step is one model call for the whole batch
 (two during ODE stages with classifier-free guidance: `guidance.GuidedBackend` adds the
@@ -35,16 +46,18 @@ from torch import Tensor
 
 from . import solvers
 from .config import closest_key_error, is_positive_int
-from .backends import CachedBackend, Latents, ReferenceBackend, Request, items_to_sample, sequence_length
+from .backends import CachedBackend, Latents, ReferenceBackend, Request, sequence_length
 from .guidance import GuidedBackend
-from .inputs import Modality, Text, describe, is_text_dtype, normalize_prompt
+from .inputs import Text, describe, is_text_dtype
+from .prompts import Prompt, decoded, is_batch, normalize, to_output
 from .sampling import sample_token
 from .vocab import Vocab
 
 
 @dataclass(frozen = True, kw_only = True)
 class SampleOptions:
-    max_length: int = 2048                          # tokens per sequence, SOS, structure and latent tokens included
+    max_length: int = 2048                          # tokens to generate per row after the prompt, structure and latent tokens included
+    max_total_length: int | None = None             # tokens per row in all, SOS and the prompt included; None: no such bound
     text_temperature: float = 1.                    # 0 is greedy
     text_min_p: float | None = 0.1
     text_top_k: int | None = None
@@ -55,12 +68,19 @@ class SampleOptions:
     ode_atol: float = 1e-5                          # tolerances of an adaptive method
     ode_rtol: float = 1e-5
     time_shift: float = 1.
-    init_modality_noise: Tensor | None = None       # (*shape, dim_latent) noise at t = 0 of each row's first modality
+    init_modality_noise: Tensor | None = None       # noise at t = 0 of each row's first modality: (*shape, dim_latent),
+                                                    # or (n, d) of which the first rows and columns are taken
     cfg_scale: float = 1.                           # classifier-free guidance; 1 is off (and costs nothing)
 
     def __post_init__(self):
-        if self.max_length < 2:
-            raise ValueError(f'max_length must be at least 2, got {self.max_length}')
+        if not is_positive_int(self.max_length):
+            raise ValueError(f'max_length must be a positive int (the tokens to generate after the prompt), got {self.max_length!r}')
+        if self.max_total_length is not None and not is_positive_int(self.max_total_length):
+            raise ValueError(f'max_total_length must be None or a positive int (the tokens of a row, prompt included), '
+                             f'got {self.max_total_length!r}')
+        noise = self.init_modality_noise
+        if noise is not None and not (torch.is_tensor(noise) and noise.is_floating_point() and noise.ndim >= 2):
+            raise ValueError(f'init_modality_noise must be a float tensor of shape (*shape, dim_latent) or (n, d), got {describe(noise)}')
         if self.text_temperature < 0:
             raise ValueError(f'text_temperature must be >= 0, got {self.text_temperature}')
         if self.text_top_k is not None and not is_positive_int(self.text_top_k):
@@ -111,6 +131,7 @@ class Row:
     opening: tuple[int, tuple[int, ...]] | None = None      # (type, shape) of a modality whose BOM is being fed
     modality: tuple | None = None                   # (type, shape, grid, step index, stages) while denoising
     used_init_noise: bool = False
+    limit: int = 0                                  # the most tokens the row may hold (prompt and budget)
     latent_extra: int = 0                           # sum over the Latents among the items of their tokens less one
 
     @property
@@ -146,7 +167,7 @@ class Sampler:
 
     # the loop
 
-    def run(self, prompts: list[list], generators: list[torch.Generator | None]) -> list[list]:
+    def run(self, prompts: list[Prompt | list], generators: list[torch.Generator | None]) -> list[list]:
         rows = [Row(generator) for generator in generators]
         self.num_rows = len(rows)
         requests = [self.open(row, prompt, index) for index, (row, prompt) in enumerate(zip(rows, prompts))]
@@ -160,26 +181,33 @@ class Sampler:
 
         return [row.items for row in rows]
 
-    def open(self, row: Row, prompt: list, index: int = 0) -> Request:
-        items = [self.vocab.sos]
-        for segment in prompt:
-            if isinstance(segment, Text):
-                items.extend(segment.ids.tolist())
-            else:
-                m, shape = segment.modality_type, segment.shape
-                items.extend([self.vocab.meta, *self.vocab.encode_shape(shape), self.vocab.bom(m)])
-                items.extend([latents_item(self.model, m, segment.latent.reshape(-1, segment.latent.shape[-1]), shape), self.vocab.eom(m)])
+    def open(self, row: Row, prompt: Prompt | list, index: int = 0) -> Request:
+        """The row's first request: SOS, the prompt and the header of a modality to start with."""
+        prompt = prompt if isinstance(prompt, Prompt) else Prompt(list(prompt))
+        items, opening = start_items(self.model, prompt, self.options)
+        prompt_length = sequence_length(items)
+        row.limit = row_limit(prompt_length, self.options)
+        if row.limit < prompt_length:
+            raise ValueError(f'max_total_length = {self.options.max_total_length} is less than the {prompt_length} tokens of '
+                             f'prompt {index} (SOS and the prompt)')
 
-        forced = self.options.force_modality_at_start
+        forced, what = self.options.force_modality_at_start, 'that the prompt opens'
         if forced is not None:
+            if opening is not None:
+                raise ValueError(f'prompt {index} ends by opening a modality (BOM), so force_modality_at_start cannot start another')
             m, shape = forced if isinstance(forced, tuple) else (forced, self.options.fixed_modality_shape or self.default_shape(forced))
-            items.extend([self.vocab.meta, *self.vocab.encode_shape(shape), self.vocab.bom(m)])
-            row.opening = (m, tuple(shape))
+            opening, what = (m, tuple(shape)), 'that force_modality_at_start asks for'
+            items.extend(header_items(self.vocab, *opening))
 
-        needed = sequence_length(items) + (self.model.num_modality_tokens(*row.opening) + 1 if row.opening is not None else 0)
-        if needed > self.options.max_length:
-            raise ValueError(f'`max_length` must be at least the length of prompt {index}: it takes {needed} tokens (SOS, the prompt '
-                             f'and any forced modality), got max_length = {self.options.max_length}')
+        if opening is not None:
+            row.opening = opening
+            needed = sequence_length(items) + self.model.num_modality_tokens(*opening) + 1     # its latent tokens and EOM
+            if needed > row.limit:
+                bound = f'max_length = {self.options.max_length}' + (
+                    f' and max_total_length = {self.options.max_total_length}' if self.options.max_total_length is not None else '')
+                raise ValueError(f'the modality {what} (type {opening[0]}, shape {opening[1]}) takes {needed - prompt_length} tokens '
+                                 f'after prompt {index} (with its header where the sampler writes it, and EOM), but {bound} '
+                                 f'leave {row.limit - prompt_length}: a modality is never cut')
         return Request(items)
 
     def advance(self, rows: list[Row], outputs: list[Tensor | None]) -> list[Request | None]:
@@ -193,7 +221,7 @@ class Sampler:
                 requests[index] = self.start_modality(index, row)
             elif row.phase == 'modality':
                 requests[index] = self.ode_stage(row, output)
-            elif row.length >= self.options.max_length:
+            elif row.length >= row.limit:
                 self.finish(row)
             else:
                 needs_token.append(index)
@@ -228,7 +256,7 @@ class Sampler:
                 fixed = self.options.fixed_modality_shape
                 if fixed is not None:
                     row.shape_tokens = vocab.encode_shape(fixed)
-                    if row.length + 1 + len(row.shape_tokens) + 1 + math.prod(fixed) + 1 > self.options.max_length:
+                    if row.length + 1 + len(row.shape_tokens) + 1 + math.prod(fixed) + 1 > row.limit:
                         row.phase = 'done'      # the fixed modality would not fit: stop before its header
                         return None
                 return Request([token, *row.shape_tokens])
@@ -258,20 +286,25 @@ class Sampler:
 
     def read_shape(self, row: Row, m: int) -> tuple[int, ...] | None:
         """The shape the model wrote, or the default with a warning when it is invalid; None
-        when not even the default fits in what is left of max_length."""
+        when not even the default fits in what is left of the row's budget. With
+        `fallback_to_default_shape_if_invalid` off, an invalid shape is an error."""
         model, vocab = self.model, self.vocab
-        room = self.options.max_length - (row.length - len(row.shape_tokens)) - 2     # less BOM and EOM
+        room = row.limit - (row.length - len(row.shape_tokens)) - 2     # less BOM and EOM
 
         def fits(shape):
             return len(vocab.encode_shape(shape)) + model.num_modality_tokens(m, shape) <= room
 
         shape = vocab.decode_shape(row.shape_tokens)
         num_dim = model.config.modality_num_dim[m]
-        if shape is not None and (num_dim is None or len(shape) == num_dim) and fits(shape):
+        valid = shape is not None and (num_dim is None or len(shape) == num_dim)
+        if valid and fits(shape):
             return shape
+        if not valid and not model.config.fallback_to_default_shape_if_invalid:
+            raise ValueError(f'the model wrote an invalid shape {[vocab.name(t) for t in row.shape_tokens]} for modality type {m}, '
+                             f'and fallback_to_default_shape_if_invalid is off')
 
         default = self.default_shape(m)
-        if not fits(default):
+        if not fits(default) or not model.config.fallback_to_default_shape_if_invalid:
             return None
         warnings.warn(f'the model wrote an invalid shape {row.shape_tokens} for modality type {m} '
                       f'(or one that does not fit in max_length); using modality_default_shape {default}')
@@ -284,7 +317,7 @@ class Sampler:
         return shape
 
     def finish(self, row: Row):
-        """Stops a row at max_length, dropping an unfinished modality header (META and shape)."""
+        """Stops a row at its budget, dropping an unfinished modality header (META and shape)."""
         if row.phase == 'shape':
             del row.items[len(row.items) - len(row.shape_tokens) - 1:]
         row.phase = 'done'
@@ -296,11 +329,8 @@ class Sampler:
         row.opening, row.phase = None, 'modality'
         model, options = self.model, self.options
         noise = torch.randn(math.prod(shape), model.config.dim_latent[m], generator = row.generator).to(model.device)
-        given = options.init_modality_noise
-        if given is not None and not row.used_init_noise:
-            if given.numel() != noise.numel():
-                raise ValueError(f'init_modality_noise has {given.numel()} values, the modality of shape {shape} needs {noise.numel()}')
-            noise, row.used_init_noise = given.reshape(noise.shape).to(noise), True
+        if options.init_modality_noise is not None and not row.used_init_noise:
+            noise, row.used_init_noise = given_noise(options.init_modality_noise, noise, m, shape), True
 
         if options.adaptive:
             row.phase = 'text'
@@ -350,6 +380,54 @@ def latents_item(model, modality_type: int, values: Tensor, shape: tuple[int, ..
     return Latents(modality_type, values, tuple(shape), model.token_shape(modality_type, tuple(shape)))
 
 
+def header_items(vocab: Vocab, m: int, shape: tuple[int, ...]) -> list[int]:
+    return [vocab.meta, *vocab.encode_shape(shape), vocab.bom(m)]
+
+
+def start_items(model, prompt: Prompt, options: SampleOptions) -> tuple[list, tuple | None]:
+    """A prompt's items (SOS, its segments, the header of the modality it opens) and that
+    modality's (type, shape), the shape resolved to `fixed_modality_shape` or the default
+    where the prompt gives none."""
+    vocab = model.vocab
+    items = [vocab.sos]
+    for segment in prompt.segments:
+        if isinstance(segment, Text):
+            items.extend(segment.ids.tolist())
+        else:
+            m, shape = segment.modality_type, segment.shape
+            items.extend([*header_items(vocab, m, shape), latents_item(model, m, segment.latent.reshape(-1, segment.latent.shape[-1]), shape), vocab.eom(m)])
+
+    if prompt.opening is None:
+        return items, None
+    m, shape = prompt.opening
+    if shape is None:
+        shape = options.fixed_modality_shape or model.config.modality_default_shape[m]
+        if shape is None:
+            raise ValueError(f'the prompt opens modality type {m} without a shape, and that type has no modality_default_shape '
+                             f'(write META and the shape before its BOM, or pass fixed_modality_shape)')
+    items.extend(header_items(vocab, m, shape))
+    return items, (m, tuple(shape))
+
+
+def row_limit(prompt_length: int, options: SampleOptions) -> int:
+    """The most tokens a row may hold: its prompt's and `max_length` more, within `max_total_length`."""
+    limit = prompt_length + options.max_length
+    return limit if options.max_total_length is None else min(limit, options.max_total_length)
+
+
+def given_noise(given: Tensor, noise: Tensor, m: int, shape: tuple[int, ...]) -> Tensor:
+    """`init_modality_noise` for a modality whose noise is `noise` (rows, dim_latent): the
+    leading rows and columns of `given` seen as (n, d); given as (*shape, dim_latent), that is
+    all of it."""
+    rows, dim = noise.shape
+    flat = given.reshape(-1, given.shape[-1])
+    if flat.shape[0] < rows or flat.shape[1] < dim:
+        raise ValueError(f'init_modality_noise must hold {rows} rows of {dim} values for the modality of type {m} and shape {shape} '
+                         f'(as ({", ".join(map(str, shape))}{", " if shape else ""}{dim}), or as (n >= {rows}, d >= {dim}) of which the '
+                         f'first rows and columns are taken), got {describe(given)}')
+    return flat[:rows, :dim].to(noise)
+
+
 # public entry points (Transfusion's methods delegate here)
 
 def check_options(name: str, given: dict, *accepting):
@@ -362,10 +440,17 @@ def check_options(name: str, given: dict, *accepting):
         else:
             valid.update(name for name, parameter in inspect.signature(target).parameters.items()
                          if parameter.kind == parameter.KEYWORD_ONLY or parameter.kind == parameter.POSITIONAL_OR_KEYWORD)
-    valid -= {'model', 'prompt'}
+    valid -= {'model', 'prompt', 'prompts', 'names'}
     for key in given:
         if key not in valid:
             raise closest_key_error(name, key, sorted(valid))
+
+
+def use_kv_cache(use_cache: bool | None, cache_kv: bool | None) -> bool:
+    """The KV-cache switch, by either of its names (`cache_kv` is the public package's); on by default."""
+    if use_cache is not None and cache_kv is not None and bool(use_cache) != bool(cache_kv):
+        raise ValueError(f'use_cache and cache_kv are two names of one switch, got use_cache = {use_cache} and cache_kv = {cache_kv}')
+    return bool(next((value for value in (use_cache, cache_kv) if value is not None), True))
 
 
 def row_generators(batch_size: int, generator, seed: int | None) -> list[torch.Generator | None]:
@@ -381,73 +466,62 @@ def row_generators(batch_size: int, generator, seed: int | None) -> list[torch.G
     return [None] * batch_size
 
 
-def is_batch(prompt) -> bool:
-    """A list of prompts (each a list) rather than one prompt."""
-    return isinstance(prompt, list) and len(prompt) > 0 and all(isinstance(p, list) for p in prompt)
+def make_backend(model, prompts: list[Prompt | list], options: SampleOptions, use_cache: bool = True):
+    """The backend of `sample`: KV-cached (sized for the longest row: its prompt and the budget)
+    or not, with a second, unconditional set of rows when guidance is on (`cfg_scale != 1`;
+    at 1 the guided velocity is the conditional one, so the unconditional branch is not run)."""
+    prompts = [p if isinstance(p, Prompt) else Prompt(list(p)) for p in prompts]
+    capacity = max(row_limit(sequence_length(start_items(model, p, options)[0]), options) for p in prompts)
 
-
-def to_output(model, items: list, return_latents: bool) -> list:
-    """The items of a finished row -> the contract's list form: text ids and (type, modality) tuples."""
-    vocab = model.vocab
-    if items[-1] == vocab.eos:
-        items = items[:-1]
-    sample = []
-    for segment in items_to_sample(items, vocab, wrapped = True):
-        if isinstance(segment, Text):
-            sample.append(segment.ids)
-            continue
-        m, latent = segment.modality_type, segment.latent                  # (*shape, dim_latent)
-        if model.config.channel_first_latent[m]:
-            latent = latent.movedim(-1, 0)
-        if not return_latents and not isinstance(model.modality_decoders[m], torch.nn.Identity):
-            latent = model.modality_decoders[m](latent[None])[0]
-        sample.append((m, latent))
-    return sample
-
-
-def make_backend(model, batch_size: int, options: SampleOptions, use_cache: bool = True):
-    """The backend of `sample`: KV-cached or not, with a second, unconditional set of rows when
-    guidance is on (`cfg_scale != 1`; at 1 the guided velocity is the conditional one, so
-    the unconditional branch is not run at all)."""
     def one():
-        return CachedBackend(model, batch_size, options.max_length) if use_cache else ReferenceBackend(model, batch_size)
+        return CachedBackend(model, len(prompts), capacity) if use_cache else ReferenceBackend(model, len(prompts))
     if options.cfg_scale == 1.:
         return one()
     return GuidedBackend(one(), one(), options.cfg_scale, model.vocab)
 
 
-def prompt_sample(model, prompt, name: str) -> list:
-    """One prompt in any of its forms -> a `Sample` (empty for None or []); errors call it `name`."""
-    segments = normalize_prompt(prompt, name, model.config.num_text_tokens, model.specs, model.encode_modality)
-    return [model.with_token_shape(segment) for segment in segments]
-
-
-def sample(model, prompt = None, *, batch_size: int | None = None, return_latents: bool = False,
-           generator = None, seed: int | None = None, use_cache: bool = True, **options) -> list:
-    options = SampleOptions(**options)
+def sample(model, prompt = None, *, batch_size: int | None = None, **kwargs) -> list:
+    """One prompt (or `batch_size` copies of it), or a list of prompts (each a list)."""
     if batch_size is not None and not is_positive_int(batch_size):
         raise ValueError(f'batch_size must be None or a positive int, got {batch_size!r}')
+    batched = is_batch(prompt) or batch_size is not None
+    prompts = prompt if is_batch(prompt) else [prompt] * (batch_size or 1)
+    names = [f'prompt[{i}]' for i in range(len(prompts))] if is_batch(prompt) else ['prompt'] * len(prompts)
+    samples = sample_prompts(model, prompts, names, **kwargs)
+    return samples if batched else samples[0]
+
+
+def sample_many(model, prompts = None, **kwargs) -> list:
+    """The public package's batched call: each element of the list `prompts` is one prompt, in
+    any of its forms (None too); anything else is one prompt."""
+    prompts = prompts if isinstance(prompts, list) else [prompts]
+    return sample_prompts(model, prompts, [f'prompts[{i}]' for i in range(len(prompts))], **kwargs)
+
+
+def sample_prompts(model, prompts: list, names: list[str], *, return_latents: bool = False, generator = None,
+                   seed: int | None = None, use_cache: bool | None = None, cache_kv: bool | None = None, **options) -> list:
+    """Samples one row per prompt; `names` are how errors call the prompts."""
+    options = SampleOptions(**options)
     forced = options.force_modality_at_start
     if forced is not None:
         m, shape = forced if isinstance(forced, tuple) and len(forced) == 2 else (forced, None)
         check_modality(model, m, shape, 'force_modality_at_start', 'force_modality_at_start: the shape')
-    batched = is_batch(prompt) or batch_size is not None
-    prompts = prompt if is_batch(prompt) else [prompt] * (batch_size or 1)
-    names = [f'prompt[{i}]' for i in range(len(prompts))] if is_batch(prompt) else ['prompt'] * len(prompts)
-    prompts = [prompt_sample(model, p, name) for p, name in zip(prompts, names)]
+    use_cache = use_kv_cache(use_cache, cache_kv)
+    if len(prompts) == 0:
+        return []
+    prompts = [normalize(model, p, name) for p, name in zip(prompts, names)]
 
     generators = row_generators(len(prompts), generator, seed)
-    backend = make_backend(model, len(prompts), options, use_cache)
+    backend = make_backend(model, prompts, options, use_cache)
 
     with torch.no_grad(), eval_mode(model):
         sequences = Sampler(model, options, backend).run(prompts, generators)
-        samples = [to_output(model, items, return_latents) for items in sequences]
-
-    return samples if batched else samples[0]
+        return [to_output(model, items, return_latents) for items in sequences]
 
 
 def generate_text_only(model, prompt: Tensor, seq_len: int, *, temperature: float = 1., min_p: float | None = 0.1,
-                       top_k: int | None = None, generator = None, seed: int | None = None, use_cache: bool = True) -> Tensor:
+                       top_k: int | None = None, generator = None, seed: int | None = None,
+                       use_cache: bool | None = None, cache_kv: bool | None = None) -> Tensor:
     """Continues raw text rows (no SOS, as `model(Int[b n])` trains them) up to `seq_len`
     tokens in all; returns the (b, seq_len - n) new tokens."""
     if not torch.is_tensor(prompt) or prompt.ndim != 2 or prompt.shape[0] == 0 or prompt.shape[1] == 0:
@@ -466,6 +540,7 @@ def generate_text_only(model, prompt: Tensor, seq_len: int, *, temperature: floa
     batch, prompt_len = prompt.shape
     steps = max(0, seq_len - prompt_len)
     generators = row_generators(batch, generator, seed)
+    use_cache = use_kv_cache(use_cache, cache_kv)
     backend = CachedBackend(model, batch, max(seq_len, prompt_len)) if use_cache else ReferenceBackend(model, batch, wrapped = False)
 
     allowed = torch.zeros(model.vocab.size, dtype = torch.bool, device = model.device)
@@ -485,7 +560,8 @@ def generate_text_only(model, prompt: Tensor, seq_len: int, *, temperature: floa
 def generate_modality_only(model, *, batch_size: int = 1, modality_type: int = 0,
                            fixed_modality_shape: tuple[int, ...] | None = None, modality_steps: int = 16,
                            ode_method: str = 'euler', time_shift: float = 1., return_latents: bool = False,
-                           generator = None, seed: int | None = None, use_cache: bool = True) -> Tensor:
+                           generator = None, seed: int | None = None, use_cache: bool | None = None,
+                           cache_kv: bool | None = None) -> Tensor:
     """A batch of modalities of one type and shape, each after SOS and its header alone:
     (batch, *shape, dim_latent), or channel first, decoded unless `return_latents`."""
     if not is_positive_int(batch_size):
@@ -499,7 +575,7 @@ def generate_modality_only(model, *, batch_size: int = 1, modality_type: int = 0
 
     header = [vocab.sos, vocab.meta, *vocab.encode_shape(shape), vocab.bom(m)]
     length = len(header) + model.num_modality_tokens(m, shape)
-    backend = CachedBackend(model, batch_size, length) if use_cache else ReferenceBackend(model, batch_size)
+    backend = CachedBackend(model, batch_size, length) if use_kv_cache(use_cache, cache_kv) else ReferenceBackend(model, batch_size)
 
     generators = row_generators(batch_size, generator, seed)
     noise = torch.stack([torch.randn(math.prod(shape), model.config.dim_latent[m], generator = g) for g in generators]).to(model.device)
@@ -513,11 +589,7 @@ def generate_modality_only(model, *, batch_size: int = 1, modality_type: int = 0
         grid = solvers.time_grid(modality_steps, time_shift, device = model.device)
         latents = solvers.integrate(velocity_fn, noise, grid, method = ode_method)
 
-        out = []
-        for latent in latents:
-            sample = to_output(model, [*header, latents_item(model, m, latent, shape), vocab.eom(m)], return_latents)
-            out.append(sample[0][1])
-    return torch.stack(out)
+        return torch.stack([decoded(model, m, latent.reshape(*shape, -1), return_latents) for latent in latents])
 
 
 class eval_mode:
