@@ -10,7 +10,8 @@ import torch
 
 from transfusion_pytorch import generation
 from transfusion_pytorch.backends import sequence_length
-from transfusion_pytorch.generation import SampleOptions, make_backend, start_items
+from transfusion_pytorch.generation import make_backend
+from transfusion_pytorch.sampler import SampleOptions, start_items
 from transfusion_pytorch.prompts import normalize
 
 from conftest import DIM_LATENTS, NUM_TEXT_TOKENS, tiny_model
