@@ -134,12 +134,17 @@ def test_prompt_opening_errors():
     model = tiny_model(modality_default_shape = None)
     with pytest.raises(ValueError, match = 'the prompt opens modality type 0 without a shape, and that type has no modality_default_shape'):
         model.sample([tensor(model.som_ids[0])], **FAST)
-    with pytest.raises(ValueError, match = r'prompt 0 ends by opening a modality \(BOM\), so force_modality_at_start cannot start another'):
-        tiny_model().sample([tensor(model.som_ids[0])], force_modality_at_start = 1, **FAST)
     with pytest.raises(ValueError, match = r"shape tokens can only write the digits 0-9 and ',', got '3x3'"):
         model.char_tokenizer('3x3')
     with pytest.raises(ValueError, match = r'modality_type must be an int in \[0, 2\), got 2'):
         model.get_modality_info(2)
+
+
+def test_force_modality_at_start_takes_the_place_of_the_modality_the_prompt_opens(model):
+    options = dict(seed = 0, force_modality_at_start = 1, **FAST)
+    primed = model.sample([text(2), tensor(model.som_ids[0])], **options)
+    assert kinds(primed)[:2] == ['text', ('modality', 1, (2, 2))]
+    assert_same_samples(primed, model.sample([text(2)], **options), atol = 0.)
 
 
 def test_a_one_row_prompt_is_its_row(model):

@@ -70,7 +70,7 @@ class SampleOptions:
     ode_atol: float = 1e-5                          # tolerances of an adaptive method
     ode_rtol: float = 1e-5
     time_shift: float = 1.
-    init_modality_noise: Tensor | None = None       # noise at t = 0 of each row's first modality: (*shape, dim_latent),
+    init_modality_noise: Tensor | None = None       # noise at t = 0 of every modality a row generates: (*shape, dim_latent),
                                                     # or (n, d) of which the first rows and columns are taken
     cfg_scale: float = 1.                           # classifier-free guidance; 1 is off (and costs nothing)
 
@@ -132,7 +132,6 @@ class Row:
     shape_tokens: list[int] = field(default_factory = list)
     opening: tuple[int, tuple[int, ...]] | None = None      # (type, shape) of a modality whose BOM is being fed
     modality: tuple | None = None                   # (type, shape, grid, step index, stages) while denoising
-    used_init_noise: bool = False
     limit: int = 0                                  # the most tokens the row may hold (prompt and budget)
     latent_extra: int = 0                           # sum over the Latents among the items of their tokens less one
 
@@ -195,8 +194,6 @@ class Sampler:
 
         forced, what = self.options.force_modality_at_start, 'that the prompt opens'
         if forced is not None:
-            if opening is not None:
-                raise ValueError(f'prompt {index} ends by opening a modality (BOM), so force_modality_at_start cannot start another')
             m, shape = forced if isinstance(forced, tuple) else (forced, self.options.fixed_modality_shape or self.default_shape(forced))
             opening, what = (m, tuple(shape)), 'that force_modality_at_start asks for'
             items.extend(header_items(self.vocab, *opening))
@@ -331,8 +328,8 @@ class Sampler:
         row.opening, row.phase = None, 'modality'
         model, options = self.model, self.options
         noise = torch.randn(math.prod(shape), model.config.dim_latent[m], generator = row.generator).to(model.device)
-        if options.init_modality_noise is not None and not row.used_init_noise:
-            noise, row.used_init_noise = given_noise(options.init_modality_noise, noise, m, shape), True
+        if options.init_modality_noise is not None:
+            noise = given_noise(options.init_modality_noise, noise, m, shape)
 
         if options.adaptive:
             row.phase = 'text'
@@ -389,7 +386,9 @@ def header_items(vocab: Vocab, m: int, shape: tuple[int, ...]) -> list[int]:
 def start_items(model, prompt: Prompt, options: SampleOptions) -> tuple[list, tuple | None]:
     """A prompt's items (SOS, its segments, the header of the modality it opens) and that
     modality's (type, shape), the shape resolved to `fixed_modality_shape` or the default
-    where the prompt gives none."""
+    where the prompt gives none. `force_modality_at_start` takes the place of a modality
+    that the prompt opens (as in the public package, where the forced BOM follows the
+    prompt's and is the one that counts)."""
     vocab = model.vocab
     items = [vocab.sos]
     for segment in prompt.segments:
@@ -399,7 +398,7 @@ def start_items(model, prompt: Prompt, options: SampleOptions) -> tuple[list, tu
             m, shape = segment.modality_type, segment.shape
             items.extend([*header_items(vocab, m, shape), latents_item(model, m, segment.latent.reshape(-1, segment.latent.shape[-1]), shape), vocab.eom(m)])
 
-    if prompt.opening is None:
+    if prompt.opening is None or options.force_modality_at_start is not None:
         return items, None
     m, shape = prompt.opening
     if shape is None:
