@@ -378,4 +378,4 @@ def test_sampling_options_are_checked(model):
     with pytest.raises(ValueError):
         model.sample(ode_method = 'rk17')
     with pytest.raises(ValueError):
-        model.sample(max_length = 0)
+        model.sample(max_length = -1)

@@ -1,9 +1,10 @@
 """`sample(max_length = N)`: N is the budget of tokens generated after the prompt, the public
 package's meaning, and it is never exceeded (the public package returns one token more, and
 finishes a modality past it). Generated tokens are all the tokens a row grows by: text, EOS,
-and each modality's META, shape, BOM, latent and EOM tokens. A long prompt is never an error;
-`max_total_length` bounds the whole row, prompt included. The KV cache holds the longest
-prompt and the budget."""
+and each modality's META, shape, BOM, latent and EOM tokens. What the caller asks for is
+outside the budget and always generated: the prompt, however long, and a modality the prompt
+opens or `force_modality_at_start` asks for. `max_total_length` bounds the whole row. The KV
+cache holds the longest request and the budget."""
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ import torch
 from transfusion_pytorch import generation
 from transfusion_pytorch.backends import sequence_length
 from transfusion_pytorch.generation import make_backend
-from transfusion_pytorch.sampler import SampleOptions, start_items
+from transfusion_pytorch.sampler import SampleOptions, requested_length, start_items
 from transfusion_pytorch.prompts import normalize
 
 from conftest import DIM_LATENTS, NUM_TEXT_TOKENS, tiny_model
@@ -36,8 +37,8 @@ def model():
 
 
 def prompt_length(model, prompt, **options) -> int:
-    """SOS and the prompt, as the sampler lays them out."""
-    return sequence_length(start_items(model, normalize(model, prompt, 'prompt'), SampleOptions(**options))[0])
+    """SOS, the prompt and any modality asked for, as the sampler lays them out."""
+    return requested_length(model, *start_items(model, normalize(model, prompt, 'prompt'), SampleOptions(**options)))
 
 
 def sampled_sequences(model, monkeypatch, *args, **kwargs) -> list:
@@ -83,36 +84,44 @@ def test_max_total_length_bounds_the_whole_row(model, max_total_length, monkeypa
     for prompt, items in zip(prompts, sequences):
         start = prompt_length(model, prompt)
         assert sequence_length(items) <= min(start + 10, max_total_length)
-    with pytest.raises(ValueError, match = r'max_total_length = 5 is less than the 19 tokens of prompt 2 \(SOS and the prompt\)'):
+    with pytest.raises(ValueError, match = r'max_total_length = 5 is less than the 19 tokens that prompt 2 asks for'):
         model.sample(prompts, max_total_length = 5)
+    with pytest.raises(ValueError, match = r'max_total_length = 28 is less than the 29 tokens that prompt 2 asks for'):
+        model.sample(prompts, max_total_length = 28, force_modality_at_start = (1, (2, 2)))       # 19 + 10
 
 
-def test_forced_and_fixed_shape_modalities_fit(model):
-    # the forced modality takes 10 generated tokens: META 2 , 2 BOM, 4 latents, EOM
-    for max_length in (10, 11, 14, 19):
-        samples = model.sample(batch_size = 4, max_length = max_length, seed = 1, modality_steps = 1,
-                               force_modality_at_start = (1, (2, 2)), fixed_modality_shape = (2, 2), text_min_p = None)
-        for sample in samples:
-            generated = model.pack([sample]).num_tokens - 2        # less SOS and EOS
-            assert isinstance(sample[1], tuple) and generated <= max_length
-    with pytest.raises(ValueError, match = r'the modality that force_modality_at_start asks for \(type 1, shape \(2, 2\)\) takes 10 '
-                                           r'tokens after prompt 0 .* max_length = 9 leave 9: a modality is never cut'):
-        model.sample(max_length = 9, force_modality_at_start = (1, (2, 2)))
+@pytest.mark.parametrize('max_length', [0, 1, 4, 9])
+def test_the_modality_asked_for_is_outside_the_budget(model, max_length, monkeypatch):
+    # force_modality_at_start: its 10 tokens (META 2 , 2 BOM, 4 latents, EOM) are always generated,
+    # and max_length more at most after them
+    options = dict(max_length = max_length, seed = 1, modality_steps = 1, text_min_p = None)
+    forced = dict(force_modality_at_start = (1, (2, 2)), fixed_modality_shape = (2, 2))
+    sequences = sampled_sequences(model, monkeypatch, [[]] * 4, **forced, **options)
+    assert prompt_length(model, [], **forced) == 1 + 10
+    for items in sequences:
+        assert 0 <= sequence_length(items) - 11 <= max_length
+    monkeypatch.undo()
+    for sample in model.sample(batch_size = 4, **forced, **options):
+        assert isinstance(sample[1], tuple) and sample[1][1].shape == (2, 2, DIM_LATENTS[1])
 
-
-def test_modality_the_prompt_opens_must_fit(model):
-    bom = torch.tensor(model.som_ids[1])                            # opens type 1, default shape (2, 2)
-    sample = model.sample([bom], max_length = 5, seed = 0, modality_steps = 1)      # 4 latents and EOM
-    assert isinstance(sample[1], tuple) and sample[1][1].shape == (2, 2, DIM_LATENTS[1]) and len(sample[2]) == 0
-    with pytest.raises(ValueError, match = r'the modality that the prompt opens \(type 1, shape \(2, 2\)\) takes 5 tokens after '
-                                           r'prompt 0 .* max_length = 4 leave 4'):
-        model.sample([bom], max_length = 4)
+    # the same for a prompt that opens a modality with its BOM (type 1, default shape (2, 2))
+    bom = torch.tensor(model.som_ids[1])
+    sample = model.sample([bom], **options)
+    assert isinstance(sample[1], tuple) and sample[1][1].shape == (2, 2, DIM_LATENTS[1])
+    assert model.pack([sample]).num_tokens - 2 - 10 <= max_length         # less SOS and EOS
+    if max_length == 0:
+        assert len(sample) == 3 and len(sample[0]) == len(sample[2]) == 0
 
 
 def test_kv_cache_holds_the_longest_prompt_and_the_budget(model):
     prompts = [normalize(model, p, 'prompt') for p in (PROMPTS['long'], PROMPTS['one_token'])]
     longest = prompt_length(model, PROMPTS['long'])
-    for options, capacity in [(dict(max_length = 7), longest + 7), (dict(max_length = 7, max_total_length = longest + 3), longest + 3)]:
+    forced = dict(force_modality_at_start = (1, (2, 2)))
+    for options, capacity in [
+        (dict(max_length = 7), longest + 7),
+        (dict(max_length = 7, max_total_length = longest + 3), longest + 3),
+        (dict(max_length = 7, **forced), longest + 10 + 7),
+    ]:
         backend = make_backend(model, prompts, SampleOptions(**options))
         assert backend.cache.max_len == capacity
 

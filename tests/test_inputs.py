@@ -105,21 +105,19 @@ def test_empty_prompts_are_allowed():
         assert isinstance(model().sample(prompt, max_length = 4, seed = 0), list)
 
 
-def test_max_length_too_small_for_a_requested_modality():
-    # a prompt longer than max_length is not an error (tests/test_generation_length.py); a modality
-    # asked for that cannot fit in the budget is, since a modality is never cut
-    with pytest.raises(ValueError, match = r'the modality that force_modality_at_start asks for \(type 0, shape \(3,\)\) takes 7 tokens '
-                                           r'after prompt 0 \(with its header where the sampler writes it, and EOM\), but max_length = 6 leave 6'):
-        model().sample([[text(2)], [text(30)]], max_length = 6, force_modality_at_start = (0, (3,)))   # META 3 BOM, 3 latents, EOM
-    with pytest.raises(ValueError, match = r'max_length = 20 and max_total_length = 9 leave 6'):
-        model().sample([text(2)], max_length = 20, max_total_length = 9, force_modality_at_start = (0, (3,)))
-    with pytest.raises(ValueError, match = r'max_total_length = 10 is less than the 31 tokens of prompt 1'):
+def test_max_total_length_below_what_a_prompt_asks_for():
+    # a prompt longer than max_length is not an error (tests/test_generation_length.py); one that
+    # max_total_length cannot hold, with the modality it asks for, is
+    with pytest.raises(ValueError, match = r'max_total_length = 10 is less than the 31 tokens that prompt 1 asks for \(SOS, the prompt, '
+                                           r'and a modality that it opens or force_modality_at_start asks for\)'):
         model().sample([[text(2)], [text(30)]], max_total_length = 10)
+    with pytest.raises(ValueError, match = r'max_total_length = 9 is less than the 10 tokens that prompt 0 asks for'):
+        model().sample([text(2)], max_total_length = 9, force_modality_at_start = (0, (3,)))   # SOS, 2, META 3 BOM, 3 latents, EOM
 
 
 def test_bad_sampling_options():
     cases = [
-        (dict(max_length = 0), r'max_length must be a positive int \(the tokens to generate after the prompt\), got 0'),
+        (dict(max_length = -1), r'max_length must be an int >= 0 \(the tokens to generate after the prompt\), got -1'),
         (dict(max_total_length = 2.5), r'max_total_length must be None or a positive int \(the tokens of a row, prompt included\), got 2.5'),
         (dict(text_temperature = -1.), 'text_temperature must be >= 0, got -1.0'),
         (dict(ode_method = 'rk99'), "ode_method must be one of .* got 'rk99'"),

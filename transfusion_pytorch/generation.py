@@ -15,12 +15,12 @@ import torch
 from torch import Tensor
 
 from . import solvers
-from .backends import CachedBackend, ReferenceBackend, Request, sequence_length
+from .backends import CachedBackend, ReferenceBackend, Request
 from .config import closest_key_error, is_positive_int
 from .guidance import GuidedBackend
 from .inputs import describe, is_text_dtype
 from .prompts import Prompt, decoded, is_batch, normalize, to_output
-from .sampler import SampleOptions, Sampler, check_method, check_modality, latents_item, row_limit, start_items
+from .sampler import SampleOptions, Sampler, check_method, check_modality, latents_item, requested_length, row_limit, start_items
 from .sampling import sample_token
 
 
@@ -65,7 +65,7 @@ def make_backend(model, prompts: list[Prompt | list], options: SampleOptions, us
     or not, with a second, unconditional set of rows when guidance is on (`cfg_scale != 1`;
     at 1 the guided velocity is the conditional one, so the unconditional branch is not run)."""
     prompts = [p if isinstance(p, Prompt) else Prompt(list(p)) for p in prompts]
-    capacity = max(row_limit(sequence_length(start_items(model, p, options)[0]), options) for p in prompts)
+    capacity = max(row_limit(requested_length(model, *start_items(model, p, options)), options) for p in prompts)
 
     def one():
         return CachedBackend(model, len(prompts), capacity) if use_cache else ReferenceBackend(model, len(prompts))

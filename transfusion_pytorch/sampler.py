@@ -25,12 +25,12 @@ The budget. `max_length` is the number of tokens a row may generate after its pr
 is never exceeded. Generated are all the tokens the sequence grows by: text, EOS, and every
 modality's META, shape tokens, BOM, latent tokens (as many as it takes in the sequence) and
 EOM, so that the budget bounds the compute and the KV cache (preallocated for the longest
-prompt plus the budget). The prompt's tokens are not counted: SOS, the prompt as given (each
-modality with its header and EOM) and the header of a modality that the prompt opens. The
-header of `force_modality_at_start`'s modality is written by the sampler, so it is counted.
-`max_total_length` bounds the whole row instead, SOS and prompt included. A modality the model
-starts that would not fit is not started (the row ends there); one that the prompt or
-`force_modality_at_start` asks for and that cannot fit is an error.
+request plus the budget). What the caller asks for is not counted and always generated in
+full: SOS, the prompt as given (each modality with its header and EOM) and the modality to
+start with, which the prompt opens (ends with its BOM) or `force_modality_at_start` asks for
+(its header, latent tokens and EOM). A modality the model starts itself that would not fit is
+not started: the row ends there. `max_total_length` bounds the whole row instead, everything
+included.
 
 Every row advances through its own phase; each step is one model call for the whole batch
 (two during ODE stages with classifier-free guidance: `guidance.GuidedBackend` adds the
@@ -58,7 +58,7 @@ from .vocab import Vocab
 
 @dataclass(frozen = True, kw_only = True)
 class SampleOptions:
-    max_length: int = 2048                          # tokens to generate per row after the prompt, structure and latent tokens included
+    max_length: int = 2048                          # tokens a row generates after the prompt (and the modality it asks for)
     max_total_length: int | None = None             # tokens per row in all, SOS and the prompt included; None: no such bound
     text_temperature: float = 1.                    # 0 is greedy
     text_min_p: float | None = 0.1
@@ -75,8 +75,8 @@ class SampleOptions:
     cfg_scale: float = 1.                           # classifier-free guidance; 1 is off (and costs nothing)
 
     def __post_init__(self):
-        if not is_positive_int(self.max_length):
-            raise ValueError(f'max_length must be a positive int (the tokens to generate after the prompt), got {self.max_length!r}')
+        if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 0:
+            raise ValueError(f'max_length must be an int >= 0 (the tokens to generate after the prompt), got {self.max_length!r}')
         if self.max_total_length is not None and not is_positive_int(self.max_total_length):
             raise ValueError(f'max_total_length must be None or a positive int (the tokens of a row, prompt included), '
                              f'got {self.max_total_length!r}')
@@ -185,28 +185,12 @@ class Sampler:
     def open(self, row: Row, prompt: Prompt | list, index: int = 0) -> Request:
         """The row's first request: SOS, the prompt and the header of a modality to start with."""
         prompt = prompt if isinstance(prompt, Prompt) else Prompt(list(prompt))
-        items, opening = start_items(self.model, prompt, self.options)
-        prompt_length = sequence_length(items)
-        row.limit = row_limit(prompt_length, self.options)
-        if row.limit < prompt_length:
-            raise ValueError(f'max_total_length = {self.options.max_total_length} is less than the {prompt_length} tokens of '
-                             f'prompt {index} (SOS and the prompt)')
-
-        forced, what = self.options.force_modality_at_start, 'that the prompt opens'
-        if forced is not None:
-            m, shape = forced if isinstance(forced, tuple) else (forced, self.options.fixed_modality_shape or self.default_shape(forced))
-            opening, what = (m, tuple(shape)), 'that force_modality_at_start asks for'
-            items.extend(header_items(self.vocab, *opening))
-
-        if opening is not None:
-            row.opening = opening
-            needed = sequence_length(items) + self.model.num_modality_tokens(*opening) + 1     # its latent tokens and EOM
-            if needed > row.limit:
-                bound = f'max_length = {self.options.max_length}' + (
-                    f' and max_total_length = {self.options.max_total_length}' if self.options.max_total_length is not None else '')
-                raise ValueError(f'the modality {what} (type {opening[0]}, shape {opening[1]}) takes {needed - prompt_length} tokens '
-                                 f'after prompt {index} (with its header where the sampler writes it, and EOM), but {bound} '
-                                 f'leave {row.limit - prompt_length}: a modality is never cut')
+        items, row.opening = start_items(self.model, prompt, self.options)
+        requested = requested_length(self.model, items, row.opening)
+        row.limit = row_limit(requested, self.options)
+        if row.limit < requested:
+            raise ValueError(f'max_total_length = {self.options.max_total_length} is less than the {requested} tokens that prompt '
+                             f'{index} asks for (SOS, the prompt, and a modality that it opens or force_modality_at_start asks for)')
         return Request(items)
 
     def advance(self, rows: list[Row], outputs: list[Tensor | None]) -> list[Request | None]:
@@ -384,11 +368,10 @@ def header_items(vocab: Vocab, m: int, shape: tuple[int, ...]) -> list[int]:
 
 
 def start_items(model, prompt: Prompt, options: SampleOptions) -> tuple[list, tuple | None]:
-    """A prompt's items (SOS, its segments, the header of the modality it opens) and that
-    modality's (type, shape), the shape resolved to `fixed_modality_shape` or the default
-    where the prompt gives none. `force_modality_at_start` takes the place of a modality
-    that the prompt opens (as in the public package, where the forced BOM follows the
-    prompt's and is the one that counts)."""
+    """A prompt's items (SOS, its segments, the header of a modality to start with) and that
+    modality's (type, shape). It is the one `force_modality_at_start` asks for, else the one
+    the prompt opens (as in the public package, where the forced BOM follows the prompt's and
+    is the one that counts); without a shape, of `fixed_modality_shape` or the default."""
     vocab = model.vocab
     items = [vocab.sos]
     for segment in prompt.segments:
@@ -398,21 +381,30 @@ def start_items(model, prompt: Prompt, options: SampleOptions) -> tuple[list, tu
             m, shape = segment.modality_type, segment.shape
             items.extend([*header_items(vocab, m, shape), latents_item(model, m, segment.latent.reshape(-1, segment.latent.shape[-1]), shape), vocab.eom(m)])
 
-    if prompt.opening is None or options.force_modality_at_start is not None:
+    forced = options.force_modality_at_start
+    if forced is None and prompt.opening is None:
         return items, None
-    m, shape = prompt.opening
+    m, shape = (forced if isinstance(forced, tuple) else (forced, None)) if forced is not None else prompt.opening
     if shape is None:
         shape = options.fixed_modality_shape or model.config.modality_default_shape[m]
-        if shape is None:
-            raise ValueError(f'the prompt opens modality type {m} without a shape, and that type has no modality_default_shape '
-                             f'(write META and the shape before its BOM, or pass fixed_modality_shape)')
+    if shape is None and forced is not None:
+        raise ValueError(f'modality type {m} has no modality_default_shape to fall back to')
+    if shape is None:
+        raise ValueError(f'the prompt opens modality type {m} without a shape, and that type has no modality_default_shape '
+                         f'(write META and the shape before its BOM, or pass fixed_modality_shape)')
     items.extend(header_items(vocab, m, shape))
     return items, (m, tuple(shape))
 
 
-def row_limit(prompt_length: int, options: SampleOptions) -> int:
-    """The most tokens a row may hold: its prompt's and `max_length` more, within `max_total_length`."""
-    limit = prompt_length + options.max_length
+def requested_length(model, items: list, opening: tuple | None) -> int:
+    """The tokens a row holds before it generates anything of its own: SOS, the prompt and the
+    modality to start with (header, latent tokens and EOM), which is always generated in full."""
+    return sequence_length(items) + (model.num_modality_tokens(*opening) + 1 if opening is not None else 0)
+
+
+def row_limit(requested: int, options: SampleOptions) -> int:
+    """The most tokens a row may hold: what it was asked for and `max_length` more, within `max_total_length`."""
+    limit = requested + options.max_length
     return limit if options.max_total_length is None else min(limit, options.max_total_length)
 
 

@@ -61,10 +61,9 @@ def draw(model, codec, labels: list[int], modality_steps: int = 16, seed: int = 
     for start in range(0, len(labels), batch_size):
         chunk = labels[start:start + batch_size]
         prompts = [[torch.tensor([DRAW, label])] for label in chunk]
-        # generated after the prompt: META, shape tokens, BOM, the latents and EOM; it stops after the image
-        max_length = 2 + len(model.vocab.encode_shape(shape)) + model.num_modality_tokens(0, shape) + 1
+        # the forced image is generated in full; max_length = 0: nothing after it
         samples = model.sample(
-            prompts, force_modality_at_start = (0, shape), max_length = max_length,
+            prompts, force_modality_at_start = (0, shape), max_length = 0,
             modality_steps = modality_steps, seed = seed + start, return_latents = True,
         )
         images.append(codec.decode(torch.stack([first_modality(s) for s in samples])))
