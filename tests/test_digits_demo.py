@@ -132,12 +132,30 @@ def test_cli_train_sample_eval(tmp_path, capsys):
     assert 'captioning:' in capsys.readouterr().out
 
 
-def test_cli_sample_on_another_model_writes_its_samples(tmp_path):
+def test_cli_sample_on_another_model_writes_its_samples(tmp_path, capsys):
     from transfusion_pytorch import Transfusion
     model = Transfusion(num_text_tokens = 16, dim_latent = 8, modality_default_shape = (2,), transformer = dict(dim = 16, depth = 1, dim_head = 8, heads = 2))
     model.save_pretrained(tmp_path / 'toy')
     cli.main(['sample', str(tmp_path / 'toy'), '--num', '2', '--max-length', '16', '--modality-steps', '2', '--out', str(tmp_path / 'toy.pt')])
     samples = torch.load(tmp_path / 'toy.pt', weights_only = False)
     assert len(samples) == 2 and all(isinstance(sample, list) for sample in samples)
-    with pytest.raises(SystemExit, match = 'digits models'):
+    with pytest.raises(SystemExit) as exit:
         cli.main(['eval', str(tmp_path / 'toy')])
+    assert exit.value.code == 2 and 'transfusion eval knows the digits models' in capsys.readouterr().err
+
+
+def test_evaluation_counts_are_checked():
+    """`--captions -5` once captioned 355 digits (a negative slice) and `--per-label 0` ended in torch.cat."""
+    from transfusion_pytorch import Transfusion
+    from transfusion_pytorch.demos import digits_eval
+    codec = PatchCodec(4)
+    model = Transfusion(num_text_tokens = 12, dim_latent = codec.dim_latent, modality_default_shape = codec.shape,
+                        transformer = dict(dim = 16, depth = 1, dim_head = 8, heads = 2))
+    for options, message in [(dict(per_label = 0), 'per_label must be a positive int, got 0'),
+                             (dict(modality_steps = 0), 'modality_steps must be a positive int, got 0'),
+                             (dict(num_captions = -5), r'num_captions must be None \(all\) or an int in \[1, 360\]'),
+                             (dict(num_captions = 361), r'num_captions must be None \(all\) or an int in \[1, 360\]')]:
+        with pytest.raises(ValueError, match = message):
+            digits_eval.evaluate(model, codec, **options)
+    with pytest.raises(ValueError, match = 'labels: expected at least one label to draw, got none'):
+        digits_eval.draw(model, codec, [])

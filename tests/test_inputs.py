@@ -80,6 +80,13 @@ def test_bad_times():
         model()(batch, times = torch.tensor([[0.5]]))
     with pytest.raises(ValueError, match = r'`times` must lie in \[0, 1\]'):
         model()(batch, times = torch.tensor([[0.5, 1.5]]))
+    for bad in (float('nan'), float('inf'), -float('inf')):
+        with pytest.raises(ValueError, match = rf'`times` must lie in \[0, 1\] \(0 is noise, 1 is data\), got {bad} at times\[0, 1\]'):
+            model()(batch, times = torch.tensor([[0.5, bad]]))
+        with pytest.raises(ValueError, match = r'`times` must lie in \[0, 1\]'):
+            model()(batch, num_modalities_to_times_fn = lambda counts: torch.full((1, 2), bad))
+    # a time past a sample's modalities is never used, whatever it holds
+    assert torch.isfinite(model()(batch, times = torch.tensor([[0.5, 0.2, float('nan')]])))
 
 
 def test_bad_prompt():
@@ -202,3 +209,52 @@ def test_bad_config():
         tiny_model(num_text_tokens = 0)
     with pytest.raises(ValueError, match = 'modality_default_shape of type 0 must have positive sizes'):
         tiny_model(modality_default_shape = ((0,), (2, 2)))
+
+
+BAD_CONFIGS = [
+    # (keywords, error type, the message)
+    (dict(flow_loss_weight = -1.), ValueError, 'flow_loss_weight must be a finite number >= 0 (one, or one per modality type), got -1.0'),
+    (dict(flow_loss_weight = (1., -2.)), ValueError, 'flow_loss_weight must be a finite number >= 0 (one, or one per modality type), got -2.0'),
+    (dict(flow_loss_weight = float('nan')), ValueError, 'flow_loss_weight must be a finite number >= 0 or a tuple of 2 of them'),
+    (dict(text_loss_weight = -1.), ValueError, 'text_loss_weight must be a finite number >= 0, got -1.0'),
+    (dict(text_loss_weight = '1'), ValueError, "text_loss_weight must be a finite number >= 0, got '1'"),
+    (dict(reconstruction_loss_weight = float('inf')), ValueError, 'reconstruction_loss_weight must be a finite number >= 0, got inf'),
+    (dict(velocity_consistency_loss_weight = float('nan')), ValueError, 'velocity_consistency_loss_weight must be a finite number >= 0, got nan'),
+    (dict(prob_uncond = '0.1'), ValueError, "prob_uncond must lie in [0, 1], got '0.1'"),
+    (dict(model_output_clean = 'no'), ValueError, "model_output_clean must be True or False, got 'no'"),
+    (dict(fallback_to_default_shape_if_invalid = 1), ValueError, 'fallback_to_default_shape_if_invalid must be True or False, got 1'),
+    (dict(num_text_tokens = True), ValueError, 'num_text_tokens must be a positive int, got True'),
+    (dict(dim_latent = (6, 2.5)), ValueError, 'dim_latent must be a positive int or a tuple of them, got (6, 2.5)'),
+    (dict(modality_num_dim = (1, -1)), ValueError, 'modality_num_dim of type 1 must be an int >= 0 (the number of axes) or None (any), got -1'),
+    (dict(modality_default_shape = 4), ValueError, 'modality_default_shape must be a shape (a tuple of ints, e.g. (8, 8)) or None or a tuple of 2 of them'),
+    (dict(modality_default_shape = ((2,), 'ab')), ValueError, "modality_default_shape of modality type 1 must be a shape (a tuple of ints, e.g. (8, 8)) or None, got 'ab'"),
+    (dict(channel_first_latent = (False, 1)), ValueError, 'channel_first_latent of modality type 1 must be True or False, got 1'),
+    (dict(modality_encoder = (None, 'vae')), ValueError, "modality_encoder of modality type 1 must be a module or None, got 'vae'"),
+    (dict(transformer = 512), TypeError, "transformer must be a dict of the transformer's options, e.g. dict(dim = 512, depth = 8), got 512"),
+    (dict(transformer = dict(dim = 32, depth = 1, dim_time = 7)), ValueError, 'transformer.dim_time must be even (the time features are sine and cosine pairs), got 7'),
+    (dict(transformer = dict(dim = 32, depth = 1, rotary_theta = 0)), ValueError, 'transformer.rotary_theta must be a positive number, got 0'),
+    (dict(transformer = dict(dim = 32, depth = 1, ff_expansion_factor = float('nan'))), ValueError, 'transformer.ff_expansion_factor must be a positive number, got nan'),
+    (dict(transformer = dict(dim = 4, depth = 1, dim_head = 2, heads = 1, ff_expansion_factor = 0.2)), ValueError, 'transformer.ff_expansion_factor 0.2 leaves the feed-forward of dim 4 without a hidden unit'),
+    (dict(transformer = dict(dim = 32, depth = 1, unet_skips = 'yes')), ValueError, "transformer.unet_skips must be True or False, got 'yes'"),
+    (dict(transformer = dict(dim = 32, depth = 1, use_flex_attn = 1)), ValueError, 'transformer.use_flex_attn must be True, False or None (on CUDA only), got 1'),
+    (dict(transformer = dict(dim = 32, depth = 1, attn_dropout = '0.1')), ValueError, "transformer.attn_dropout must lie in [0, 1), got '0.1'"),
+]
+
+
+@pytest.mark.parametrize('kwargs, error, message', BAD_CONFIGS, ids = [str(case[0])[:60] for case in BAD_CONFIGS])
+def test_bad_config_values(kwargs, error, message):
+    with pytest.raises(error) as info:
+        tiny_model(**kwargs)
+    assert message in str(info.value), str(info.value)
+
+
+def test_a_default_shape_given_as_a_list_is_that_shape():
+    """`modality_default_shape = [4]` is the shape (4,), as torch takes sizes as lists too."""
+    one_type = dict(dim_latent = 6, modality_num_dim = None)
+    assert tiny_model(**one_type, modality_default_shape = [4]).config.modality_default_shape == ((4,),)
+    assert tiny_model(modality_default_shape = [[3], [2, 2]]).config.modality_default_shape == ((3,), (2, 2))
+    assert tiny_model(modality_default_shape = [4]).config.modality_default_shape == ((4,), (4,))
+    with pytest.raises(ValueError, match = 'modality_default_shape .* of type 1 has 1 axes but modality_num_dim is 2'):
+        tiny_model(modality_default_shape = [4], modality_num_dim = (1, 2))
+    model = tiny_model(**one_type, modality_default_shape = [4])
+    assert model.sample(max_length = 12, force_modality_at_start = 0, seed = 0)[0][1].shape == (4, 6)

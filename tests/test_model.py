@@ -258,3 +258,73 @@ def test_text_logits_match_the_loss_and_a_causal_prefix(one_thread):
 
     with pytest.raises(ValueError, match = 'return_loss = False takes Int'):
         model(torch.randn(2, 4, DIM_LATENTS[0]), return_loss = False)
+
+
+def test_latents_of_any_dtype_are_float32_per_sample():
+    """A float64 sample next to a float16 one: each is packed in float32 (the model's rule), so
+    neither is rounded to the other's dtype and each loss is the one it has alone."""
+    model = tiny_model().eval()
+    x64 = torch.randn(3, DIM_LATENTS[0], dtype = torch.float64) * (1 + 1e-4)      # values float16 cannot hold
+    x16 = torch.randn(2, DIM_LATENTS[0]).half()
+    samples = [[torch.tensor([1, 2]), (0, x64)], [torch.tensor([3]), (0, x16)]]
+
+    for batch in (samples, samples[::-1]):
+        packed = model.pack(batch)
+        assert packed.latents[0].dtype == torch.float32
+        rows = dict(zip((id(sample) for sample in batch), packed.latents[0].split([s[1][1].shape[0] for s in batch])))
+        assert torch.equal(rows[id(samples[0])], x64.float()) and torch.equal(rows[id(samples[1])], x16.float())
+
+        noise = [per_sample_noise(sample) for sample in batch]
+        together = model.compute_loss(*fixed_noise_and_times(model, batch, noise, [[0.4]] * 2))
+        for doc, sample in enumerate(batch):
+            alone = model.compute_loss(*fixed_noise_and_times(model, [sample], [noise[doc]], [[0.4]]))
+            assert torch.equal(together.per_sample_flow[doc], alone.per_sample_flow[0])
+
+    # a float64 model keeps float64 (gradcheck runs through it)
+    assert model.double().pack(samples).latents[0].dtype == torch.float64
+
+
+@pytest.mark.parametrize('transformer', [dict(), dict(num_residual_streams = 2, num_residual_fracs = 2, use_value_residual = True)])
+def test_a_model_built_on_the_meta_device_and_loaded_is_the_same_model(transformer):
+    """`with torch.device('meta')`, `to_empty`, `load_state_dict`: the way FSDP and large
+    checkpoints build models. Nothing may be left uninitialised (rotary frequencies included)."""
+    options = dict(transformer = dict(dim = 32, depth = 2, dim_head = 8, heads = 2, **transformer))
+    reference = tiny_model(**options).eval()
+    with torch.device('meta'):
+        model = tiny_model(**options)
+    model.to_empty(device = 'cpu')
+    model.load_state_dict(reference.state_dict())
+    model.eval()
+
+    batch = [[torch.tensor([1, 2, 3]), (0, torch.randn(3, DIM_LATENTS[0])), (1, torch.randn(2, 2, DIM_LATENTS[1])), torch.tensor([4, 5])]]
+    noise = [per_sample_noise(sample) for sample in batch]
+    expected = reference.compute_loss(*fixed_noise_and_times(reference, batch, noise, [[0.3, 0.7]]))
+    got = model.compute_loss(*fixed_noise_and_times(model, batch, noise, [[0.3, 0.7]]))
+    assert torch.equal(expected.total, got.total)
+    assert not any(buffer.is_meta for buffer in model.buffers())
+    text = torch.randint(0, NUM_TEXT_TOKENS, (1, 4))
+    assert torch.equal(reference.generate_text_only(text, 8, seed = 0), model.generate_text_only(text, 8, seed = 0))
+
+
+def batchnorm_encoder():
+    """A raw (3, h, w) image -> (DIM_LATENTS[1], h, w) latents, with BatchNorm running statistics."""
+    encoder = nn.Sequential(nn.Conv2d(3, DIM_LATENTS[1], 1), nn.BatchNorm2d(DIM_LATENTS[1]))
+    with torch.no_grad():
+        encoder[1].running_mean.uniform_(-1, 1)
+        encoder[1].running_var.uniform_(0.5, 2)
+    return encoder.eval().requires_grad_(False)
+
+
+def test_encoders_stay_in_eval_mode_and_frozen_whatever_the_model_mode():
+    encoder = batchnorm_encoder()
+    before = copy.deepcopy(encoder.state_dict())
+    model = tiny_model(channel_first_latent = (False, True), modality_encoder = (None, encoder))
+    batch = [[torch.tensor([1, 2]), (1, torch.randn(3, 2, 2) * 5 + 3)]]
+
+    for mode in (True, False, True):
+        model.train(mode)
+        assert model.training == mode and not encoder.training
+        model(batch).backward()
+
+    assert all(torch.equal(before[key], value) for key, value in encoder.state_dict().items())
+    assert all(p.grad is None and not p.requires_grad for p in encoder.parameters())

@@ -89,3 +89,29 @@ def test_an_unfinished_checkpoint_is_detected(tmp_path):
         verify(newest)
     with pytest.warns(UserWarning), pytest.raises(CorruptCheckpoint, match = 'no usable checkpoint'):
         run(tmp_path, max_steps = 3)
+
+
+def read_metrics(out_dir):
+    import json
+    return [json.loads(line) for line in (out_dir / 'metrics.jsonl').read_text().splitlines()]
+
+
+def test_a_resumed_run_drops_the_metrics_logged_after_its_checkpoint(tmp_path):
+    _, full = run(tmp_path / 'full')
+
+    with pytest.raises(Interrupt):
+        run(tmp_path / 'crashed', callbacks = [interrupt_at(5)])         # steps 1-4 logged; last checkpoint at 3
+    metrics = tmp_path / 'crashed' / 'metrics.jsonl'
+    assert [row['step'] for row in read_metrics(tmp_path / 'crashed')] == [1, 2, 3, 4]
+    with open(metrics, 'a') as file:
+        file.write('{"step": 5, "loss": 0.')                            # and a row cut short by a kill mid-write
+
+    run(tmp_path / 'crashed')
+    rows = read_metrics(tmp_path / 'crashed')
+    assert [row['step'] for row in rows] == list(range(1, 9))            # each step once: the lost run's step 4 is gone
+    assert [row['loss'] for row in rows] == [row['loss'] for row in read_metrics(tmp_path / 'full')]
+    assert not metrics.with_name('metrics.jsonl.tmp').exists()
+
+    # a finished run rerun drops nothing
+    run(tmp_path / 'crashed')
+    assert [row['step'] for row in read_metrics(tmp_path / 'crashed')] == list(range(1, 9))

@@ -6,7 +6,8 @@
 
 A CONFIG is a small TOML file of `key = value` lines (see `transfusion train --help` for the
 keys); `--key value` overrides it. A RUN is a run folder written by `transfusion train`; a
-MODEL a folder written by `save_pretrained`.
+MODEL a folder written by `save_pretrained`. An error in what is asked (a bad option, number,
+prompt or config, a missing run) is one line, `transfusion: error: ...`, and exit status 2.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,12 +23,56 @@ import torch
 from .config_files import ConfigError, describe, parse_overrides
 
 
-def digits_config_class():
-    from .demos.digits_job import DigitsConfig
-    return DigitsConfig
+class UsageError(Exception):
+    """Something asked of the CLI that cannot be done: one line on stderr and exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's own errors (a missing argument, a number that is not one) as UsageError, so
+    that they read as one line like every other error of the CLI."""
+
+    def error(self, message: str):
+        raise UsageError(f'{message} (see {self.prog} --help)')
+
+
+def int_at_least(minimum: int):
+    """An argparse type: an int >= `minimum`, or an error naming the option."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'expected an int >= {minimum}, got {text!r}') from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f'expected an int >= {minimum}, got {value}')
+        return value
+    return parse
+
+
+positive_int = int_at_least(1)
 
 
 # loading a run or a model
+
+@dataclass
+class Loaded:
+    """A run folder or a model folder, loaded for `sample` or `eval`."""
+    path: Path
+    model: object                   # Transfusion
+    config: object | None           # the run's DigitsConfig; None for a model folder
+    codec: object | None            # the digits codec; None for a model that is not a digits model
+
+    @property
+    def kind(self) -> str:
+        """What a prompt means to it: 'digits' ("draw <digit>" through the digits vocabulary) or
+        'model' (any other model: no tokenizer is saved with it, so no text prompt)."""
+        return 'digits' if self.codec is not None else 'model'
+
+    def modality_steps(self, requested: int | None) -> int:
+        """--modality-steps when given, else the run's modality_steps, else 16."""
+        if requested is not None:
+            return requested
+        return self.config.modality_steps if self.config is not None else 16
+
 
 def resolve(path: str, ema: bool = True):
     """(model directory, run config or None) for a run folder or a pretrained model folder."""
@@ -38,11 +84,13 @@ def resolve(path: str, ema: bool = True):
         if not (model_dir / 'config.json').exists():
             model_dir = path / 'pretrained'
         if not (model_dir / 'config.json').exists():
-            raise SystemExit(f'{path} has no trained model yet (no pretrained/ folder): has its training finished?')
+            raise UsageError(f'{path} has no trained model yet (no pretrained/ folder): has its training finished?')
         return model_dir, config
     if (path / 'config.json').exists():
+        if not ema:
+            raise UsageError(f"--no-ema picks a run folder's online weights; {path} is a model folder, with one set of weights")
         return path, None
-    raise SystemExit(f'{path} is neither a run folder (with config.toml) nor a model folder (with config.json)')
+    raise UsageError(f'{path} is neither a run folder (with config.toml) nor a model folder (with config.json)')
 
 
 def digits_codec_of(model, config, run_dir):
@@ -60,13 +108,33 @@ def digits_codec_of(model, config, run_dir):
     return PatchCodec(patch) if patch * patch == model.config.dim_latent[0] and 8 % patch == 0 else None
 
 
-def load_model(path: str, ema: bool = True):
+def load(path: str, ema: bool = True) -> Loaded:
     from .model import Transfusion
     model_dir, config = resolve(path, ema)
     if config is not None and config.threads > 0:
         torch.set_num_threads(config.threads)            # as the run trained
-    model = Transfusion.from_pretrained(model_dir)
-    return model, config, digits_codec_of(model, config, path)
+    try:
+        model = Transfusion.from_pretrained(model_dir)
+    except ValueError as error:                         # a config.json or weights that do not load (bad JSON included)
+        raise UsageError(f'cannot load the model in {model_dir}: {error}') from None
+    return Loaded(Path(path), model, config, digits_codec_of(model, config, path))
+
+
+def output_path(text: str, image: bool = False) -> Path:
+    """The --out file, checked before any work: not a folder, under no file, an image format
+    matplotlib writes (for images). Missing folders are made when it is written."""
+    out = Path(text)
+    if out.is_dir():
+        raise UsageError(f'--out: {out} is a folder; give a file name')
+    blocking = next((parent for parent in out.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise UsageError(f'--out: {blocking} is a file, so {out} cannot be written')
+    if image:
+        from matplotlib.backend_bases import FigureCanvasBase
+        formats = sorted(FigureCanvasBase.get_supported_filetypes())
+        if out.suffix.lower().lstrip('.') not in formats:
+            raise UsageError(f"--out: an image needs one of the suffixes {', '.join('.' + f for f in formats)}, got {out.name!r}")
+    return out
 
 
 # commands
@@ -79,40 +147,70 @@ def command_train(args, extra: list[str]):
 
 
 def command_sample(args):
-    from .demos import digits_eval, plots
-    from .demos.digits import tokenize, detokenize
-    model, config, codec = load_model(args.model, ema = not args.no_ema)
-    steps = args.modality_steps or (config.modality_steps if config else 16)
+    """Samples by the kind of run (`Loaded.kind`): a new kind of run (one with a tokenizer of its
+    own) adds its sampler to SAMPLERS."""
+    loaded = load(args.model, ema = not args.no_ema)
+    return SAMPLERS[loaded.kind](loaded, args)
 
-    if codec is None:
-        # any other model: sample in the list form and save it
-        samples = model.sample(batch_size = args.num, seed = args.seed, modality_steps = steps, max_length = args.max_length)
-        out = Path(args.out or 'samples.pt')
-        torch.save(samples, out)
-        print(f'wrote {len(samples)} samples to {out}')
-        return
 
-    words = args.prompt.split()
+def digits_label(prompt: str) -> int:
+    """The digit of a digits prompt: "draw 3", or just "3"."""
+    from .demos.digits import detokenize, tokenize
+    words = prompt.split()
     if len(words) == 1 and words[0].isdigit():
         words = ['draw', words[0]]          # "3" is short for "draw 3"
-    prompt = tokenize(' '.join(words))
-    if len(prompt) != 2 or detokenize(prompt[:1]) != 'draw' or not 0 <= int(prompt[1]) <= 9:
-        raise SystemExit(f'the digits model draws from prompts "draw <digit>", got {args.prompt!r}')
-    label = int(prompt[1])
-    images = digits_eval.draw(model, codec, [label] * args.num, steps, seed = args.seed)
-    out = Path(args.out or f'draw_{label}.png')
+    try:
+        ids = tokenize(' '.join(words))
+    except ValueError as error:
+        raise UsageError(f'--prompt {prompt!r}: {error}; the digits model draws from prompts "draw <digit>"') from None
+    if len(ids) != 2 or detokenize(ids[:1]) != 'draw' or not 0 <= int(ids[1]) <= 9:
+        raise UsageError(f'--prompt: the digits model draws from prompts "draw <digit>" (or just the digit), got {prompt!r}')
+    return int(ids[1])
+
+
+def sample_digits(loaded: Loaded, args):
+    from .demos import digits_eval, plots
+    if args.max_length is not None:
+        raise UsageError('--max-length is for models other than digits: a digits model writes one prompt and one image')
+    label = digits_label(args.prompt if args.prompt is not None else 'draw 0')
+    out = output_path(args.out or f'draw_{label}.png', image = True)
+    steps = loaded.modality_steps(args.modality_steps)
+    images = digits_eval.draw(loaded.model, loaded.codec, [label] * args.num, steps, seed = args.seed)
     plots.save_digit_grid(images[None], out, [f'draw {label}'])
     predicted = digits_eval.classify(images)
     print(f'wrote {args.num} drawings of "draw {label}" to {out}; a classifier trained on real digits reads them as {predicted.tolist()}')
 
 
+def sample_sequences(loaded: Loaded, args):
+    """Any other model: samples in the list form (text ids and latents), saved with torch.save."""
+    if args.prompt is not None:
+        raise UsageError(f'--prompt: {loaded.path} is not a digits model and records no tokenizer, so a text prompt means '
+                         'nothing to it; sample without --prompt (samples.pt then holds token ids and latents)')
+    out = output_path(args.out or 'samples.pt')
+    steps = loaded.modality_steps(args.modality_steps)
+    max_length = args.max_length if args.max_length is not None else 256
+    samples = loaded.model.sample(batch_size = args.num, seed = args.seed, modality_steps = steps, max_length = max_length)
+    out.parent.mkdir(parents = True, exist_ok = True)
+    torch.save(samples, out)
+    print(f'wrote {len(samples)} samples to {out}')
+
+
+SAMPLERS = dict(digits = sample_digits, model = sample_sequences)
+
+
 def command_eval(args):
     from .demos import digits_eval
-    model, config, codec = load_model(args.model, ema = not args.no_ema)
-    if codec is None:
-        raise SystemExit('transfusion eval knows the digits models (12 text tokens, one image modality); this is another model')
-    steps = args.modality_steps or (config.modality_steps if config else 16)
-    results = digits_eval.evaluate(model, codec, per_label = args.per_label, modality_steps = steps, seed = args.seed, num_captions = args.captions)
+    from .demos.digits import load_split
+    held_out = len(load_split()[1].labels)
+    if args.captions is not None and args.captions > held_out:
+        raise UsageError(f'argument --captions: there are {held_out} held-out digits to caption, got {args.captions}')
+    loaded = load(args.model, ema = not args.no_ema)
+    if loaded.kind != 'digits':
+        raise UsageError(f'transfusion eval knows the digits models (12 text tokens, one image modality); {args.model} is another model')
+    out = output_path(args.out) if args.out else (loaded.path / 'eval.json' if loaded.config is not None else None)
+    steps = loaded.modality_steps(args.modality_steps)
+    results = digits_eval.evaluate(loaded.model, loaded.codec, per_label = args.per_label, modality_steps = steps, seed = args.seed,
+                                   num_captions = args.captions)
 
     print(f"text to image: {results['text_to_image_accuracy']:.1%} of {10 * args.per_label} drawings read as the digit asked for "
           f"(the classifier reads {results['real_classifier_accuracy']:.1%} of held-out real digits right)")
@@ -120,8 +218,8 @@ def command_eval(args):
     print(f"captioning: {results['caption_accuracy']:.1%} of {results['num_captions']} held-out real digits captioned right")
     print(f"held-out losses: text {results['held_out_text_loss']:.4f}, flow {results['held_out_flow_loss']:.4f}")
 
-    out = Path(args.out) if args.out else (Path(args.model) / 'eval.json' if config is not None else None)
     if out is not None:
+        out.parent.mkdir(parents = True, exist_ok = True)
         out.write_text(json.dumps(dict(model = str(args.model), modality_steps = steps, per_label = args.per_label, **results), indent = 2) + '\n')
         print(f'wrote {out}')
     return results
@@ -130,28 +228,35 @@ def command_eval(args):
 # the parser
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog = 'transfusion', description = __doc__, formatter_class = argparse.RawDescriptionHelpFormatter)
+    from .demos.digits_job import RERUN_KEYS, DigitsConfig
+    parser = Parser(prog = 'transfusion', description = __doc__, formatter_class = argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest = 'command', required = True, metavar = 'COMMAND')
 
     train = commands.add_parser(
         'train', help = 'train a job (default: the digits demo)', formatter_class = argparse.RawDescriptionHelpFormatter,
-        description = 'Train a job from a TOML config (default: the digits demo, about 10 minutes on 2 CPU cores), '
-                      'writing a run folder with the config, checkpoints, metrics.jsonl, loss.png and sample grids. '
-                      'Rerunning the same command resumes from the newest checkpoint.',
-        epilog = 'config keys, in the TOML file as `key = value` or on the command line as --key value:\n' + describe(digits_config_class()),
+        description = 'Train a job from a TOML config (default: the digits demo, 2,500 steps in under 2 minutes on 2 idle CPU '
+                      'cores), writing a run folder with the config, checkpoints, metrics.jsonl, loss.png and sample grids. '
+                      'The whole config is checked before anything is written.\n\n'
+                      'Rerunning the same command resumes from the newest checkpoint, and drops the metrics.jsonl rows '
+                      'logged after it. A rerun may change only ' + ', '.join(RERUN_KEYS) + ' (how long the run goes on '
+                      'and how it is run and watched: none changes the model, the data or the updates so far); another key '
+                      "that differs from the run's config.toml is refused, naming the keys.",
+        epilog = 'config keys, in the TOML file as `key = value` or on the command line as --key value:\n' + describe(DigitsConfig),
     )
     train.add_argument('config', nargs = '?', help = 'a TOML file of key = value lines; omitted: the defaults below')
 
     sample = commands.add_parser('sample', help = 'draw images (digits model) or sample sequences from a trained model',
                                  description = 'Sample from a run folder or a saved model. For a digits model, draws --num images for '
-                                               'the prompt and writes them as one PNG.')
+                                               'the prompt and writes them as one image; for another model, writes --num samples '
+                                               '(text ids and latents) with torch.save.')
     sample.add_argument('model', metavar = 'RUN_OR_MODEL', help = 'a run folder (runs/digits) or a save_pretrained folder')
-    sample.add_argument('--prompt', default = 'draw 0', help = 'for the digits model "draw <digit>" (or just the digit); default "draw 0"')
-    sample.add_argument('--num', type = int, default = 8, help = 'how many samples (default 8)')
+    sample.add_argument('--prompt', help = 'for a digits model "draw <digit>" (or just the digit; default "draw 0"); '
+                                           'other models record no tokenizer, and take no prompt')
+    sample.add_argument('--num', type = positive_int, default = 8, help = 'how many samples (default 8)')
     sample.add_argument('--out', help = 'output file (default draw_<digit>.png, or samples.pt for other models)')
     sample.add_argument('--seed', type = int, default = 0, help = 'seed of the noise (default 0)')
-    sample.add_argument('--modality-steps', type = int, help = "ODE steps per image (default: the run's modality_steps, else 16)")
-    sample.add_argument('--max-length', type = int, default = 256, help = 'tokens to generate per sample for models other than digits (default 256)')
+    sample.add_argument('--modality-steps', type = positive_int, help = "ODE steps per image (default: the run's modality_steps, else 16)")
+    sample.add_argument('--max-length', type = positive_int, help = 'the max_length of model.sample (tokens to generate per sample), for models other than digits (default 256)')
     sample.add_argument('--no-ema', action = 'store_true', help = "use a run's online weights instead of its EMA weights")
 
     evaluate = commands.add_parser('eval', help = 'evaluate a digits model: text-to-image and captioning accuracy, held-out losses',
@@ -159,20 +264,21 @@ def build_parser() -> argparse.ArgumentParser:
                                                  'captioning accuracy on held-out real digits and held-out losses; written to '
                                                  '<run>/eval.json for a run folder.')
     evaluate.add_argument('model', metavar = 'RUN_OR_MODEL', help = 'a run folder (runs/digits) or a save_pretrained folder')
-    evaluate.add_argument('--per-label', type = int, default = 50, help = 'drawings per digit (default 50)')
-    evaluate.add_argument('--captions', type = int, help = 'caption only the first N held-out digits (default: all 360)')
+    evaluate.add_argument('--per-label', type = positive_int, default = 50, help = 'drawings per digit (default 50)')
+    evaluate.add_argument('--captions', type = positive_int, help = 'caption only the first N held-out digits (default: all 360)')
     evaluate.add_argument('--seed', type = int, default = 0, help = 'seed of the noise (default 0)')
-    evaluate.add_argument('--modality-steps', type = int, help = "ODE steps per image (default: the run's modality_steps, else 16)")
+    evaluate.add_argument('--modality-steps', type = positive_int, help = "ODE steps per image (default: the run's modality_steps, else 16)")
     evaluate.add_argument('--out', help = 'where to write the figures as JSON (default <run>/eval.json)')
     evaluate.add_argument('--no-ema', action = 'store_true', help = "use a run's online weights instead of its EMA weights")
     return parser
 
 
 def main(argv: list[str] | None = None):
-    """Runs a command; returns what it returns (the run folder for `train`, the figures for `eval`)."""
+    """Runs a command; returns what it returns (the run folder for `train`, the figures for `eval`).
+    An error in what was asked prints one line and exits with status 2."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser()
     try:
+        parser = build_parser()
         if argv[:1] == ['train'] and not {'-h', '--help'} & set(argv):
             # `train` takes free-form --key value overrides, which argparse would mistake for the config
             rest = argv[1:]
@@ -180,7 +286,7 @@ def main(argv: list[str] | None = None):
             return command_train(argparse.Namespace(config = config), rest)
         args = parser.parse_args(argv)
         return {'sample': command_sample, 'eval': command_eval}[args.command](args)
-    except ConfigError as error:
+    except (UsageError, ConfigError) as error:
         print(f'transfusion: error: {error}', file = sys.stderr)
         raise SystemExit(2)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import asdict, dataclass, fields
 
 
@@ -16,10 +17,18 @@ def is_positive_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
+def is_number(value) -> bool:
+    """A finite real number given as a Python int or float (not a bool, not a string)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def closest_key_error(name: str, key: str, valid: list[str]) -> TypeError:
     close = closest_match(key, valid)
     hint = f"; did you mean '{close}'?" if close else ''
     return TypeError(f"{name}: unknown key '{key}'{hint} Valid keys: {', '.join(sorted(valid))}")
+
+
+SINE_COSINE_PAIRS = dict(dim_head = 'rotary positions rotate pairs of dims', dim_time = 'the time features are sine and cosine pairs')
 
 
 @dataclass(frozen = True, kw_only = True)
@@ -49,15 +58,25 @@ class TransformerConfig:
             value = getattr(self, name)
             if not is_positive_int(value):
                 raise ValueError(f'transformer.{name} must be a positive int, got {value!r}')
-        if self.dim_head % 2 != 0:
-            raise ValueError(f'transformer.dim_head must be even for rotary positions, got {self.dim_head}')
-        if self.ff_expansion_factor <= 0:
-            raise ValueError(f'transformer.ff_expansion_factor must be positive, got {self.ff_expansion_factor}')
+        for name in ('dim_head', 'dim_time'):
+            # rotary positions rotate pairs of a head's dims; the time features are (sin, cos) pairs
+            if getattr(self, name) % 2 != 0:
+                raise ValueError(f'transformer.{name} must be even ({SINE_COSINE_PAIRS[name]}), got {getattr(self, name)}')
+        for name in ('unet_skips', 'unit_offset_norms', 'qk_rmsnorm', 'attn_gate_values', 'attn_laser', 'use_value_residual'):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f'transformer.{name} must be True or False, got {getattr(self, name)!r}')
+        if self.use_flex_attn is not None and not isinstance(self.use_flex_attn, bool):
+            raise ValueError(f'transformer.use_flex_attn must be True, False or None (on CUDA only), got {self.use_flex_attn!r}')
+        for name in ('ff_expansion_factor', 'rotary_theta'):
+            if not (is_number(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(f'transformer.{name} must be a positive number, got {getattr(self, name)!r}')
+        if int(self.dim * self.ff_expansion_factor * 2 / 3) < 1:
+            raise ValueError(f'transformer.ff_expansion_factor {self.ff_expansion_factor} leaves the feed-forward of dim {self.dim} without a hidden unit')
         for name in ('dropout', 'attn_dropout'):
-            if not 0. <= getattr(self, name) < 1.:
-                raise ValueError(f'transformer.{name} must lie in [0, 1), got {getattr(self, name)}')
-        if self.attn_softcap is not None and not self.attn_softcap > 0:
-            raise ValueError(f'transformer.attn_softcap must be positive or None, got {self.attn_softcap}')
+            if not (is_number(getattr(self, name)) and 0. <= getattr(self, name) < 1.):
+                raise ValueError(f'transformer.{name} must lie in [0, 1), got {getattr(self, name)!r}')
+        if self.attn_softcap is not None and not (is_number(self.attn_softcap) and self.attn_softcap > 0):
+            raise ValueError(f'transformer.attn_softcap must be positive or None, got {self.attn_softcap!r}')
         if self.dim % self.num_residual_fracs != 0:
             raise ValueError(f'transformer.num_residual_fracs must divide dim = {self.dim}, got {self.num_residual_fracs}')
 
@@ -76,17 +95,30 @@ class TransformerConfig:
         return asdict(self)
 
 
-def per_type(value, num_types: int, name: str, is_single) -> tuple:
-    """An option given once for all modality types, or as a tuple of one value per type."""
+def per_type(value, num_types: int, name: str, is_single, expected: str = 'one value') -> tuple:
+    """An option given once for all modality types, or as a tuple of one value per type.
+    `expected` says what one value is, for the error message."""
     if is_single(value):
         return (value,) * num_types
     if not isinstance(value, (tuple, list)) or len(value) != num_types:
-        raise ValueError(f'{name} must be one value or a tuple of {num_types} (one per modality type), got {value!r}')
+        raise ValueError(f'{name} must be {expected} or a tuple of {num_types} of them (one per modality type), got {value!r}'[:400])
+    for m, single in enumerate(value):
+        if not is_single(single):
+            raise ValueError(f'{name} of modality type {m} must be {expected}, got {single!r}'[:400])
     return tuple(value)
 
 
 def is_shape(value) -> bool:
-    return isinstance(value, tuple) and all(isinstance(size, int) and not isinstance(size, bool) for size in value)
+    """A shape: a tuple or a list of ints, e.g. (8, 8), [4] or () (zero axes)."""
+    return isinstance(value, (tuple, list)) and all(isinstance(size, int) and not isinstance(size, bool) for size in value)
+
+
+def checked_weight(name: str, value, per_modality_type: bool = False) -> float:
+    """A loss weight: a finite number >= 0, as a float."""
+    if not (is_number(value) and value >= 0):
+        which = ' (one, or one per modality type)' if per_modality_type else ''
+        raise ValueError(f'{name} must be a finite number >= 0{which}, got {value!r}')
+    return float(value)
 
 
 @dataclass(frozen = True, kw_only = True)
@@ -112,15 +144,22 @@ class TransfusionConfig:
 
     def __post_init__(self):
         for name in ('text_loss_weight', 'reconstruction_loss_weight', 'velocity_consistency_loss_weight'):
-            if getattr(self, name) < 0:
-                raise ValueError(f'{name} must not be negative, got {getattr(self, name)}')
-        if not 0. <= self.prob_uncond <= 1.:
-            raise ValueError(f'prob_uncond must lie in [0, 1], got {self.prob_uncond}')
-        if not isinstance(self.num_text_tokens, int) or self.num_text_tokens <= 0:
+            checked_weight(name, getattr(self, name))
+        for weight in self.flow_loss_weight:
+            checked_weight('flow_loss_weight', weight, per_modality_type = True)
+        if not (is_number(self.prob_uncond) and 0. <= self.prob_uncond <= 1.):
+            raise ValueError(f'prob_uncond must lie in [0, 1], got {self.prob_uncond!r}')
+        for name in ('model_output_clean', 'fallback_to_default_shape_if_invalid'):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f'{name} must be True or False, got {getattr(self, name)!r}')
+        if not is_positive_int(self.num_text_tokens):
             raise ValueError(f'num_text_tokens must be a positive int, got {self.num_text_tokens!r}')
         for dim in self.dim_latent:
-            if not isinstance(dim, int) or dim <= 0:
+            if not is_positive_int(dim):
                 raise ValueError(f'dim_latent must be a positive int or a tuple of them, got {self.dim_latent!r}')
+        for m, num_dim in enumerate(self.modality_num_dim):
+            if num_dim is not None and not (isinstance(num_dim, int) and not isinstance(num_dim, bool) and num_dim >= 0):
+                raise ValueError(f'modality_num_dim of type {m} must be an int >= 0 (the number of axes) or None (any), got {num_dim!r}')
         for m, (shape, num_dim) in enumerate(zip(self.modality_default_shape, self.modality_num_dim)):
             if shape is not None and any(size <= 0 for size in shape):
                 raise ValueError(f'modality_default_shape of type {m} must have positive sizes, got {shape}')
@@ -141,33 +180,42 @@ class TransfusionConfig:
         model_output_clean = False, reconstruction_loss_weight = 0., velocity_consistency_loss_weight = 0.1,
         prob_uncond = 0.1,
     ) -> TransfusionConfig:
+        if not isinstance(transformer, (TransformerConfig, dict)):
+            raise TypeError(f"transformer must be a dict of the transformer's options, e.g. dict(dim = 512, depth = 8), got {transformer!r}"[:300])
         transformer = transformer if isinstance(transformer, TransformerConfig) else TransformerConfig.from_dict(dict(transformer))
         dim_latent = transformer.dim if dim_latent is None else dim_latent
         dim_latent = tuple(dim_latent) if isinstance(dim_latent, (tuple, list)) else (dim_latent,)
         num_types = len(dim_latent)
 
-        shapes = per_type(modality_default_shape, num_types, 'modality_default_shape', lambda v: v is None or is_shape(v))
-        num_dims = per_type(modality_num_dim, num_types, 'modality_num_dim', lambda v: v is None or isinstance(v, int))
+        # a shape may be given as a list ([4] is the shape (4,)), as torch accepts sizes
+        shapes = per_type(modality_default_shape, num_types, 'modality_default_shape', lambda v: v is None or is_shape(v),
+                          expected = 'a shape (a tuple of ints, e.g. (8, 8)) or None')
+        shapes = tuple(None if shape is None else tuple(shape) for shape in shapes)
+        num_dims = per_type(modality_num_dim, num_types, 'modality_num_dim', lambda v: v is None or isinstance(v, int),
+                            expected = 'an int or None')
         num_dims = tuple(len(shape) if num_dim is None and shape is not None else num_dim for shape, num_dim in zip(shapes, num_dims))
 
         return cls(
             num_text_tokens = num_text_tokens,
             transformer = transformer,
             dim_latent = tuple(dim_latent),
-            channel_first_latent = per_type(channel_first_latent, num_types, 'channel_first_latent', lambda v: isinstance(v, bool)),
+            channel_first_latent = per_type(channel_first_latent, num_types, 'channel_first_latent', lambda v: isinstance(v, bool), expected = 'True or False'),
             add_pos_emb = tuple(
                 (num_dim is not None and num_dim > 0) if add is None else add
-                for add, num_dim in zip(per_type(add_pos_emb, num_types, 'add_pos_emb', lambda v: v is None or isinstance(v, bool)), num_dims)
+                for add, num_dim in zip(per_type(add_pos_emb, num_types, 'add_pos_emb', lambda v: v is None or isinstance(v, bool), expected = 'True, False or None'), num_dims)
             ),
             modality_default_shape = shapes,
             modality_num_dim = num_dims,
-            fallback_to_default_shape_if_invalid = bool(fallback_to_default_shape_if_invalid),
-            text_loss_weight = float(text_loss_weight),
-            flow_loss_weight = tuple(float(w) for w in per_type(flow_loss_weight, num_types, 'flow_loss_weight', lambda v: isinstance(v, (int, float)))),
-            model_output_clean = bool(model_output_clean),
-            reconstruction_loss_weight = float(reconstruction_loss_weight),
-            velocity_consistency_loss_weight = float(velocity_consistency_loss_weight),
-            prob_uncond = float(prob_uncond),
+            fallback_to_default_shape_if_invalid = fallback_to_default_shape_if_invalid,
+            text_loss_weight = checked_weight('text_loss_weight', text_loss_weight),
+            flow_loss_weight = tuple(
+                checked_weight('flow_loss_weight', weight, per_modality_type = True)
+                for weight in per_type(flow_loss_weight, num_types, 'flow_loss_weight', is_number, expected = 'a finite number >= 0')
+            ),
+            model_output_clean = model_output_clean,
+            reconstruction_loss_weight = checked_weight('reconstruction_loss_weight', reconstruction_loss_weight),
+            velocity_consistency_loss_weight = checked_weight('velocity_consistency_loss_weight', velocity_consistency_loss_weight),
+            prob_uncond = float(prob_uncond) if is_number(prob_uncond) else prob_uncond,
         )
 
     def to_dict(self) -> dict:

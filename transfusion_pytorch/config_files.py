@@ -9,6 +9,7 @@ names the closest valid key, a value of the wrong type an error naming the key a
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import types
 import typing
@@ -149,6 +150,14 @@ def to_toml(config) -> str:
             lines.append(f'# {help_text}')
         lines.append(f'{f.name} = {toml_value(value)}')
     return '\n'.join(lines) + '\n'
+
+
+def write_text_atomic(path: Path, text: str):
+    """Writes `text` to `path` under a temporary name, then renames it into place: a kill
+    mid-write leaves the old file, never half a new one."""
+    tmp = path.with_name(path.name + '.tmp')
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def toml_value(value) -> str:

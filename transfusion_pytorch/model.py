@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from . import flow
 from .compat import PublicNames
 from .config import TransfusionConfig, per_type
-from .guidance import drop_text_conditions
+from .guidance import drop_text_conditions, without_eos_after_modality
 from .inputs import Modality, ModalitySpec, Sample, Text, check_text, describe, modality_batch, normalize_samples, text_batch
 from .losses import LossBreakdown, at_least_float32, combine, flow_loss_per_token, mean_or_zero, text_loss_per_token
 from .masks import build_layout
@@ -63,7 +63,7 @@ class AxialPositions(nn.Module):
 
 
 def optional_modules(value, num_types: int, name: str) -> nn.ModuleList:
-    modules = per_type(value, num_types, name, lambda v: v is None or isinstance(v, nn.Module))
+    modules = per_type(value, num_types, name, lambda v: v is None or isinstance(v, nn.Module), expected = 'a module or None')
     return nn.ModuleList([nn.Identity() if module is None else module for module in modules])
 
 
@@ -108,32 +108,47 @@ class Transfusion(PublicNames, nn.Module):
             for d, channel_first, num_dim in zip(config.dim_latent, config.channel_first_latent, config.modality_num_dim)
         )
 
-        # the encoders turn raw modalities into latents before noising; the decoders turn sampled latents back
-        self.modality_encoders = optional_modules(modality_encoder, num_types, 'modality_encoder')
-        self.modality_decoders = optional_modules(modality_decoder, num_types, 'modality_decoder')
+        # the encoders turn raw modalities into latents before noising; the decoders turn sampled
+        # latents back. Both are fixed codecs: this model never trains them (the reconstruction
+        # loss sends its gradient through the decoder, to the transformer), so their parameters
+        # are frozen, and the encoders run in eval mode whatever the model's mode (`train`)
+        self.modality_encoders = optional_modules(modality_encoder, num_types, 'modality_encoder').requires_grad_(False).eval()
+        self.modality_decoders = optional_modules(modality_decoder, num_types, 'modality_decoder').requires_grad_(False)
 
         self.transformer = Transformer(config.transformer)
 
+        # learned down / up blocks around the transformer (the paper's U-Net patch encoder) take
+        # the place of the linear projections in and out of their modality type, which are then
+        # not made (an Identity keeps the other types' indices, and so their state-dict keys)
+        pre_post = PrePost.per_type(pre_post_transformer_enc_dec, config)
+        linear_unless_pre_post = lambda m, make: nn.Identity() if isinstance(pre_post[m], PrePost) else make()
+
         self.token_embed = nn.Embedding(self.vocab.size, dim)
-        self.latent_to_model = nn.ModuleList([nn.Linear(d, dim) for d in config.dim_latent])
-        self.model_to_velocity = nn.ModuleList([nn.Linear(dim, d) for d in config.dim_latent])
+        self.latent_to_model = nn.ModuleList([linear_unless_pre_post(m, lambda: nn.Linear(d, dim)) for m, d in enumerate(config.dim_latent)])
+        self.model_to_velocity = nn.ModuleList([linear_unless_pre_post(m, lambda: nn.Linear(dim, d)) for m, d in enumerate(config.dim_latent)])
         self.pos_embs = nn.ModuleList([
             AxialPositions(num_dim, dim) if add else nn.Identity()
             for add, num_dim in zip(config.add_pos_emb, config.modality_num_dim)
         ])
         self.to_logits = nn.Linear(dim, self.vocab.size, bias = False)
-
-        # learned down / up blocks around the transformer (the paper's U-Net patch encoder) replace
-        # the linear projections in and out for their modality type
-        self.pre_post = PrePost.per_type(pre_post_transformer_enc_dec, config)
+        self.pre_post = pre_post
 
         self._init_weights()
 
     def _init_weights(self):
         for module in (self.token_embed, self.to_logits, *self.latent_to_model, *self.model_to_velocity):
+            if isinstance(module, nn.Identity):
+                continue
             nn.init.normal_(module.weight, std = 0.02)
             if getattr(module, 'bias', None) is not None:
                 nn.init.zeros_(module.bias)
+
+    def train(self, mode: bool = True) -> Transfusion:
+        """As `nn.Module.train`, but the modality encoders stay in eval mode: they are fixed
+        codecs, and a BatchNorm in one must not update its running statistics in training."""
+        super().train(mode)
+        self.modality_encoders.eval()
+        return self
 
     @property
     def device(self) -> torch.device:
@@ -177,12 +192,22 @@ class Transfusion(PublicNames, nn.Module):
         return replace(segment, token_shape = self.token_shape(segment.modality_type, segment.shape))
 
     def pack(self, modalities, modality_type: int | None = None, prob_uncond: float = 0.) -> PackedBatch:
-        """With `prob_uncond > 0`, samples are replaced by their text-free versions at that rate
+        """With `prob_uncond > 0`, samples are replaced by their unconditional versions at that rate
         (condition dropout for classifier-free guidance, see `guidance.py`)."""
         samples, wrap = self.to_samples(modalities, modality_type)
-        if prob_uncond > 0 and wrap:
-            samples, _ = drop_text_conditions(samples, prob_uncond)
-        return pack(samples, self.vocab, wrap = wrap).to(self.device)
+        if not (prob_uncond > 0 and wrap):
+            return pack(samples, self.vocab, wrap = wrap, latent_dtype = self.latent_dtype).to(self.device)
+        samples, dropped = drop_text_conditions(samples, prob_uncond)
+        packed = pack(samples, self.vocab, latent_dtype = self.latent_dtype)
+        return without_eos_after_modality(packed, samples, dropped).to(self.device)
+
+    @property
+    def latent_dtype(self) -> torch.dtype:
+        """The dtype every latent is packed in, whatever it was given in: float32, or float64 in a
+        float64 model. One rule per model, so a sample's loss never depends on the dtypes of the
+        others in its batch; float32 in a bf16 / fp16 model too, because the noise, the path, the
+        target and the flow loss are computed in float32 there anyway (`losses.at_least_float32`)."""
+        return torch.float64 if self.token_embed.weight.dtype == torch.float64 else torch.float32
 
     # times and noise
 
@@ -206,8 +231,11 @@ class Transfusion(PublicNames, nn.Module):
         if times.ndim != 2 or times.shape[0] != packed.batch_size or times.shape[1] < most:
             raise ValueError(f'`times` must have shape (batch, max modalities per sample) = ({packed.batch_size}, >= {most}), got {tuple(times.shape)}')
         span_times = times[packed.span_doc, packed.span_rank]
-        if ((span_times < 0) | (span_times > 1)).any():
-            raise ValueError('`times` must lie in [0, 1] (0 is noise, 1 is data)')
+        outside = ~((span_times >= 0) & (span_times <= 1))          # NaN compares false: it is outside too
+        if outside.any():
+            span = int(outside.nonzero()[0])
+            doc, rank = int(packed.span_doc[span]), int(packed.span_rank[span])
+            raise ValueError(f'`times` must lie in [0, 1] (0 is noise, 1 is data), got {float(span_times[span])} at times[{doc}, {rank}]')
         return span_times
 
     # the forward pass

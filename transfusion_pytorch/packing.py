@@ -106,10 +106,11 @@ def grid_coords(shape: tuple[int, ...]) -> Tensor:
     return torch.stack(torch.meshgrid(*axes, indexing = 'ij'), dim = -1).reshape(-1, len(shape))
 
 
-def pack(samples: list[Sample], vocab: Vocab, wrap: bool = True) -> PackedBatch:
+def pack(samples: list[Sample], vocab: Vocab, wrap: bool = True, latent_dtype: torch.dtype = torch.float32) -> PackedBatch:
     """Lays out and concatenates samples. With `wrap = False` (language pretraining on raw
     text rows) no SOS / EOS is added and a sample may hold only text. Everything is built on
-    the device of the samples' tensors."""
+    the device of the samples' tensors. Every latent is cast to `latent_dtype`, one dtype for
+    the whole batch chosen by the caller, never by the other samples (see `Transfusion.latent_dtype`)."""
 
     num_types = vocab.num_modality_types
     device = samples[0][0].ids.device if isinstance(samples[0][0], Text) else samples[0][0].latent.device
@@ -195,8 +196,6 @@ def pack(samples: list[Sample], vocab: Vocab, wrap: bool = True) -> PackedBatch:
 
     def cat_or_empty(parts, *shape, dtype = torch.long):
         return torch.cat(parts) if len(parts) > 0 else torch.zeros(0, *shape, dtype = dtype, device = device)
-
-    latent_dtype = next((part.dtype for parts in latents for part in parts), torch.float32)
 
     return PackedBatch(
         tokens = tokens,

@@ -17,6 +17,21 @@ import torch
 from torch import Tensor, nn
 
 
+def pairs_per_type(value, num_types: int) -> tuple:
+    """`pre_post_transformer_enc_dec` as given -> one (encoder, decoder) pair or None per type."""
+    is_pair = lambda v: isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(m, nn.Module) for m in v)
+    if value is None:
+        return (None,) * num_types
+    if is_pair(value) and num_types == 1:
+        return (tuple(value),)
+    if isinstance(value, (tuple, list)) and len(value) == num_types and all(v is None or is_pair(v) for v in value):
+        return tuple(None if v is None else tuple(v) for v in value)
+    raise ValueError(
+        f'pre_post_transformer_enc_dec must be an (encoder, decoder) pair of modules for a model with one modality type, '
+        f'or a tuple of {num_types} such pairs or None (one per type), got {value!r}'[:400]
+    )
+
+
 class PrePost(nn.Module):
     def __init__(self, encoder: nn.Module, decoder: nn.Module, dim_latent: int, dim: int, channel_first: bool, modality_type: int):
         super().__init__()
@@ -27,21 +42,8 @@ class PrePost(nn.Module):
 
     @classmethod
     def per_type(cls, value, config) -> nn.ModuleList:
-        num_types, dim = config.num_modality_types, config.transformer.dim
-        is_pair = lambda v: isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(m, nn.Module) for m in v)
-
-        if value is None:
-            pairs = (None,) * num_types
-        elif is_pair(value) and num_types == 1:
-            pairs = (value,)
-        elif isinstance(value, (tuple, list)) and len(value) == num_types and all(v is None or is_pair(v) for v in value):
-            pairs = tuple(value)
-        else:
-            raise ValueError(
-                f'pre_post_transformer_enc_dec must be an (encoder, decoder) pair of modules for a model with one modality type, '
-                f'or a tuple of {num_types} such pairs or None (one per type), got {value!r}'[:400]
-            )
-
+        dim = config.transformer.dim
+        pairs = pairs_per_type(value, config.num_modality_types)
         return nn.ModuleList([
             nn.Identity() if pair is None else cls(pair[0], pair[1], config.dim_latent[m], dim, config.channel_first_latent[m], m)
             for m, pair in enumerate(pairs)

@@ -40,16 +40,24 @@ LASER_BOUND = 15.   # values are softclamped to (-15, 15) before exp, so exp nev
 
 
 class Rotary(nn.Module):
+    """The frequencies are computed where they are used, from the config, and not kept in a
+    buffer: a non-persistent buffer is neither saved nor restored, so a model built on the meta
+    device (`to_empty`, then `load_state_dict`, as for FSDP and large checkpoints) would hold
+    uninitialised memory there. Three small operations per forward pass, once for all layers."""
+
     def __init__(self, dim_head: int, theta: float):
         super().__init__()
-        inv_freq = theta ** -(torch.arange(0, dim_head, 2, dtype = torch.float32) / dim_head)
-        self.register_buffer('inv_freq', inv_freq, persistent = False)
+        self.dim_head, self.theta = dim_head, theta
+
+    def inv_freq(self, device: torch.device) -> Tensor:
+        """(dim_head / 2,) float32"""
+        return self.theta ** -(torch.arange(0, self.dim_head, 2, dtype = torch.float32, device = device) / self.dim_head)
 
     def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """(N,) positions -> cos and signed sin over the whole head, each (N, 1, dim_head):
         (cos, cos) and (-sin, sin), so that `apply_rotary` is two fused elementwise passes.
         Computed once per forward pass and shared by every layer."""
-        angles = positions.float()[:, None] * self.inv_freq[None, :]
+        angles = positions.float()[:, None] * self.inv_freq(positions.device)[None, :]
         cos, sin = angles.cos(), angles.sin()
         return torch.cat((cos, cos), dim = -1)[:, None], torch.cat((-sin, sin), dim = -1)[:, None]
 

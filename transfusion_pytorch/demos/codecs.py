@@ -47,6 +47,7 @@ class UNetCodec:
     shape = (IMAGE_SIZE, IMAGE_SIZE)
 
     def __init__(self, patch: int = 2):
+        grid_shape(patch)                                       # the strided convolutions round-trip 8 x 8 only if patch divides 8
         self.patch = patch
 
     def encode(self, pixels: Tensor) -> Tensor:

@@ -53,9 +53,18 @@ def text_after_modality(sample: list) -> list[int]:
     return ids
 
 
+def check_positive_int(**values):
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f'{name} must be a positive int, got {value!r}')
+
+
 @torch.no_grad()
 def draw(model, codec, labels: list[int], modality_steps: int = 16, seed: int = 0, batch_size: int = 256) -> torch.Tensor:
     """(len(labels), 8, 8) images drawn from the prompts "draw <label>", in pixels."""
+    if len(labels) == 0:
+        raise ValueError('labels: expected at least one label to draw, got none')
+    check_positive_int(modality_steps = modality_steps)
     shape = codec.shape
     images = []
     for start in range(0, len(labels), batch_size):
@@ -107,6 +116,10 @@ def evaluate(model, codec, per_label: int = 50, modality_steps: int = 16, seed: 
              num_captions: int | None = None) -> dict:
     """The figures of the module docstring, as a flat dict; `num_captions` limits captioning
     to the first held-out images (all of them by default)."""
+    check_positive_int(per_label = per_label, modality_steps = modality_steps)
+    _, test = load_split()
+    if num_captions is not None and not (isinstance(num_captions, int) and 1 <= num_captions <= len(test.labels)):
+        raise ValueError(f'num_captions must be None (all) or an int in [1, {len(test.labels)}] (the held-out digits), got {num_captions!r}')
     labels = [label for label in range(10) for _ in range(per_label)]
     drawn = draw(model, codec, labels, modality_steps, seed)
     predicted = classify(drawn)
@@ -115,7 +128,6 @@ def evaluate(model, codec, per_label: int = 50, modality_steps: int = 16, seed: 
     for label in range(10):
         results[f'text_to_image_accuracy_{label}'] = (predicted[labels_t == label] == label).float().mean().item()
 
-    _, test = load_split()
     captions = caption(model, codec, test.images[:num_captions])
     correct = [ids[:2] == [IS, label] for ids, label in zip(captions, test.labels[:num_captions].tolist())]
     results['caption_accuracy'] = sum(correct) / len(correct)

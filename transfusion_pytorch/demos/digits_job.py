@@ -15,15 +15,16 @@ A run folder `<out_root>/<name>/` holds
 
 from __future__ import annotations
 
-import json
+import math
+import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from ..config_files import load, to_toml
+from ..config_files import ConfigError, load, to_toml, write_text_atomic
 from ..model import Transfusion
 from ..training import Every, TrainConfig, Trainer, packed_num_tokens
 from . import digits_eval, plots
@@ -71,6 +72,13 @@ class DigitsConfig:
         for name in ('patch', 'dim', 'depth', 'heads', 'dim_head', 'steps', 'max_tokens', 'eval_every', 'eval_per_label', 'modality_steps'):
             if getattr(self, name) <= 0:
                 raise ValueError(f"'{name}' must be positive, got {getattr(self, name)}")
+        for f in fields(self):
+            if isinstance(getattr(self, f.name), float) and not math.isfinite(getattr(self, f.name)):
+                raise ValueError(f"'{f.name}' must be a finite number, got {getattr(self, f.name)}")
+        if not 0 <= self.caption_fraction < 1:
+            raise ValueError(f"'caption_fraction' must lie in [0, 1) (1 would leave no text-to-image samples), got {self.caption_fraction}")
+        if self.threads < 0:
+            raise ValueError(f"'threads' must be >= 0 (0: the torch default), got {self.threads}")
         if self.codec != CUSTOM:
             make_codec(self.codec, self.patch)
 
@@ -112,41 +120,93 @@ def evaluation_callback(config: DigitsConfig, codec, run_dir: Path):
     return evaluate
 
 
+# keys a rerun in the same run folder may change: how long the run trains (`steps`, to continue
+# it) and how it is run and watched. They change neither the model, nor the data, nor the updates
+# up to the step reached, since the trainer seeds each batch's noise by its place in the data.
+RERUN_KEYS = ('steps', 'threads', 'checkpoint_every', 'eval_every', 'eval_per_label', 'modality_steps')
+
+
+@dataclass
+class Job:
+    """Everything a run needs, built and checked; nothing written yet."""
+    config: DigitsConfig
+    codec: object
+    model: Transfusion
+    dataset: object
+    train_config: TrainConfig
+
+
+def prepare(config: DigitsConfig, codec = None, dataset = None) -> Job:
+    """Builds the codec, model, data set and trainer config of a run, and checks it against the
+    run already in its folder, if any. A value that one of them rejects (an odd `dim_head`, a
+    negative `lr`) is a ConfigError here, before anything is written to disk."""
+    if codec is not None:
+        config = replace(config, codec = getattr(codec, 'name', CUSTOM))
+    codec = codec or load_codec(config, config.run_dir)
+    try:
+        model = build_model(config, codec)
+        train_config = TrainConfig(
+            out_dir = str(config.run_dir), max_steps = config.steps, max_tokens = config.max_tokens, lr = config.lr,
+            warmup_steps = config.warmup_steps, weight_decay = config.weight_decay, ema_beta = config.ema_beta,
+            seed = config.seed, checkpoint_every = config.checkpoint_every, log_every = 25, keep_last = 2,
+        )
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f'config: {error}') from None
+    if dataset is None:
+        train_split, _ = load_split()
+        dataset = DigitsDataset(codec.encode(train_split.images), train_split.labels, config.caption_fraction,
+                                seed = config.seed, num_tokens_fn = packed_num_tokens(model))
+        longest = max(dataset.num_tokens(i) for i in range(len(dataset)))
+        if longest > config.max_tokens:
+            raise ConfigError(f"config: 'max_tokens' = {config.max_tokens} holds no sample: one takes {longest} tokens "
+                              f"with codec {config.codec!r} and patch {config.patch}")
+    check_rerun(config)
+    return Job(config, codec, model, dataset, train_config)
+
+
+def check_rerun(config: DigitsConfig):
+    """A rerun resumes the run in the folder: refused when it would change what that run is."""
+    if config.run_dir.exists() and not config.run_dir.is_dir():
+        raise ConfigError(f'the run folder {config.run_dir} is a file')
+    path = config.run_dir / 'config.toml'
+    if not path.exists():
+        return
+    saved = load(DigitsConfig, path)
+    ignored = set(RERUN_KEYS) | {'name', 'out_root'}        # name and out_root: where the run is, not what it is
+    changed = [f'{f.name} = {getattr(saved, f.name)!r} in the run, {getattr(config, f.name)!r} now'
+               for f in fields(config) if f.name not in ignored and getattr(saved, f.name) != getattr(config, f.name)]
+    if changed:
+        raise ConfigError(f"{config.run_dir} holds a run with another config ({'; '.join(changed)}). A rerun resumes that run "
+                          f"and may change only {', '.join(RERUN_KEYS)}: use another --name, or delete the folder to start over")
+
+
 def train(config: DigitsConfig, codec = None, dataset = None) -> Path:
     """Runs (or resumes) the job; returns the run folder. `codec` defaults to `config.codec`.
-    Runs with `config.threads` torch threads, restoring the number after."""
+    Checks the whole config before writing anything (see `prepare`). Runs with
+    `config.threads` torch threads, restoring the number after."""
+    job = prepare(config, codec, dataset)
     threads = torch.get_num_threads()
     if config.threads > 0:
         torch.set_num_threads(config.threads)
     try:
-        return run_job(config, codec, dataset)
+        return run_job(job)
     finally:
         torch.set_num_threads(threads)
 
 
-def run_job(config: DigitsConfig, codec, dataset) -> Path:
-    if codec is not None:
-        config = replace(config, codec = getattr(codec, 'name', CUSTOM))
-    codec = codec or make_codec(config.codec, config.patch)
+def run_job(job: Job) -> Path:
+    config, codec, model, dataset = job.config, job.codec, job.model, job.dataset
     run_dir = config.run_dir
     run_dir.mkdir(parents = True, exist_ok = True)
-    (run_dir / 'config.toml').write_text(to_toml(config))
+    write_text_atomic(run_dir / 'config.toml', to_toml(config))
     if config.codec == CUSTOM:
-        torch.save(codec, run_dir / 'codec.pt')          # so that `transfusion sample / eval` can use it
-
-    model = build_model(config, codec)
-    train_split, _ = load_split()
-    dataset = dataset or DigitsDataset(codec.encode(train_split.images), train_split.labels, config.caption_fraction,
-                                       seed = config.seed, num_tokens_fn = packed_num_tokens(model))
-    train_config = TrainConfig(
-        out_dir = str(run_dir), max_steps = config.steps, max_tokens = config.max_tokens, lr = config.lr,
-        warmup_steps = config.warmup_steps, weight_decay = config.weight_decay, ema_beta = config.ema_beta,
-        seed = config.seed, checkpoint_every = config.checkpoint_every, log_every = 25, keep_last = 2,
-    )
+        tmp = run_dir / 'codec.pt.tmp'
+        torch.save(codec, tmp)                          # so that `transfusion sample / eval` can use it
+        os.replace(tmp, run_dir / 'codec.pt')
     print(f'{sum(p.numel() for p in model.parameters()):,} parameters; {len(dataset)} samples; {config.steps} steps -> {run_dir}')
 
     start = time.perf_counter()
-    Trainer(model, dataset, train_config, callbacks = [Every(config.eval_every, evaluation_callback(config, codec, run_dir))]).train()
+    Trainer(model, dataset, job.train_config, callbacks = [Every(config.eval_every, evaluation_callback(config, codec, run_dir))]).train()
     minutes = (time.perf_counter() - start) / 60
 
     plots.save_loss_curve(plots.read_metrics(run_dir / 'metrics.jsonl'), run_dir / 'loss.png')
@@ -163,7 +223,10 @@ def load_codec(config: DigitsConfig, run_dir: Path):
     """The codec of a run: made from its config, or loaded from the run for a custom one."""
     if config.codec != CUSTOM:
         return make_codec(config.codec, config.patch)
-    return torch.load(run_dir / 'codec.pt', weights_only = False)
+    if not (Path(run_dir) / 'codec.pt').exists():
+        raise ConfigError(f"codec = {CUSTOM!r} is the codec an example script passes to digits_job.train (train_vae.py, "
+                          f"train_latent_with_text.py), saved with its run as codec.pt; {run_dir} has no codec.pt")
+    return torch.load(Path(run_dir) / 'codec.pt', weights_only = False)
 
 
 def load_config(path = None, overrides: dict | None = None) -> DigitsConfig:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 import warnings
 from contextlib import nullcontext
@@ -38,6 +39,8 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from tqdm import tqdm
 
+from ..residual import ResidualMix
+from ..transformer import Transformer
 from . import checkpoint, distributed
 from .data import SampleDataset, TokenBudgetLoader, packed_num_tokens
 from .parallelize import gradient_sync, parallelize
@@ -72,6 +75,21 @@ class TrainConfig:
         for name in ('max_steps', 'max_tokens', 'grad_accum', 'checkpoint_every', 'keep_last', 'log_every'):
             if getattr(self, name) <= 0:
                 raise ValueError(f'{name} must be positive, got {getattr(self, name)}')
+        # checked here, not when the optimizer or the EMA is made: a run's config is whole before anything is written
+        if not (self.lr >= 0 and math.isfinite(self.lr)):
+            raise ValueError(f'lr must be a finite number >= 0, got {self.lr}')
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise ValueError(f'weight_decay must be a finite number >= 0, got {self.weight_decay}')
+        if len(self.betas) != 2 or not all(0 <= beta < 1 for beta in self.betas):
+            raise ValueError(f'betas must be two numbers in [0, 1), got {self.betas}')
+        if self.warmup_steps < 0:
+            raise ValueError(f'warmup_steps must be >= 0, got {self.warmup_steps}')
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f'min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}')
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f'grad_clip must be positive or None, got {self.grad_clip}')
+        if self.ema_beta is not None and not 0 <= self.ema_beta < 1:
+            raise ValueError(f'ema_beta must lie in [0, 1) or be None, got {self.ema_beta}')
         if self.on_nonfinite not in ('stop', 'skip'):
             raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
 
@@ -82,7 +100,13 @@ class NonFiniteError(RuntimeError):
 
 def param_groups(model: nn.Module, weight_decay: float, decay_all: bool) -> list[dict]:
     """AdamW groups: no decay on norm gains, biases and embedding tables unless `decay_all`;
-    unit-offset norms (Rubin, 2024) are decayed, towards a gain of 1."""
+    unit-offset norms (Rubin, 2024) are decayed, towards a gain of 1.
+
+    Nor on the weights that start at the identity and are stored as such: the U-ViT skip
+    projections ([I, 0] on (x, skip)) and the hyper-connection static read / mix / write
+    matrices. Decay would pull them towards zero, that is, towards scaling the residual stream
+    down (the reason unit-offset norms exist); they hold a few (2 dim² per skip, (streams x
+    fracs)² per branch) of the model's parameters."""
     no_decay = set()
     if not decay_all:
         for module in model.modules():
@@ -91,6 +115,10 @@ def param_groups(model: nn.Module, weight_decay: float, decay_all: bool) -> list
                 continue
             if isinstance(module, (nn.Embedding, nn.RMSNorm, nn.LayerNorm)):
                 no_decay.update(id(p) for p in module.parameters(recurse = False))
+            if isinstance(module, Transformer):
+                no_decay.update(id(p) for p in module.skip_projs.parameters())
+            if isinstance(module, ResidualMix):
+                no_decay.update(id(p) for p in (module.static_read, module.static_mix, module.static_write))
         no_decay.update(id(p) for name, p in model.named_parameters() if name.endswith('bias'))
     trainable = [p for p in model.parameters() if p.requires_grad]
     return [
@@ -331,13 +359,15 @@ class Trainer:
         return checkpoint.save(self.checkpoint_dir, self.step, self.wrapped, self.optimizer, self.ema, state, self.config.keep_last)
 
     def resume(self) -> bool:
+        """Restores the newest good checkpoint (if any) and drops the metrics logged after it."""
         state = checkpoint.load_latest(self.checkpoint_dir, self.wrapped, self.optimizer, self.ema)
-        if state is None:
-            return False
-        self.step = state['step']
-        self.scheduler.load_state_dict(state['scheduler'])
-        self.loader.load_state_dict(state['data'])
-        return True
+        if state is not None:
+            self.step = state['step']
+            self.scheduler.load_state_dict(state['scheduler'])
+            self.loader.load_state_dict(state['data'])
+        if self.dist.is_main:
+            drop_metrics_after(self.out_dir / 'metrics.jsonl', self.step)
+        return state is not None
 
     def save_pretrained(self, directory: Path):
         """The online model and, as `<directory>_ema`, the EMA model, gathered to full tensors on rank 0."""
@@ -351,6 +381,34 @@ class Trainer:
             if self.dist.is_main:
                 model.save_pretrained(path, state_dict = state)
         distributed.barrier()
+
+
+def drop_metrics_after(path: Path, step: int) -> int:
+    """Rewrites `metrics.jsonl` without its rows past `step`; returns how many it dropped.
+
+    A run that stops after its last checkpoint has logged steps that the resumed run trains
+    again: without this the file would hold those steps twice, the lost run's and the resumed
+    run's. A line cut short by a kill mid-write is dropped too (it is the last line, logged after
+    the last checkpoint). The file is replaced atomically, so a kill here leaves the old one."""
+    if not path.exists():
+        return 0
+    lines = path.read_text().splitlines(keepends = True)
+    kept = [line for line in lines if logged_step(line) is not None and logged_step(line) <= step]
+    if len(kept) == len(lines):
+        return 0
+    tmp = path.with_name(path.name + '.tmp')
+    tmp.write_text(''.join(line if line.endswith('\n') else line + '\n' for line in kept))
+    os.replace(tmp, path)
+    return len(lines) - len(kept)
+
+
+def logged_step(line: str) -> int | None:
+    """The step of a metrics.jsonl line, or None for a line that is not a whole JSON row."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row.get('step') if isinstance(row, dict) and isinstance(row.get('step'), int) else None
 
 
 def nonfinite_samples(batch, per_sample_text: torch.Tensor, per_sample_flow: torch.Tensor) -> list[str]:
