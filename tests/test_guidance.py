@@ -220,7 +220,8 @@ def test_guided_batch_matches_each_prompt_alone(model):
 
 def test_cfg_scale_one_equals_the_unguided_path(model):
     prompt = [PROMPTS['mixed']]
-    options = SampleOptions(max_length = 40, text_temperature = 1., modality_steps = 3, force_modality_at_start = (1, (2, 2)))
+    options = SampleOptions(max_length = 40, max_total_length = 40, text_temperature = 1., modality_steps = 3,
+                            force_modality_at_start = (1, (2, 2)))          # rows of 40 tokens at most: the caches below
     samples = model.to_samples(prompt)[0]
 
     def sample_with(backend):

@@ -257,4 +257,4 @@ def test_a_default_shape_given_as_a_list_is_that_shape():
     with pytest.raises(ValueError, match = 'modality_default_shape .* of type 1 has 1 axes but modality_num_dim is 2'):
         tiny_model(modality_default_shape = [4], modality_num_dim = (1, 2))
     model = tiny_model(**one_type, modality_default_shape = [4])
-    assert model.sample(max_length = 12, force_modality_at_start = 0, seed = 0)[0][1].shape == (4, 6)
+    assert model.sample(max_length = 12, force_modality_at_start = 0, seed = 0)[1][1].shape == (4, 6)
