@@ -155,7 +155,7 @@ class CachedBackend:
     def __init__(self, model, batch_size: int, max_len: int):
         self.model = model
         config = model.config.transformer
-        self.cache = KVCache(config.depth, batch_size, config.heads, config.dim_head, max_len,
+        self.cache = KVCache(config.depth, batch_size, config.num_kv_heads, config.dim_head, max_len,
                              device = model.device, dtype = model.token_embed.weight.dtype)
         self.cursors = [RowCursor() for _ in range(batch_size)]
 
