@@ -11,12 +11,13 @@ FSDP; https://github.com/pytorch/torchtitan):
    only its input for the backward pass and runs its forward again there.
    - 'full': every block;
    - 'selective': every other block (the 2nd, 4th, ...), torchtitan's per-layer selective
-     checkpointing: about half the activation memory of the blocks is freed, for about half
-     the recomputation of 'full'. Per-layer rather than per-op (a policy that keeps matmul
+     checkpointing, for about half the recomputation of 'full'; it frees less than half of
+     what 'full' frees, as the peak comes with a recomputed block on top (on the README
+     configuration: 17% of the gradients and activations against 47%, for +11% against +29%
+     compute; `benchmarks/memory.py`). Per-layer rather than per-op (a policy that keeps matmul
      outputs and recomputes the rest): our blocks already keep little besides their matmuls'
      inputs and outputs (RMSNorm, adaLN modulation and SwiGLU save only their inputs, see
      `norms.py` and `transformer.py`), so a per-op policy would have little left to free;
-   `benchmarks/memory.py` measures both against none;
 4. `torch.compile` of each transformer block (`compile_backend`), as torchtitan does: the
    blocks are where the time goes, they share one graph, and the packing, masks and losses
    around them stay eager (they work on Python lists and change shape with every batch). So
