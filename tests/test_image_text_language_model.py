@@ -145,10 +145,16 @@ def test_data_of_another_tokenizer_or_vocabulary_is_refused_in_one_line(started,
     assert not (tmp_path / 'runs').exists()                  # all refused before anything was written
 
 
-def test_model_size_keys_beside_a_language_model_are_refused(started, tmp_path, capsys):
+def test_model_size_keys_beside_a_language_model_and_unreadable_ones_are_refused(started, tmp_path, capsys):
     _, lm, prepared, _ = started
     error = refused(capsys, tmp_path, prepared.folder, lm, '--dim', '64', '--heads', '2')
     assert f"'dim', 'heads' come from the language model's config.json when 'language_model' is given ({lm}); leave them out" in error
+    error = refused(capsys, tmp_path, prepared.folder, tmp_path / 'nowhere')
+    assert f"'language_model': language model: {tmp_path / 'nowhere'} has no config.json (expected a folder written by save_pretrained)" in error
+    (tmp_path / 'gpt2').mkdir()
+    (tmp_path / 'gpt2' / 'config.json').write_text(json.dumps(dict(architectures = ['GPT2LMHeadModel'], model_type = 'gpt2')))
+    error = refused(capsys, tmp_path, prepared.folder, tmp_path / 'gpt2')
+    assert "'language_model': language model: unsupported architecture ['GPT2LMHeadModel'] (model_type 'gpt2'); supported: " in error
     error = refused(capsys, tmp_path, prepared.folder, None, '--freeze-language-model', 'true')
     assert "'freeze_language_model' freezes the weights of 'language_model', and no language_model is given" in error
 
