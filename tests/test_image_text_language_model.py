@@ -202,3 +202,12 @@ def test_the_fingerprint_of_a_sharded_language_model_follows_its_weights_not_its
     assert len(list((tmp_path / 'lm').glob('*.safetensors'))) > 1
     moved = shutil.copytree(tmp_path / 'lm', tmp_path / 'moved')
     assert language_model.fingerprint(tmp_path / 'lm') == language_model.fingerprint(moved) != language_model.fingerprint(tmp_path / 'other')
+
+
+def test_the_help_states_each_default_once():
+    from transfusion_pytorch.jobs.commands import image_text_keys
+    lines = {line.split()[0]: line for line in image_text_keys().splitlines()}
+    assert lines['--dim'].endswith("(default 256; with language_model, the LM's)")
+    assert lines['--separate-modality-weights'].endswith('(LMFusion; default: on with language_model, off without)')
+    assert lines['--threads'].endswith('(0: the torch default) (default: 0)')       # "default" in the help, but not its value
+    assert lines['--data-weights'].endswith('(default: their sizes)')                # not "(default: their sizes) (default: None)"
