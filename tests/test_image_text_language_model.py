@@ -183,7 +183,8 @@ def test_a_rerun_from_another_language_model_is_refused(started, tmp_path, capsy
     error = refused(capsys, tmp_path, prepared.folder, None, '--separate-modality-weights', 'false', name = 'shared', steps = 2)
     assert f'holds a run started from the language model {lm.resolve()}: give it as --language-model' in error
     scratch = train(tmp_path, prepared.folder, None, '--dim', '32', '--depth', '1', '--heads', '2', '--dim-head', '16',
-                    name = 'scratch', steps = 1)
+                    '--separate-modality-weights', 'true', name = 'scratch', steps = 1)
+    assert Transfusion.from_pretrained(scratch / 'pretrained').config.transformer.separate_modality_weights     # a generic option
     error = refused(capsys, tmp_path, prepared.folder, lm, name = 'scratch', steps = 2)
     assert f"{scratch} holds a run that did not start from a language model, and 'language_model' is {lm.resolve()} now" in error
 
