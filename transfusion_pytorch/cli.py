@@ -271,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument('--out', help = 'output file (default draw_<digit>.png, or samples.pt for other models)')
     sample.add_argument('--seed', type = int, default = 0, help = 'seed of the noise (default 0)')
     sample.add_argument('--modality-steps', type = positive_int, help = "ODE steps per image (default: the run's modality_steps, else 16)")
-    sample.add_argument('--max-length', type = int_at_least(2), help = 'the max_length of model.sample, for models other than digits (default 256)')
+    sample.add_argument('--max-length', type = positive_int, help = 'the max_length of model.sample (tokens to generate per sample), for models other than digits (default 256)')
     sample.add_argument('--no-ema', action = 'store_true', help = "use a run's online weights instead of its EMA weights")
     sample.add_argument('--cfg-scale', type = float, default = 3., help = 'image-text runs: classifier-free guidance scale (default 3; 1 is off)')
     sample.add_argument('--vae', help = "image-text runs: the VAE folder, if it moved since prepare")
