@@ -232,8 +232,11 @@ def test_zero_dim_modalities():
 
 
 def test_overfits_a_tiny_fixed_mixed_batch():
+    # uniform times: with min_time_before_text, the modalities of this batch that text follows are
+    # drawn from [0.5, 1], where the velocity target (x1 - noise) recovers the fresh noise from x_t
+    # only through a factor 1 / (1 - t), slower to fit than 300 steps allow
     torch.manual_seed(0)
-    first, last = overfit(tiny_model(transformer = OVERFIT_TRANSFORMER))
+    first, last = overfit(tiny_model(transformer = OVERFIT_TRANSFORMER, min_time_before_text = 0.))
     assert last < first / 10, (first, last)
 
 
@@ -328,3 +331,41 @@ def test_encoders_stay_in_eval_mode_and_frozen_whatever_the_model_mode():
 
     assert all(torch.equal(before[key], value) for key, value in encoder.state_dict().items())
     assert all(p.grad is None and not p.requires_grad for p in encoder.parameters())
+
+
+def test_a_modality_that_text_follows_is_noised_at_most_half_way(one_thread):
+    """Transfusion's captioning rule: a modality followed by text (a caption after an image)
+    draws its time from [min_time_before_text, 1], the others from [0, 1]; given times are
+    used as they are."""
+    model = tiny_model()
+    text = lambda n: torch.randint(0, NUM_TEXT_TOKENS, (n,))
+    image = lambda: (0, torch.randn(2, DIM_LATENTS[0]))
+    batch = [
+        [text(3), image()],                             # text -> image: not before text
+        [image(), text(2)],                             # image -> caption
+        [text(2), image(), text(2), image(), image(), text(1)],
+        [image(), torch.zeros(0, dtype = torch.long)],  # an empty text run is no caption
+    ]
+    packed = model.pack(batch)
+    assert packed.span_before_text.tolist() == [False, True, True, False, True, False]
+
+    torch.manual_seed(0)
+    draws = torch.stack([model.span_times(packed) for _ in range(2000)])                # (draws, S)
+    before = packed.span_before_text
+    assert draws[:, before].min() >= 0.5 and draws[:, before].max() <= 1.
+    assert draws[:, ~before].min() < 0.05 and draws[:, before].min() < 0.55              # both ranges are covered
+    assert abs(draws[:, before].mean().item() - 0.75) < 0.02 and abs(draws[:, ~before].mean().item() - 0.5) < 0.03
+
+    uniform = tiny_model(min_time_before_text = 0.)
+    torch.manual_seed(1)
+    limited = model.span_times(packed)
+    torch.manual_seed(1)
+    plain = uniform.span_times(packed)
+    torch.testing.assert_close(limited, torch.where(before, 0.5 + 0.5 * plain, plain))  # the same draw, mapped
+
+    times = torch.zeros(len(batch), 3)
+    assert (model.span_times(packed, times = times) == 0).all()                        # given times are kept
+
+    for bad in (1., -0.1, float('nan'), '0.5'):
+        with pytest.raises(ValueError, match = r'min_time_before_text must lie in \[0, 1\)'):
+            tiny_model(min_time_before_text = bad)

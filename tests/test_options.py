@@ -89,7 +89,7 @@ def test_transformer_option_is_wired_in_with_finite_gradients(name):
 @pytest.mark.parametrize('name', ['softcap', 'laser', 'value_residual', 'hyper_and_frac', 'frac_connections'])
 def test_small_model_with_option_still_learns(name):
     torch.manual_seed(0)
-    model = tiny_model(transformer = {**OVERFIT_TRANSFORMER, **TRANSFORMER_OPTIONS[name]})
+    model = tiny_model(transformer = {**OVERFIT_TRANSFORMER, **TRANSFORMER_OPTIONS[name]}, min_time_before_text = 0.)
     first, last = overfit(model)
     assert last < first / 10, (name, first, last)
 
@@ -222,7 +222,7 @@ def test_x_prediction_converts_the_output_to_a_velocity():
         expected = (output - x_output.noised[m]) / (1 - t).clamp(min = 0.05)
         torch.testing.assert_close(x_output.velocities[m], expected, atol = 1e-5, rtol = 1e-5)
 
-    first, last = overfit(tiny_model(transformer = OVERFIT_TRANSFORMER, model_output_clean = True))
+    first, last = overfit(tiny_model(transformer = OVERFIT_TRANSFORMER, model_output_clean = True, min_time_before_text = 0.))
     assert last < first / 10, (first, last)
 
 
@@ -362,7 +362,8 @@ def test_cached_matches_uncached_with_options(variant):
 
 def test_small_model_learns_with_reconstruction_and_velocity_consistency():
     torch.manual_seed(0)
-    model = tiny_model(transformer = OVERFIT_TRANSFORMER, reconstruction_loss_weight = 0.5, velocity_consistency_loss_weight = 0.1)
+    model = tiny_model(transformer = OVERFIT_TRANSFORMER, reconstruction_loss_weight = 0.5, velocity_consistency_loss_weight = 0.1,
+                       min_time_before_text = 0.)
     ema = model.create_ema(beta = 0.9)
     batch = overfit_batch()
     optimizer = torch.optim.AdamW(model.parameters(), lr = 3e-3)

@@ -200,6 +200,8 @@ class TransfusionConfig:
     reconstruction_loss_weight: float = 0.                  # weight of the decoded-prediction reconstruction loss
     velocity_consistency_loss_weight: float = 0.1           # weight of the velocity consistency loss, when an EMA model is given
     prob_uncond: float = 0.1                                # rate at which training drops a sample's text, for classifier-free guidance
+    min_time_before_text: float = 0.5                       # a modality that text follows draws its time from [this, 1]
+                                                            # (Transfusion limits the noise of an image before its caption)
 
     def __post_init__(self):
         for name in ('text_loss_weight', 'reconstruction_loss_weight', 'velocity_consistency_loss_weight'):
@@ -208,6 +210,8 @@ class TransfusionConfig:
             checked_weight('flow_loss_weight', weight, per_modality_type = True)
         if not (is_number(self.prob_uncond) and 0. <= self.prob_uncond <= 1.):
             raise ValueError(f'prob_uncond must lie in [0, 1], got {self.prob_uncond!r}')
+        if not (is_number(self.min_time_before_text) and 0. <= self.min_time_before_text < 1.):
+            raise ValueError(f'min_time_before_text must lie in [0, 1) (0: no limit), got {self.min_time_before_text!r}')
         for name in ('model_output_clean', 'fallback_to_default_shape_if_invalid'):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f'{name} must be True or False, got {getattr(self, name)!r}')
@@ -237,7 +241,7 @@ class TransfusionConfig:
         modality_default_shape = None, modality_num_dim = None, fallback_to_default_shape_if_invalid = True,
         text_loss_weight = 1., flow_loss_weight = 1.,
         model_output_clean = False, reconstruction_loss_weight = 0., velocity_consistency_loss_weight = 0.1,
-        prob_uncond = 0.1,
+        prob_uncond = 0.1, min_time_before_text = 0.5,
     ) -> TransfusionConfig:
         if not isinstance(transformer, (TransformerConfig, dict)):
             raise TypeError(f"transformer must be a dict of the transformer's options, e.g. dict(dim = 512, depth = 8), got {transformer!r}"[:300])
@@ -275,6 +279,7 @@ class TransfusionConfig:
             reconstruction_loss_weight = checked_weight('reconstruction_loss_weight', reconstruction_loss_weight),
             velocity_consistency_loss_weight = checked_weight('velocity_consistency_loss_weight', velocity_consistency_loss_weight),
             prob_uncond = float(prob_uncond) if is_number(prob_uncond) else prob_uncond,
+            min_time_before_text = float(min_time_before_text) if is_number(min_time_before_text) else min_time_before_text,
         )
 
     def to_dict(self) -> dict:

@@ -94,6 +94,7 @@ class Transfusion(PublicNames, nn.Module):
         reconstruction_loss_weight: float = 0.,
         velocity_consistency_loss_weight: float = 0.1,
         prob_uncond: float = 0.1,
+        min_time_before_text: float = 0.5,
     ):
         super().__init__()
 
@@ -105,6 +106,7 @@ class Transfusion(PublicNames, nn.Module):
             text_loss_weight = text_loss_weight, flow_loss_weight = flow_loss_weight,
             model_output_clean = model_output_clean, reconstruction_loss_weight = reconstruction_loss_weight,
             velocity_consistency_loss_weight = velocity_consistency_loss_weight, prob_uncond = prob_uncond,
+            min_time_before_text = min_time_before_text,
         )
 
         num_types, dim = config.num_modality_types, config.transformer.dim
@@ -225,14 +227,19 @@ class Transfusion(PublicNames, nn.Module):
         num_modalities_to_times_fn: Callable[[Tensor], Tensor] | None = None,
     ) -> Tensor:
         """(S,) the time of each modality span: from `times` (B, max modalities per sample),
-        from `num_modalities_to_times_fn(num_modalities: (B,)) -> (B, max)`, or uniform."""
+        from `num_modalities_to_times_fn(num_modalities: (B,)) -> (B, max)`, or uniform: on
+        [0, 1], and on [min_time_before_text, 1] for a modality that text follows. Transfusion
+        (Zhou et al., 2024, section 4.3) limits the noise of an image that precedes its caption
+        to half the schedule, so that the caption is learnt from a picture it can still see."""
         if times is None and num_modalities_to_times_fn is not None:
             num_modalities = torch.zeros(packed.batch_size, dtype = torch.long, device = self.device).index_add(
                 0, packed.span_doc, torch.ones_like(packed.span_doc))
             times = num_modalities_to_times_fn(num_modalities)
 
         if times is None:
-            return flow.uniform_times(packed.num_spans, device = self.device)
+            times = flow.uniform_times(packed.num_spans, device = self.device)
+            low = self.config.min_time_before_text
+            return torch.where(packed.span_before_text, low + (1. - low) * times, times) if low > 0 else times
 
         times = torch.as_tensor(times, dtype = torch.float32, device = self.device)
         most = int(packed.span_rank.max()) + 1 if packed.num_spans > 0 else 0

@@ -55,6 +55,7 @@ class PackedBatch:
     span_rank: Tensor           # index of the modality within its sample
     span_start: Tensor          # flat index of its first latent token
     span_length: Tensor         # number of latent tokens
+    span_before_text: Tensor    # (S,) bool: the sample's next segment is text (a caption after an image)
 
     # per modality type m, in sequence order
     latents: tuple[Tensor, ...]         # (R_m, dim_latent_m) latent rows, clean data (t = 1)
@@ -117,7 +118,7 @@ def pack(samples: list[Sample], vocab: Vocab, wrap: bool = True, latent_dtype: t
     long = dict(dtype = torch.long, device = device)
 
     tokens, positions, spans, types, docs = [], [], [], [], []
-    span_type, span_doc, span_rank, span_start, span_length = [], [], [], [], []
+    span_type, span_doc, span_rank, span_start, span_length, span_before_text = [], [], [], [], [], []
     latents = [[] for _ in range(num_types)]
     latent_span = [[] for _ in range(num_types)]
     latent_index = [[] for _ in range(num_types)]
@@ -149,7 +150,7 @@ def pack(samples: list[Sample], vocab: Vocab, wrap: bool = True, latent_dtype: t
         if wrap:
             emit([vocab.sos])
 
-        for segment in sample:
+        for index, segment in enumerate(sample):
             if isinstance(segment, Text):
                 records.append(SegmentRecord('text', offset, segment.ids.shape[0]))
                 emit(segment.ids)
@@ -171,6 +172,8 @@ def pack(samples: list[Sample], vocab: Vocab, wrap: bool = True, latent_dtype: t
             rank += 1
             span_start.append(offset)
             span_length.append(length)
+            following = sample[index + 1] if index + 1 < len(sample) else None
+            span_before_text.append(isinstance(following, Text) and following.ids.numel() > 0)
 
             latents[m].append(segment.latent.reshape(num_rows, -1))
             latent_span[m].append(torch.full((num_rows,), span_id, **long))
@@ -210,6 +213,7 @@ def pack(samples: list[Sample], vocab: Vocab, wrap: bool = True, latent_dtype: t
         span_rank = torch.tensor(span_rank, **long),
         span_start = torch.tensor(span_start, **long),
         span_length = torch.tensor(span_length, **long),
+        span_before_text = torch.tensor(span_before_text, dtype = torch.bool, device = device),
         latents = tuple(cat_or_empty([part.to(latent_dtype) for part in latents[m]], dim_of(latents[m]), dtype = latent_dtype) for m in range(num_types)),
         latent_span = tuple(cat_or_empty(latent_span[m]) for m in range(num_types)),
         latent_index = tuple(cat_or_empty(latent_index[m]) for m in range(num_types)),
