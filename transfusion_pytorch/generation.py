@@ -36,7 +36,7 @@ from torch import Tensor
 from . import solvers
 from .config import closest_key_error, is_positive_int
 from .backends import CachedBackend, Latents, ReferenceBackend, Request, items_to_sample, sequence_length
-from .guidance import GuidedBackend
+from .guidance import Guidance, GuidedBackend
 from .inputs import Modality, Text, describe, is_text_dtype, normalize_prompt
 from .sampling import sample_token
 from .vocab import Vocab
@@ -57,6 +57,8 @@ class SampleOptions:
     time_shift: float = 1.
     init_modality_noise: Tensor | None = None       # (*shape, dim_latent) noise at t = 0 of each row's first modality
     cfg_scale: float = 1.                           # classifier-free guidance; 1 is off (and costs nothing)
+    guidance_interval: tuple[float, float] = (0., 1.)   # guided only for t in [t_lo, t_hi] (`guidance.Guidance`)
+    guidance_schedule: str = 'constant'             # or 'linear': from no guidance at t_lo to cfg_scale at t_hi
 
     def __post_init__(self):
         if self.max_length < 2:
@@ -70,6 +72,11 @@ class SampleOptions:
         if self.fixed_modality_shape is not None:
             check_shape(self.fixed_modality_shape, 'fixed_modality_shape')
         check_method(self.ode_method, self.modality_steps)
+        self.guidance                               # checks the guidance options
+
+    @property
+    def guidance(self) -> Guidance:
+        return Guidance(cfg_scale = self.cfg_scale, guidance_interval = self.guidance_interval, guidance_schedule = self.guidance_schedule)
 
     @property
     def adaptive(self) -> bool:
@@ -411,9 +418,9 @@ def make_backend(model, batch_size: int, options: SampleOptions, use_cache: bool
     the unconditional branch is not run at all)."""
     def one():
         return CachedBackend(model, batch_size, options.max_length) if use_cache else ReferenceBackend(model, batch_size)
-    if options.cfg_scale == 1.:
+    if options.guidance.off:
         return one()
-    return GuidedBackend(one(), one(), options.cfg_scale, model.vocab)
+    return GuidedBackend(one(), one(), options.guidance, model.vocab)
 
 
 def prompt_sample(model, prompt, name: str) -> list:
