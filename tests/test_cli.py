@@ -14,7 +14,7 @@ pytest.importorskip('matplotlib')
 from transfusion_pytorch import Transfusion, cli
 
 TINY = ['--dim', '16', '--depth', '1', '--heads', '1', '--dim-head', '16', '--steps', '2', '--eval-every', '2',
-        '--eval-per-label', '1', '--checkpoint-every', '2', '--max-tokens', '256', '--warmup-steps', '1', '--modality-steps', '2']
+        '--eval-per-label', '2', '--checkpoint-every', '2', '--max-tokens', '256', '--warmup-steps', '1', '--modality-steps', '2']
 
 
 def cli_error(argv, capsys) -> str:
@@ -51,7 +51,8 @@ def folders(tmp_path_factory):
     (['sample', '{run}', '--num', '-1'], 'argument --num: expected an int >= 1, got -1'),
     (['sample', '{run}', '--num', 'many'], "argument --num: expected an int >= 1, got 'many'"),
     (['sample', '{run}', '--modality-steps', '0'], 'argument --modality-steps: expected an int >= 1, got 0'),
-    (['eval', '{run}', '--per-label', '0'], 'argument --per-label: expected an int >= 1, got 0'),
+    (['eval', '{run}', '--per-label', '1'], 'argument --per-label: expected an int >= 2, got 1'),
+    (['eval', '{run}', '--per-label', '140'], '--per-label must be an int in [2, 139] (the spread of a label takes two drawings'),
     (['eval', '{run}', '--captions', '0'], 'argument --captions: expected an int >= 1, got 0'),
     (['eval', '{run}', '--captions', '-5'], 'argument --captions: expected an int >= 1, got -5'),
     (['eval', '{run}', '--captions', '361'], 'argument --captions: there are 360 held-out digits to caption, got 361'),

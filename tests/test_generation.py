@@ -125,7 +125,7 @@ def test_cached_modality_only_matches_uncached(model):
     b = model.generate_modality_only(batch_size = 3, modality_type = 1, fixed_modality_shape = (2, 3), seed = 0, use_cache = False)
     assert a.shape == (3, 2, 3, DIM_LATENTS[1])
     assert torch.allclose(a, b, atol = 1e-5)
-    c = model.generate_modality_only(batch_size = 3, modality_type = 1, fixed_modality_shape = (2, 3), seed = 0, ode_method = 'midpoint')
+    c = model.generate_modality_only(batch_size = 3, modality_type = 1, fixed_modality_shape = (2, 3), seed = 0, ode_method = 'euler')
     assert not torch.allclose(a, c, atol = 1e-3)     # the solver matters, so the comparison above could fail
 
 

@@ -197,7 +197,7 @@ SCRIPT = lambda vocab: [4, vocab.meta, *vocab.encode_shape((2, 3)), vocab.bom(1)
                         vocab.meta, *vocab.encode_shape((3,)), vocab.bom(0), None, 2, vocab.eos]
 
 
-INTERVALS = dict(everywhere = dict(), interval = dict(guidance_interval = (0.3, 0.8)),
+INTERVALS = dict(everywhere = dict(guidance_interval = (0., 1.)), default = dict(), interval = dict(guidance_interval = (0.3, 0.8)),
                  linear = dict(guidance_interval = (0.2, 1.), guidance_schedule = 'linear'))
 
 
@@ -211,7 +211,7 @@ def test_guided_cached_matches_guided_uncached(model, prompt, guidance):
     assert kinds(cached)[-5:] == ['text', ('modality', 1, (2, 3)), 'text', ('modality', 0, (3,)), 'text']
     assert_same_samples(cached, uncached)
 
-    unguided = run(model, [PROMPTS[prompt]], [script], max_length = 64, modality_steps = 5)[0]
+    unguided = run(model, [PROMPTS[prompt]], [script], max_length = 64, modality_steps = 5, cfg_scale = 1.)[0]
     assert not torch.allclose(cached[-2][1], unguided[-2][1], atol = 1e-3)    # guidance changes the modalities
 
 
@@ -242,10 +242,22 @@ def test_cfg_scale_one_equals_the_unguided_path(model):
     for x, y in zip([i for i in plain if isinstance(i, Latents)], [i for i in guided if isinstance(i, Latents)]):
         assert torch.equal(x.values, y.values)
 
-    # and the public default (cfg_scale = 1) skips it: exactly the unguided path
-    a = model.sample(PROMPTS['mixed'], max_length = 40, force_modality_at_start = 1, seed = 3)
-    b = model.sample(PROMPTS['mixed'], max_length = 40, force_modality_at_start = 1, seed = 3, cfg_scale = 1.)
-    assert_same_samples(a, b, atol = 0.)
+
+
+def test_the_default_cfg_scale_follows_condition_dropout():
+    """Without cfg_scale, a model built with condition dropout (prob_uncond > 0, the default) is
+    guided at scale 3; one built without, whose unconditional branch is untrained, is not."""
+    def draw(model, **options):
+        return model.sample(PROMPTS['mixed'], max_length = 40, force_modality_at_start = 1, seed = 3, **options)
+
+    model = untrained_but_not_trivial()
+    assert model.config.prob_uncond == 0.1
+    assert_same_samples(draw(model), draw(model, cfg_scale = 3.), atol = 0.)
+    assert not torch.allclose(draw(model)[3][1], draw(model, cfg_scale = 1.)[3][1], atol = 1e-3)
+
+    model = untrained_but_not_trivial(prob_uncond = 0.)
+    assert_same_samples(draw(model), draw(model, cfg_scale = 1.), atol = 0.)
+    assert not torch.allclose(draw(model)[3][1], draw(model, cfg_scale = 3.)[3][1], atol = 1e-3)
 
 
 def test_cfg_scale_zero_samples_the_unconditional_model(model):
@@ -253,9 +265,9 @@ def test_cfg_scale_zero_samples_the_unconditional_model(model):
     with the prompt's text removed."""
     noise = torch.randn(2, 2, DIM_LATENTS[1])
     options = dict(max_length = 40, force_modality_at_start = (1, (2, 2)), init_modality_noise = noise)
-    guided = run(model, [PROMPTS['mixed']], cfg_scale = 0., **options)[0]
-    text_free = run(model, [[PROMPTS['mixed'][1]]], **options)[0]
-    conditional = run(model, [PROMPTS['mixed']], **options)[0]
+    guided = run(model, [PROMPTS['mixed']], cfg_scale = 0., guidance_interval = (0., 1.), **options)[0]
+    text_free = run(model, [[PROMPTS['mixed'][1]]], cfg_scale = 1., **options)[0]
+    conditional = run(model, [PROMPTS['mixed']], cfg_scale = 1., **options)[0]
     assert torch.allclose(guided[3][1], text_free[1][1], atol = 1e-5)
     assert not torch.allclose(guided[3][1], conditional[3][1], atol = 1e-3)
 
@@ -329,7 +341,8 @@ def count_model_calls(model, **options) -> int:
     handle = model.transformer.register_forward_hook(lambda *_: calls.append(1))
     try:
         # the prompt, then a forced 2 x 2 modality; max_length ends the sample right after it
-        model.sample(PROMPTS['text'], max_length = 16, force_modality_at_start = (1, (2, 2)), modality_steps = 4, seed = 0, **options)
+        model.sample(PROMPTS['text'], max_length = 16, force_modality_at_start = (1, (2, 2)), modality_steps = 4, ode_method = 'euler',
+                     seed = 0, **options)
     finally:
         handle.remove()
     return len(calls)
@@ -338,10 +351,11 @@ def count_model_calls(model, **options) -> int:
 def test_no_unconditional_model_call_outside_the_interval(model):
     """Counted at the model: the unconditional branch costs one call per stage where w(t) != 1,
     plus one to bring its rows up to date before the first, and nothing else."""
-    unguided = count_model_calls(model)
-    assert count_model_calls(model, cfg_scale = 3.) == unguided + 4 + 1                     # stages at t = 0, 1/4, 1/2, 3/4
+    unguided = count_model_calls(model, cfg_scale = 1.)
+    assert count_model_calls(model, cfg_scale = 3., guidance_interval = (0., 1.)) == unguided + 4 + 1       # stages at t = 0, 1/4, 1/2, 3/4
     assert count_model_calls(model, cfg_scale = 3., guidance_interval = (0.5, 1.)) == unguided + 2 + 1
-    assert count_model_calls(model, cfg_scale = 3., guidance_schedule = 'linear') == unguided + 3 + 1    # w(0) = 1
+    assert count_model_calls(model, cfg_scale = 3., guidance_interval = (0., 1.), guidance_schedule = 'linear') == unguided + 3 + 1    # w(0) = 1
+    assert count_model_calls(model) == unguided + 1 + 1                                      # the default: (0.6, 1), scale 3
     assert count_model_calls(model, cfg_scale = 3., guidance_interval = (0.8, 1.)) == unguided          # no stage inside
     assert count_model_calls(model, cfg_scale = 1., guidance_interval = (0.5, 1.)) == unguided
 

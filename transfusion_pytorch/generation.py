@@ -36,7 +36,7 @@ from torch import Tensor
 from . import solvers
 from .config import closest_key_error, is_positive_int
 from .backends import CachedBackend, Latents, ReferenceBackend, Request, items_to_sample, sequence_length
-from .guidance import Guidance, GuidedBackend
+from .guidance import Guidance, GuidedBackend, default_cfg_scale
 from .inputs import Modality, Text, describe, is_text_dtype, normalize_prompt
 from .sampling import sample_token
 from .vocab import Vocab
@@ -50,14 +50,14 @@ class SampleOptions:
     text_top_k: int | None = None
     fixed_modality_shape: tuple[int, ...] | None = None     # the shape of every generated modality
     force_modality_at_start: int | tuple | None = None     # modality type, or (type, shape), started right after the prompt
-    modality_steps: int = 16                        # ODE steps per modality (fixed-grid methods)
-    ode_method: str = 'euler'                       # `solvers.FIXED_METHODS`, or an adaptive one of `solvers.ADAPTIVE_METHODS`
+    modality_steps: int = 8                         # ODE steps per modality (fixed-grid methods; midpoint: two model calls each)
+    ode_method: str = 'midpoint'                    # `solvers.FIXED_METHODS`, or an adaptive one of `solvers.ADAPTIVE_METHODS`
     ode_atol: float = 1e-5                          # tolerances of an adaptive method
     ode_rtol: float = 1e-5
     time_shift: float = 1.
     init_modality_noise: Tensor | None = None       # (*shape, dim_latent) noise at t = 0 of each row's first modality
-    cfg_scale: float = 1.                           # classifier-free guidance; 1 is off (and costs nothing)
-    guidance_interval: tuple[float, float] = (0., 1.)   # guided only for t in [t_lo, t_hi] (`guidance.Guidance`)
+    cfg_scale: float | None = None                  # classifier-free guidance, 1 is off; None: `guidance.default_cfg_scale`
+    guidance_interval: tuple[float, float] = (0.6, 1.)  # guided only for t in [t_lo, t_hi] (`guidance.Guidance`)
     guidance_schedule: str = 'constant'             # or 'linear': from no guidance at t_lo to cfg_scale at t_hi
 
     def __post_init__(self):
@@ -72,11 +72,11 @@ class SampleOptions:
         if self.fixed_modality_shape is not None:
             check_shape(self.fixed_modality_shape, 'fixed_modality_shape')
         check_method(self.ode_method, self.modality_steps)
-        self.guidance                               # checks the guidance options
+        self.guidance(None)                         # checks the guidance options
 
-    @property
-    def guidance(self) -> Guidance:
-        return Guidance(cfg_scale = self.cfg_scale, guidance_interval = self.guidance_interval, guidance_schedule = self.guidance_schedule)
+    def guidance(self, model) -> Guidance:
+        scale = self.cfg_scale if self.cfg_scale is not None else (default_cfg_scale(model) if model is not None else 1.)
+        return Guidance(cfg_scale = scale, guidance_interval = self.guidance_interval, guidance_schedule = self.guidance_schedule)
 
     @property
     def adaptive(self) -> bool:
@@ -418,9 +418,10 @@ def make_backend(model, batch_size: int, options: SampleOptions, use_cache: bool
     the unconditional branch is not run at all)."""
     def one():
         return CachedBackend(model, batch_size, options.max_length) if use_cache else ReferenceBackend(model, batch_size)
-    if options.guidance.off:
+    guidance = options.guidance(model)
+    if guidance.off:
         return one()
-    return GuidedBackend(one(), one(), options.guidance, model.vocab)
+    return GuidedBackend(one(), one(), guidance, model.vocab)
 
 
 def prompt_sample(model, prompt, name: str) -> list:
@@ -490,8 +491,8 @@ def generate_text_only(model, prompt: Tensor, seq_len: int, *, temperature: floa
 
 
 def generate_modality_only(model, *, batch_size: int = 1, modality_type: int = 0,
-                           fixed_modality_shape: tuple[int, ...] | None = None, modality_steps: int = 16,
-                           ode_method: str = 'euler', time_shift: float = 1., return_latents: bool = False,
+                           fixed_modality_shape: tuple[int, ...] | None = None, modality_steps: int = SampleOptions.modality_steps,
+                           ode_method: str = SampleOptions.ode_method, time_shift: float = 1., return_latents: bool = False,
                            generator = None, seed: int | None = None, use_cache: bool = True) -> Tensor:
     """A batch of modalities of one type and shape, each after SOS and its header alone:
     (batch, *shape, dim_latent), or channel first, decoded unless `return_latents`."""
