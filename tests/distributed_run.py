@@ -1,7 +1,10 @@
 """Run by tests/test_training_distributed.py, alone or under torchrun: trains the same tiny model on
 the same data for a few steps and saves the final parameters (gathered to full tensors) to argv[1].
 
-    python tests/distributed_run.py OUT.pt STRATEGY GRAD_ACCUM
+    python tests/distributed_run.py OUT.pt STRATEGY GRAD_ACCUM [LANGUAGE_MODEL_FOLDER]
+
+With a language model folder, the model starts from it, frozen, with separate modality weights
+(`lm_helpers.frozen_language_model_run`).
 """
 
 import random
@@ -13,18 +16,23 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 sys.path.insert(0, __file__.rsplit('/', 1)[0])
 
 from conftest import random_sample, tiny_model  # noqa: E402
+from lm_helpers import frozen_language_model_run  # noqa: E402
 from test_training_data import ListDataset  # noqa: E402
 
 from transfusion_pytorch.training import TrainConfig, Trainer  # noqa: E402
 from transfusion_pytorch.training.distributed import teardown  # noqa: E402
 
 
-def main(out_path: str, strategy: str, grad_accum: int):
+def main(out_path: str, strategy: str, grad_accum: int, language_model: str | None = None):
     torch.set_num_threads(1)
     torch.manual_seed(0)
     rng = random.Random(0)
-    data = ListDataset([random_sample(rng) for _ in range(24)])     # mixed: text-only, one type, both types
-    model = tiny_model()
+    if language_model is None:
+        data = ListDataset([random_sample(rng) for _ in range(24)])     # mixed: text-only, one type, both types
+        model = tiny_model()
+    else:
+        samples, model = frozen_language_model_run(language_model, rng)
+        data = ListDataset(samples)
     initial = {name: value.clone() for name, value in model.state_dict().items()}
 
     config = TrainConfig(
@@ -36,11 +44,12 @@ def main(out_path: str, strategy: str, grad_accum: int):
 
     options = StateDictOptions(full_state_dict = True, cpu_offload = True)
     state = dict(model = get_model_state_dict(trainer.wrapped, options = options), ema = get_model_state_dict(trainer.ema, options = options),
-                 initial = initial, losses = [entry['loss'] for entry in history])
+                 initial = initial, losses = [entry['loss'] for entry in history],
+                 frozen = [name for name, p in model.named_parameters() if not p.requires_grad])
     if trainer.dist.is_main:
         torch.save(state, out_path)
     teardown()
 
 
 if __name__ == '__main__':
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), *sys.argv[4:])

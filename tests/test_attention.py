@@ -65,3 +65,37 @@ def test_backends_give_the_same_gradients():
     for padded, per_sample, reference in zip(*grads):
         torch.testing.assert_close(padded, reference, atol = 1e-5, rtol = 1e-4)
         torch.testing.assert_close(per_sample, reference, atol = 1e-5, rtol = 1e-4)
+
+
+@pytest.mark.parametrize('softcap', [None, 5.])
+@pytest.mark.parametrize('layout', [padded_layout, per_sample_layout, flex_layout])
+def test_grouped_query_attention_equals_repeated_key_value_heads(layout, softcap):
+    """kv_heads key / value heads, each shared by heads / kv_heads consecutive query heads (the
+    Llama / Qwen convention): the same as repeating each of them for its group."""
+    packed = packed_from(random_batch(random.Random(4)))
+    q, (k, v) = qkv(packed.num_tokens, heads = 4)[0], qkv(packed.num_tokens, heads = 2)[:2]
+    q, k, v = (t.float() for t in (q, k, v))
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        grouped = attend(q, k, v, layout(packed), softcap = softcap)
+        repeated = attend(q, k.repeat_interleave(2, dim = 1), v.repeat_interleave(2, dim = 1), layout(packed), softcap = softcap)
+    torch.testing.assert_close(grouped, repeated, atol = 1e-5, rtol = 1e-4)
+    if softcap is None:
+        torch.testing.assert_close(grouped, reference_attention(q, k.repeat_interleave(2, dim = 1), v.repeat_interleave(2, dim = 1),
+                                                                reference_mask(packed)), atol = 1e-5, rtol = 1e-4)
+
+
+def test_per_sample_attention_backward_concatenates_once():
+    """Each sample's queries, keys and values are pieces of one split, so the backward pass
+    concatenates their gradients once; a slice per sample would scatter each into a zero
+    tensor the size of the whole sequence (samples x sequence of memory traffic per layer)."""
+    packed = packed_from([[torch.arange(12)], [torch.tensor([1]), (0, torch.randn(2, 6)), torch.tensor([2])], [torch.tensor([3, 4])]])
+    q, k, v = (t.float().requires_grad_() for t in qkv(packed.num_tokens))
+    out = attend(q, k, v, per_sample_layout(packed))
+    names, stack = set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        names.add(node.name())
+        stack.extend(next_node for next_node, _ in node.next_functions if next_node is not None)
+    assert 'SplitWithSizesBackward0' in names
+    assert not {'SliceBackward0', 'SelectBackward0'} & names, names

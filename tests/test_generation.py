@@ -76,9 +76,16 @@ def kinds(sample):
     return [('modality', x[0], tuple(x[1].shape[:-1])) if isinstance(x, tuple) else 'text' for x in sample]
 
 
+# the cached-against-uncached tests also run with grouped-query attention and separate modality
+# weights (the KV cache holds key / value heads only; a step routes its text and latent rows)
+MODELS = dict(shared = {}, separate = dict(transformer = dict(dim = 32, depth = 2, dim_head = 8, heads = 4, kv_heads = 2,
+                                                              separate_modality_weights = True)))
+BOTH = pytest.mark.parametrize('model', list(MODELS), indirect = True)
+
+
 @pytest.fixture
-def model():
-    return untrained_but_not_trivial()
+def model(request):
+    return untrained_but_not_trivial(**MODELS[getattr(request, 'param', 'shared')])
 
 
 def written_shape_script(model, shape, modality_type, before = (5,), after = (7,)):
@@ -98,6 +105,7 @@ PROMPTS = dict(
 # cached against uncached
 
 @pytest.mark.parametrize('prompt', list(PROMPTS))
+@BOTH
 def test_cached_matches_uncached_with_a_written_modality(model, prompt):
     # after the prompt: text, a modality of a written 2-d shape, text, a second modality of type 0, text
     vocab = model.vocab
@@ -111,6 +119,7 @@ def test_cached_matches_uncached_with_a_written_modality(model, prompt):
 
 
 @pytest.mark.parametrize('prompt', list(PROMPTS))
+@BOTH
 def test_cached_matches_uncached_free_greedy_decoding(model, prompt):
     # no script: whatever the model decodes, with modalities forced at the start
     options = dict(max_length = 40, force_modality_at_start = (1, (2, 2)))
@@ -120,6 +129,7 @@ def test_cached_matches_uncached_free_greedy_decoding(model, prompt):
     assert_same_samples(cached, uncached)
 
 
+@BOTH
 def test_cached_modality_only_matches_uncached(model):
     a = model.generate_modality_only(batch_size = 3, modality_type = 1, fixed_modality_shape = (2, 3), seed = 0)
     b = model.generate_modality_only(batch_size = 3, modality_type = 1, fixed_modality_shape = (2, 3), seed = 0, use_cache = False)
@@ -129,6 +139,7 @@ def test_cached_modality_only_matches_uncached(model):
     assert not torch.allclose(a, c, atol = 1e-3)     # the solver matters, so the comparison above could fail
 
 
+@BOTH
 def test_cached_text_only_matches_uncached(model):
     prompt = torch.randint(0, NUM_TEXT_TOKENS, (3, 4))
     cached = model.generate_text_only(prompt, 20, temperature = 0.)
@@ -159,6 +170,7 @@ def test_text_decoding_of_equal_rows_needs_no_mask(model):
     assert torch.allclose(logits, torch.stack(outputs), atol = 1e-5)
 
 
+@BOTH
 def test_committed_modality_is_what_training_sees(model):
     """After ODE steps that are not kept, the committed clean modality (t = 1) gives the logits
     of the training forward over the finished sequence."""
@@ -214,6 +226,7 @@ def test_adaptive_solver_in_sample():
 
 # batches
 
+@BOTH
 def test_batch_matches_each_prompt_alone(model):
     prompts = list(PROMPTS.values())
     scripts = [[], written_shape_script(model, (3, 1), 1), [], written_shape_script(model, (2,), 0, before = ())]

@@ -58,6 +58,13 @@ OPTIONS = dict(
     hyper_and_frac = dict(transformer = dict(num_residual_streams = 2, num_residual_fracs = 2)),
     dropout = dict(transformer = dict(dropout = 0.1, attn_dropout = 0.1)),
     wider_ff_and_heads = dict(transformer = dict(ff_expansion_factor = 2., dim_head = 16, heads = 4)),
+    language_model_shape = dict(transformer = dict(
+        heads = 4, kv_heads = 2, dim_ff_hidden = 40, norm_eps = 1e-5, attn_qkv_bias = True, attn_out_bias = True, tie_embeddings = True,
+        rotary_scaling = dict(type = 'llama3', factor = 8., low_freq_factor = 1., high_freq_factor = 4., original_max_position_embeddings = 4),
+    )),
+    separate_modality_weights = dict(transformer = dict(separate_modality_weights = True, kv_heads = 1)),
+    frozen_text_weights = dict(transformer = dict(freeze_text_weights = True)),
+    frozen_text_with_separate_weights = dict(transformer = dict(freeze_text_weights = True, separate_modality_weights = True, tie_embeddings = True)),
     # modality options
     no_pos_emb = dict(add_pos_emb = False),
     any_number_of_axes = dict(modality_default_shape = None, modality_num_dim = None),
@@ -116,6 +123,9 @@ def test_every_trainable_parameter_gets_a_gradient(name, one_thread):
     model(batch_for(model), **kwargs).backward()
 
     codec_ids = {id(p) for codec in (*model.modality_encoders, *model.modality_decoders) for p in codec.parameters()}
+    if model.config.transformer.freeze_text_weights:        # the text weights, and the text ids' rows of the tables
+        codec_ids |= {id(p) for module in model.transformer.text_modules() for p in module.parameters()}
+        codec_ids |= {id(model.token_embed.weight), id(model.to_logits.weight)}
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     assert {id(p) for p in model.parameters() if not p.requires_grad} == codec_ids, frozen
 

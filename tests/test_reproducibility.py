@@ -69,12 +69,12 @@ def test_same_seed_is_bit_identical_in_two_processes():
 
 def test_no_code_path_is_chosen_by_timing():
     """Nothing that computes losses or samples reads a clock; the trainer reads one for its
-    tokens/s metric only (and the demos time their runs for their logs)."""
+    tokens/s metric only (and the demos and jobs time their runs for their logs)."""
     clock = re.compile(r'perf_counter|time\.time\(|time\.monotonic|timeit|torch\.utils\.benchmark|max-autotune|cudnn\.benchmark')
     root = Path(transfusion_pytorch.__file__).parent
     found = {
         str(path.relative_to(root)): line.strip()
-        for path in root.rglob('*.py') if path.parent.name != 'demos'
+        for path in root.rglob('*.py') if path.parent.name not in ('demos', 'jobs')
         for line in path.read_text().splitlines() if clock.search(line)
     }
     assert set(found) <= {'training/trainer.py'}, found

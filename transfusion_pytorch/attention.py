@@ -37,12 +37,18 @@ def scaled_dot_product(
     q: Tensor, k: Tensor, v: Tensor,
     mask: Tensor | None = None, is_causal: bool = False, dropout_p: float = 0., softcap: float | None = None,
 ) -> Tensor:
-    """(B, heads, Q, dim_head) attention. SDPA's fused kernels where they apply; with logit
-    softcapping, the textbook formula (SDPA has no hook for the scores)."""
+    """(B, heads, Q, dim_head) queries, (B, kv_heads, L, dim_head) keys and values: attention,
+    each key / value head shared by heads / kv_heads consecutive query heads (grouped-query
+    attention). SDPA's fused kernels where they apply; with logit softcapping, the textbook
+    formula (SDPA has no hook for the scores)."""
+    is_grouped = k.shape[-3] != q.shape[-3]
     if softcap is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask = mask, is_causal = is_causal, dropout_p = dropout_p)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask = mask, is_causal = is_causal, dropout_p = dropout_p, enable_gqa = is_grouped)
     if mask is not None and mask.dtype != torch.bool:
         raise ValueError('logit softcapping takes a bool mask')
+    if is_grouped:
+        group = q.shape[-3] // k.shape[-3]
+        k, v = k.repeat_interleave(group, dim = -3), v.repeat_interleave(group, dim = -3)
 
     scores = softcap_scores(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, softcap)       # (B, heads, Q, L)
     if is_causal:
@@ -54,7 +60,7 @@ def scaled_dot_product(
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, layout: AttentionLayout, dropout_p: float = 0., softcap: float | None = None) -> Tensor:
-    """(N, heads, dim_head) x 3 -> (N, heads, dim_head)"""
+    """(N, heads, dim_head) queries, (N, kv_heads, dim_head) keys and values -> (N, heads, dim_head)"""
     if layout.block_mask is not None:
         return _attend_flex(q, k, v, layout, softcap)
     return _attend_sdpa(q, k, v, layout, dropout_p, softcap)
@@ -63,7 +69,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, layout: AttentionLayout, dropout_p: 
 def _attend_flex(q: Tensor, k: Tensor, v: Tensor, layout: AttentionLayout, softcap: float | None) -> Tensor:
     q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))                  # (1, heads, N, dim_head)
     score_mod = None if softcap is None else (lambda score, b, h, q_idx, kv_idx: softcap_scores(score, softcap))
-    out = _compiled_flex_attention()(q, k, v, block_mask = layout.block_mask, score_mod = score_mod)
+    out = _compiled_flex_attention()(q, k, v, block_mask = layout.block_mask, score_mod = score_mod, enable_gqa = k.shape[1] != q.shape[1])
     return out[0].transpose(0, 1)
 
 
@@ -76,7 +82,7 @@ def _attend_sdpa(q: Tensor, k: Tensor, v: Tensor, layout: AttentionLayout, dropo
     def to_padded(t: Tensor) -> Tensor:
         if layout.gather is not None:
             t = t[layout.gather]
-        return t.view(batch, length, heads, dim_head).transpose(1, 2)         # (B, heads, L, dim_head)
+        return t.view(batch, length, t.shape[-2], dim_head).transpose(1, 2)   # (B, heads, L, dim_head)
 
     mask = layout.mask
     if mask is not None and softcap is None:
@@ -91,14 +97,18 @@ def _attend_sdpa(q: Tensor, k: Tensor, v: Tensor, layout: AttentionLayout, dropo
 
 
 def _attend_per_sample(q: Tensor, k: Tensor, v: Tensor, layout: AttentionLayout, dropout_p: float, softcap: float | None) -> Tensor:
+    # the samples tile the sequence in order: one split per tensor, whose backward pass is one
+    # concatenation (a slice per sample would scatter each sample's gradient into a zero
+    # tensor of the whole sequence: samples x sequence of memory traffic per layer)
+    sizes = [sample.end - sample.start for sample in layout.samples]
     outs = []
-    for index, sample in enumerate(layout.samples):
+    for index, (sample, *one) in enumerate(zip(layout.samples, q.split(sizes), k.split(sizes), v.split(sizes))):
         mask = sample.mask
         if mask is not None and softcap is None:
             mask = layout.additive_mask(q.dtype, sample = index)
-        one = [t[sample.start:sample.end].transpose(0, 1)[None] for t in (q, k, v)]        # (1, heads, L, dim_head)
+        one = [t.transpose(0, 1).unsqueeze(0) for t in one]                                  # (1, heads, L, dim_head)
         out = scaled_dot_product(*one, mask = mask, is_causal = sample.mask is None, dropout_p = dropout_p, softcap = softcap)
-        outs.append(out[0].transpose(0, 1))
+        outs.append(out.squeeze(0).transpose(0, 1))
     return torch.cat(outs)
 
 

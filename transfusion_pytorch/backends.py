@@ -155,7 +155,7 @@ class CachedBackend:
     def __init__(self, model, batch_size: int, max_len: int):
         self.model = model
         config = model.config.transformer
-        self.cache = KVCache(config.depth, batch_size, config.heads, config.dim_head, max_len,
+        self.cache = KVCache(config.depth, batch_size, config.num_kv_heads, config.dim_head, max_len,
                              device = model.device, dtype = model.token_embed.weight.dtype)
         self.cursors = [RowCursor() for _ in range(batch_size)]
 
@@ -238,7 +238,7 @@ class CachedBackend:
             cursor.position += chunk
 
         self.cache.prepare([chunk] * batch, None)
-        hidden = model.transformer(model.token_embed(tokens.to(device).view(-1)), None, positions.view(-1), cache = self.cache)
+        hidden = model.transformer(model.token_embed(tokens.to(device).reshape(-1)), None, positions.view(-1), cache = self.cache)
         self.cache.commit([chunk] * batch)
         return model.to_logits(hidden.view(batch, chunk, -1)[:, -1])
 

@@ -1,8 +1,11 @@
 """`transfusion`: train, sample and evaluate from the command line.
 
-    transfusion train [CONFIG] [--key value ...]     train a job (by default the digits demo)
+    transfusion train [CONFIG] [--key value ...]     train a job (by default the digits demo; --job image_text)
     transfusion sample RUN_OR_MODEL --prompt "draw 3" [--num N] [--out FILE]
     transfusion eval RUN_OR_MODEL [--cfg-scale S ...] [--sweep KEY=V1,V2 ...]
+    transfusion shapes OUT                           write the walk-through set of captioned drawings
+    transfusion prepare SOURCE --out DIR             encode captioned images (or text) into shards
+    transfusion caption RUN PICTURE                  caption a picture with an image-text run
 
 A CONFIG is a small TOML file of `key = value` lines (see `transfusion train --help` for the
 keys); `--key value` overrides it. A RUN is a run folder written by `transfusion train`; a
@@ -21,6 +24,7 @@ from pathlib import Path
 import torch
 
 from .config_files import ConfigError, describe, parse_overrides
+from .jobs.commands import COMMANDS as JOB_COMMANDS, add_parsers, image_text_keys
 
 
 class UsageError(Exception):
@@ -146,6 +150,9 @@ def output_path(text: str, image: bool = False) -> Path:
 # commands
 
 def command_train(args, extra: list[str]):
+    from .jobs import commands
+    if commands.job_of(args.config, extra) == 'image_text':
+        return commands.train_image_text(args.config, extra)
     from .demos import digits_job
     overrides = parse_overrides(digits_job.DigitsConfig, extra)
     config = digits_job.load_config(args.config, overrides)
@@ -154,7 +161,11 @@ def command_train(args, extra: list[str]):
 
 def command_sample(args):
     """Samples by the kind of run (`Loaded.kind`): a new kind of run (one with a tokenizer of its
-    own) adds its sampler to SAMPLERS."""
+    own) adds its sampler to SAMPLERS. An image-text run (data.json: its tokenizer and codec) is
+    loaded and sampled by `jobs.sampling`."""
+    from .jobs import sampling
+    if sampling.is_image_text_run(args.model):
+        return sampling.command_sample(args)
     loaded = load(args.model, ema = not args.no_ema)
     return SAMPLERS[loaded.kind](loaded, args)
 
@@ -203,6 +214,9 @@ SAMPLERS = dict(digits = sample_digits, model = sample_sequences)
 
 
 def command_eval(args):
+    from .jobs import sampling
+    if sampling.is_image_text_run(args.model):
+        return sampling.command_eval(args)
     from .demos import digits_eval
     from .demos.digits import load_split
     held_out = len(load_split()[1].labels)
@@ -293,7 +307,8 @@ def add_sampling_options(parser, default_steps: str):
     parser.add_argument('--modality-steps', type = positive_int, help = f'ODE steps per modality (default: {default_steps})')
     parser.add_argument('--ode-method', help = f'the ODE solver (default {default.ode_method})')
     parser.add_argument('--time-shift', type = float, help = f'time grid shift towards noise (default {default.time_shift:g})')
-    parser.add_argument('--cfg-scale', type = float, help = f'classifier-free guidance scale (default {default.cfg_scale:g}; 1 is off)')
+    parser.add_argument('--cfg-scale', type = float, help = f'classifier-free guidance scale (default {default.cfg_scale:g}, image-text runs: '
+                                                            "the run's cfg_scale; 1 is off)")
     parser.add_argument('--guidance-interval', type = interval, metavar = 'T_LO:T_HI',
                         help = 'the times where guidance applies, t = 0 noise, t = 1 data (default {:g}:{:g})'.format(*default.guidance_interval))
     parser.add_argument('--guidance-schedule', help = f'constant, or linear (from no guidance at t_lo to cfg_scale at t_hi; default {default.guidance_schedule})')
@@ -315,7 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
                       'logged after it. A rerun may change only ' + ', '.join(RERUN_KEYS) + ' (how long the run goes on '
                       'and how it is run and watched: none changes the model, the data or the updates so far); another key '
                       "that differs from the run's config.toml is refused, naming the keys.",
-        epilog = 'config keys, in the TOML file as `key = value` or on the command line as --key value:\n' + describe(DigitsConfig),
+        epilog = 'config keys, in the TOML file as `key = value` or on the command line as --key value:\n' + describe(DigitsConfig)
+                 + '\n\nkeys of the image_text job (--job image_text, or job = "image_text" in the TOML file):\n' + image_text_keys(),
     )
     train.add_argument('config', nargs = '?', help = 'a TOML file of key = value lines; omitted: the defaults below')
 
@@ -324,14 +340,15 @@ def build_parser() -> argparse.ArgumentParser:
                                                'the prompt and writes them as one image; for another model, writes --num samples '
                                                '(text ids and latents) with torch.save.')
     sample.add_argument('model', metavar = 'RUN_OR_MODEL', help = 'a run folder (runs/digits) or a save_pretrained folder')
-    sample.add_argument('--prompt', help = 'for a digits model "draw <digit>" (or just the digit; default "draw 0"); '
-                                           'other models record no tokenizer, and take no prompt')
+    sample.add_argument('--prompt', help = 'for a digits model "draw <digit>" (or just the digit; default "draw 0"); for an image-text '
+                                           'run any caption ("a|b": a row of pictures for each); other models record no tokenizer, and take no prompt')
     sample.add_argument('--num', type = positive_int, default = 8, help = 'how many samples (default 8)')
     sample.add_argument('--out', help = 'output file (default draw_<digit>.png, or samples.pt for other models)')
     sample.add_argument('--seed', type = int, default = 0, help = 'seed of the noise (default 0)')
     sample.add_argument('--max-length', type = int_at_least(2), help = 'the max_length of model.sample, for models other than digits (default 256)')
     sample.add_argument('--no-ema', action = 'store_true', help = "use a run's online weights instead of its EMA weights")
     add_sampling_options(sample, "the run's modality_steps, else 8")
+    sample.add_argument('--vae', help = "image-text runs: the VAE folder, if it moved since prepare")
 
     evaluate = commands.add_parser('eval', help = 'evaluate a digits model: text-to-image and captioning accuracy, held-out losses',
                                    description = 'Text-to-image accuracy (a reader trained on real digits reads the drawings), '
@@ -347,10 +364,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument('--no-ema', action = 'store_true', help = "use a run's online weights instead of its EMA weights")
     add_sampling_options(evaluate, "the run's modality_steps, else 8")
     evaluate.add_argument('--sweep', nargs = '+', metavar = 'KEY=V1,V2',
-                          help = 'evaluate the drawings at every combination of these sampling settings (keys: the options above, '
-                                 'as modality_steps, cfg_scale, guidance_interval=0:1,0.5:1, ...); prints a table and writes '
-                                 'sweep.json and sweep.png (accuracy against Fréchet distance and diversity) to the run folder, '
-                                 'or to --out')
+                          help = 'digits runs: evaluate the drawings at every combination of these sampling settings (keys: the '
+                                 'options above and seed, as cfg_scale=1,3 guidance_interval=0:1,0.6:1 seed=0,1,2); prints a table '
+                                 'and writes sweep.json and sweep.png (accuracy against Fréchet distance and diversity) to the '
+                                 'run folder, or to --out')
+    evaluate.add_argument('--per-caption', type = positive_int, default = 4, help = 'image-text runs on the walk-through set: drawings per caption (default 4)')
+    add_parsers(commands)
     return parser
 
 
@@ -366,7 +385,7 @@ def main(argv: list[str] | None = None):
             config = rest.pop(0) if rest and not rest[0].startswith('-') else None
             return command_train(argparse.Namespace(config = config), rest)
         args = parser.parse_args(argv)
-        return {'sample': command_sample, 'eval': command_eval}[args.command](args)
+        return {'sample': command_sample, 'eval': command_eval, **JOB_COMMANDS}[args.command](args)
     except (UsageError, ConfigError) as error:
         print(f'transfusion: error: {error}', file = sys.stderr)
         raise SystemExit(2)

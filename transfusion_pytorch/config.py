@@ -31,6 +31,30 @@ def closest_key_error(name: str, key: str, valid: list[str]) -> TypeError:
 SINE_COSINE_PAIRS = dict(dim_head = 'rotary positions rotate pairs of dims', dim_time = 'the time features are sine and cosine pairs')
 
 
+ROTARY_SCALING_KEYS = dict(
+    linear = ('factor',),
+    llama3 = ('factor', 'low_freq_factor', 'high_freq_factor', 'original_max_position_embeddings'),
+)
+
+
+def check_rotary_scaling(scaling) -> dict:
+    """A valid `rotary_scaling`, as a plain dict with float values (the context length an int)."""
+    kind = scaling.get('type') if isinstance(scaling, dict) else None
+    if kind not in ROTARY_SCALING_KEYS:
+        raise ValueError(f"transformer.rotary_scaling must be None or a dict whose 'type' is one of "
+                         f"{sorted(ROTARY_SCALING_KEYS)}, got {scaling!r}")
+    expected = {'type', *ROTARY_SCALING_KEYS[kind]}
+    if set(scaling) != expected:
+        raise ValueError(f'transformer.rotary_scaling of type {kind!r} takes the keys {sorted(expected)}, got {sorted(scaling)}')
+    values = {key: value for key, value in scaling.items() if key != 'type'}
+    if not all(is_number(value) and value > 0 for value in values.values()):
+        raise ValueError(f'transformer.rotary_scaling: every value must be a positive number, got {scaling!r}')
+    if kind == 'llama3' and not scaling['high_freq_factor'] > scaling['low_freq_factor']:
+        raise ValueError(f'transformer.rotary_scaling: high_freq_factor must exceed low_freq_factor, got {scaling!r}')
+    return dict(type = kind, **{key: int(value) if key == 'original_max_position_embeddings' else float(value)
+                                for key, value in values.items()})
+
+
 @dataclass(frozen = True, kw_only = True)
 class TransformerConfig:
     dim: int                            # width of the residual stream
@@ -52,17 +76,39 @@ class TransformerConfig:
     use_value_residual: bool = False    # mix each layer's values with the first layer's (Zhou et al., 2024)
     num_residual_streams: int = 1       # hyper-connections: number of residual streams (Zhu et al., 2024)
     num_residual_fracs: int = 1         # frac-connections: fractions of the residual width (Zhu et al., 2025)
+    # the options below express pretrained language models exactly (see `language_models.py`);
+    # each is generic and its default keeps the architecture above
+    kv_heads: int | None = None         # key / value heads, grouped-query attention (Ainslie et al., 2023); None: `heads`
+    dim_ff_hidden: int | None = None    # SwiGLU hidden width; None: int(dim * ff_expansion_factor * 2 / 3)
+    rotary_scaling: dict | None = None  # rescaled rotary frequencies: {'type': 'linear', 'factor'} or {'type': 'llama3',
+                                        # 'factor', 'low_freq_factor', 'high_freq_factor', 'original_max_position_embeddings'}
+    norm_eps: float | None = None       # epsilon of every RMSNorm; None: the machine epsilon of the input's float type
+    attn_qkv_bias: bool = False         # biases on the query, key and value projections (Qwen2)
+    attn_out_bias: bool = False         # a bias on the attention output projection
+    tie_embeddings: bool = False        # the output head reuses the token embedding table (read by the model, which owns both)
+    separate_modality_weights: bool = False     # latent tokens take their own copies of the attention projections,
+                                        # feed-forward and norms, text tokens the originals, in one joint attention
+                                        # (Liang et al., 2024, "Mixture-of-Transformers"; Shi et al., 2024, "LMFusion")
+    freeze_text_weights: bool = False   # the text weights (text path of every block, final norm, embedding and output
+                                        # rows of the text ids) get no gradient; new parts and structural tokens train
 
     def __post_init__(self):
         for name in ('dim', 'depth', 'dim_head', 'heads', 'dim_time', 'num_residual_streams', 'num_residual_fracs'):
             value = getattr(self, name)
             if not is_positive_int(value):
                 raise ValueError(f'transformer.{name} must be a positive int, got {value!r}')
+        for name in ('kv_heads', 'dim_ff_hidden'):
+            value = getattr(self, name)
+            if value is not None and not is_positive_int(value):
+                raise ValueError(f'transformer.{name} must be a positive int or None, got {value!r}')
+        if self.heads % self.num_kv_heads != 0:
+            raise ValueError(f'transformer.kv_heads must divide heads = {self.heads}, got {self.kv_heads}')
         for name in ('dim_head', 'dim_time'):
             # rotary positions rotate pairs of a head's dims; the time features are (sin, cos) pairs
             if getattr(self, name) % 2 != 0:
                 raise ValueError(f'transformer.{name} must be even ({SINE_COSINE_PAIRS[name]}), got {getattr(self, name)}')
-        for name in ('unet_skips', 'unit_offset_norms', 'qk_rmsnorm', 'attn_gate_values', 'attn_laser', 'use_value_residual'):
+        for name in ('unet_skips', 'unit_offset_norms', 'qk_rmsnorm', 'attn_gate_values', 'attn_laser', 'use_value_residual',
+                     'attn_qkv_bias', 'attn_out_bias', 'tie_embeddings', 'separate_modality_weights', 'freeze_text_weights'):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f'transformer.{name} must be True or False, got {getattr(self, name)!r}')
         if self.use_flex_attn is not None and not isinstance(self.use_flex_attn, bool):
@@ -70,8 +116,12 @@ class TransformerConfig:
         for name in ('ff_expansion_factor', 'rotary_theta'):
             if not (is_number(getattr(self, name)) and getattr(self, name) > 0):
                 raise ValueError(f'transformer.{name} must be a positive number, got {getattr(self, name)!r}')
-        if int(self.dim * self.ff_expansion_factor * 2 / 3) < 1:
+        if self.dim_hidden < 1:
             raise ValueError(f'transformer.ff_expansion_factor {self.ff_expansion_factor} leaves the feed-forward of dim {self.dim} without a hidden unit')
+        if self.norm_eps is not None and not (is_number(self.norm_eps) and self.norm_eps > 0):
+            raise ValueError(f'transformer.norm_eps must be a positive float or None, got {self.norm_eps!r}')
+        if self.rotary_scaling is not None:
+            object.__setattr__(self, 'rotary_scaling', check_rotary_scaling(self.rotary_scaling))
         for name in ('dropout', 'attn_dropout'):
             if not (is_number(getattr(self, name)) and 0. <= getattr(self, name) < 1.):
                 raise ValueError(f'transformer.{name} must lie in [0, 1), got {getattr(self, name)!r}')
@@ -79,6 +129,15 @@ class TransformerConfig:
             raise ValueError(f'transformer.attn_softcap must be positive or None, got {self.attn_softcap!r}')
         if self.dim % self.num_residual_fracs != 0:
             raise ValueError(f'transformer.num_residual_fracs must divide dim = {self.dim}, got {self.num_residual_fracs}')
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.heads if self.kv_heads is None else self.kv_heads
+
+    @property
+    def dim_hidden(self) -> int:
+        """The SwiGLU hidden width."""
+        return int(self.dim * self.ff_expansion_factor * 2 / 3) if self.dim_ff_hidden is None else self.dim_ff_hidden
 
     @classmethod
     def from_dict(cls, values: dict) -> TransformerConfig:

@@ -32,12 +32,12 @@ from .attention import attend_cached
 
 
 class KVCache(nn.Module):
-    def __init__(self, depth: int, batch_size: int, heads: int, dim_head: int, max_len: int,
+    def __init__(self, depth: int, batch_size: int, kv_heads: int, dim_head: int, max_len: int,
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.max_len = max_len
         capacity = max_len + 1                  # the last slot takes the writes of padded queries
-        shape = (depth, batch_size, heads, capacity, dim_head)
+        shape = (depth, batch_size, kv_heads, capacity, dim_head)       # key / value heads only: GQA's saving
         self.register_buffer('keys', torch.zeros(shape, device = device, dtype = dtype), persistent = False)
         self.register_buffer('values', torch.zeros(shape, device = device, dtype = dtype), persistent = False)
         self.register_buffer('slot_span', torch.full((batch_size, capacity), -1, device = device, dtype = torch.long), persistent = False)
@@ -136,14 +136,15 @@ class LayerCache:
     index: int
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, softcap: float | None = None) -> Tensor:
-        """(B * Q, heads, dim_head) x 3 -> (B * Q, heads, dim_head): writes k, v at the step's
-        slots and attends the queries to the row's cache."""
+        """(B * Q, heads, dim_head) queries, (B * Q, kv_heads, dim_head) keys and values ->
+        (B * Q, heads, dim_head): writes k, v at the step's slots and attends the queries to the
+        row's cache."""
         cache = self.cache
         batch, heads, dim_head = cache.batch_size, *q.shape[-2:]
         chunk = q.shape[0] // batch
 
-        keys, values = cache.keys[self.index], cache.values[self.index]              # (B, heads, capacity, dim_head)
-        k, v = (t.view(batch, chunk, heads, dim_head).to(keys.dtype) for t in (k, v))
+        keys, values = cache.keys[self.index], cache.values[self.index]              # (B, kv_heads, capacity, dim_head)
+        k, v = (t.view(batch, chunk, -1, dim_head).to(keys.dtype) for t in (k, v))
         if isinstance(cache.write_slots, slice):
             keys[:, :, cache.write_slots] = k.transpose(1, 2)
             values[:, :, cache.write_slots] = v.transpose(1, 2)

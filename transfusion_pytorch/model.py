@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from . import flow
 from .config import TransfusionConfig, per_type
+from .embeddings import OutputHead, TokenEmbedding
 from .guidance import drop_text_conditions, without_eos_after_modality
 from .inputs import Modality, ModalitySpec, Sample, Text, check_text, describe, modality_batch, normalize_samples, text_batch
 from .losses import LossBreakdown, at_least_float32, combine, flow_loss_per_token, mean_or_zero, text_loss_per_token
@@ -120,14 +121,16 @@ class Transfusion(nn.Module):
         pre_post = PrePost.per_type(pre_post_transformer_enc_dec, config)
         linear_unless_pre_post = lambda m, make: nn.Identity() if isinstance(pre_post[m], PrePost) else make()
 
-        self.token_embed = nn.Embedding(self.vocab.size, dim)
+        # the text ids' rows frozen with the text weights; a head tied to the embedding (see embeddings.py)
+        frozen_rows = num_text_tokens if config.transformer.freeze_text_weights else 0
+        self.token_embed = TokenEmbedding(self.vocab.size, dim, num_frozen = frozen_rows)
         self.latent_to_model = nn.ModuleList([linear_unless_pre_post(m, lambda: nn.Linear(d, dim)) for m, d in enumerate(config.dim_latent)])
         self.model_to_velocity = nn.ModuleList([linear_unless_pre_post(m, lambda: nn.Linear(dim, d)) for m, d in enumerate(config.dim_latent)])
         self.pos_embs = nn.ModuleList([
             AxialPositions(num_dim, dim) if add else nn.Identity()
             for add, num_dim in zip(config.add_pos_emb, config.modality_num_dim)
         ])
-        self.to_logits = nn.Linear(dim, self.vocab.size, bias = False)
+        self.to_logits = OutputHead(dim, self.vocab.size, frozen_rows, tied = self.token_embed if config.transformer.tie_embeddings else None)
         self.pre_post = pre_post
 
         self._init_weights()
@@ -459,6 +462,20 @@ class Transfusion(nn.Module):
         """A model written by `save_pretrained`; see `pretrained.from_pretrained` for the options."""
         from .pretrained import from_pretrained
         return from_pretrained(cls, directory, **kwargs)
+
+    # starting from a pretrained language model (see language_models.py)
+
+    @classmethod
+    def from_language_model(cls, path_or_model, **kwargs) -> Transfusion:
+        """A model whose transformer, embedding and text head are a Hugging Face causal LM's (a
+        folder written by `save_pretrained`, or a loaded model); see `language_models.from_language_model`."""
+        from .language_models import from_language_model
+        return from_language_model(cls, path_or_model, **kwargs)
+
+    def save_language_model(self, directory, **kwargs):
+        """Writes the text weights in the Hugging Face layout; see `language_models.save_language_model`."""
+        from .language_models import save_language_model
+        return save_language_model(self, directory, **kwargs)
 
     def create_ema(self, beta: float = 0.99):
         """An `ema.EMA` of this model's weights; call its `update()` after each optimizer step."""

@@ -42,8 +42,8 @@ class RMSNormFunction(torch.autograd.Function):
 
 
 class RMSNorm(nn.RMSNorm):
-    def __init__(self, dim: int, unit_offset: bool = True):
-        super().__init__(dim)
+    def __init__(self, dim: int, unit_offset: bool = True, eps: float | None = None):
+        super().__init__(dim, eps = eps)
         self.unit_offset = unit_offset
         if unit_offset:
             nn.init.zeros_(self.weight)

@@ -3,7 +3,7 @@
 Choices, with where they come from (each switch lives in `TransformerConfig`):
 
 - RMSNorm with unit-offset gains (Rubin, 2024), SwiGLU feed-forward (Shazeer, 2020), no biases
-  in the main projections;
+  in the main projections by default;
 - rotary positions (Su et al., 2021) from per-token position ids: every token of a modality
   span shares one position, as the tokens of a grid have no order among themselves;
 - queries and keys RMS-normalised per head (Dehghani et al., 2023), an optional logit
@@ -15,7 +15,14 @@ Choices, with where they come from (each switch lives in `TransformerConfig`):
   once per span and block, and looked up by every token of the span. Text tokens are not
   conditioned (scale 0, shift 0, gate 1);
 - U-ViT long skips from the first half of the blocks to the second (Bao et al., 2022);
-- optional hyper- and frac-connections for the residual stream (`residual.py`).
+- optional hyper- and frac-connections for the residual stream (`residual.py`);
+- what pretrained language models need (`language_models.py`), each a generic option:
+  grouped-query attention, q / k / v and output biases, plain norms with a given epsilon,
+  rotary scaling (`rotary.py`), an explicit SwiGLU width;
+- optional separate modality weights (Mixture-of-Transformers, Liang et al., 2024): latent
+  rows on their own copies of every block's weights, text rows on the originals, one joint
+  attention (`routing.py`); adaLN then conditions the modality path only. The text path can
+  be frozen (`freeze_text_weights`, LMFusion).
 
 The transformer returns hidden states; it computes no loss.
 """
@@ -35,44 +42,10 @@ from .losses import at_least_float32
 from .masks import AttentionLayout
 from .norms import RMSNorm
 from .residual import ResidualMix
+from .rotary import Rotary, apply_rotary
+from .routing import Routing, route
 
 LASER_BOUND = 15.   # values are softclamped to (-15, 15) before exp, so exp never overflows
-
-
-class Rotary(nn.Module):
-    """The frequencies are computed where they are used, from the config, and not kept in a
-    buffer: a non-persistent buffer is neither saved nor restored, so a model built on the meta
-    device (`to_empty`, then `load_state_dict`, as for FSDP and large checkpoints) would hold
-    uninitialised memory there. Three small operations per forward pass, once for all layers."""
-
-    def __init__(self, dim_head: int, theta: float):
-        super().__init__()
-        self.dim_head, self.theta = dim_head, theta
-
-    def inv_freq(self, device: torch.device) -> Tensor:
-        """(dim_head / 2,) float32"""
-        return self.theta ** -(torch.arange(0, self.dim_head, 2, dtype = torch.float32, device = device) / self.dim_head)
-
-    def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """(N,) positions -> cos and signed sin over the whole head, each (N, 1, dim_head):
-        (cos, cos) and (-sin, sin), so that `apply_rotary` is two fused elementwise passes.
-        Computed once per forward pass and shared by every layer."""
-        angles = positions.float()[:, None] * self.inv_freq(positions.device)[None, :]
-        cos, sin = angles.cos(), angles.sin()
-        return torch.cat((cos, cos), dim = -1)[:, None], torch.cat((-sin, sin), dim = -1)[:, None]
-
-
-def apply_rotary(t: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
-    """(N, heads, dim_head): rotates the pairs (first half, second half) of each head,
-
-        (first, second) -> (first cos - second sin, second cos + first sin)
-                         = t * (cos, cos) + (second, first) * (-sin, sin)
-
-    written as one multiply and one fused multiply-add (`roll` by half a head swaps the halves).
-    Nothing of the size of t is saved for the backward pass (cos and sin are constants)."""
-    t32 = at_least_float32(t)
-    rotated = torch.addcmul(t32 * cos, t32.roll(t.shape[-1] // 2, dims = -1), signed_sin)
-    return rotated if rotated.dtype == t.dtype else rotated.to(t.dtype)
 
 
 def softclamp(t: Tensor, bound: float) -> Tensor:
@@ -94,6 +67,12 @@ class Conditioning:
     def __init__(self, span_embed: Tensor, token_span: Tensor):
         self.span_embed = span_embed        # (S, dim)
         self.token_row = torch.where(token_span >= 0, token_span, span_embed.shape[0])  # (N,)
+
+    def rows(self, start: int) -> Conditioning:
+        """The conditioning of the rows from `start` on (the modality rows, in routed order)."""
+        part = Conditioning.__new__(Conditioning)
+        part.span_embed, part.token_row = self.span_embed, self.token_row[start:]
+        return part
 
     def table(self, per_span: Tensor, text_value: float) -> Tensor:
         """(S, k) values per span -> (S + 1, k), the last row the value of text tokens."""
@@ -135,19 +114,21 @@ class AdaptiveNorm(nn.Module):
     The modulation is computed per span, `1 +` included, as (S + 1, dim) tables whose last row
     is that of text tokens (1 + scale = 1, shift = 0, gate = 1), and applied per token by
     `Modulate`: one fused multiply-add per token, and the backward pass keeps no per-token
-    table at all."""
+    table at all. With `conditioned = False` (the text path of separate modality weights) it
+    is the plain norm."""
 
-    def __init__(self, dim: int, unit_offset: bool):
+    def __init__(self, dim: int, unit_offset: bool, eps: float | None = None, conditioned: bool = True):
         super().__init__()
-        self.norm = RMSNorm(dim, unit_offset = unit_offset)
-        self.to_modulation = nn.Linear(dim, dim * 3)
-        nn.init.zeros_(self.to_modulation.weight)       # adaLN-zero: conditioned branches start closed
-        nn.init.zeros_(self.to_modulation.bias)
+        self.norm = RMSNorm(dim, unit_offset = unit_offset, eps = eps)
+        self.to_modulation = nn.Linear(dim, dim * 3) if conditioned else None
+        if conditioned:
+            nn.init.zeros_(self.to_modulation.weight)       # adaLN-zero: conditioned branches start closed
+            nn.init.zeros_(self.to_modulation.bias)
 
     def forward(self, x: Tensor, cond: Conditioning | None) -> tuple[Tensor, Tensor | None]:
         """The normalised, modulated x, and the gate table for the branch output (None: no gate)."""
         x = self.norm(x)
-        if cond is None:
+        if cond is None or self.to_modulation is None:
             return x, None
         scale, shift, gate = self.to_modulation(F.silu(cond.span_embed)).chunk(3, dim = -1)   # (S, dim) each
         x = Modulate.apply(x, cond.table(1. + scale, 1.), cond.table(shift, 0.), cond.token_row)
@@ -159,30 +140,54 @@ class Context:
     """What every block of one forward pass shares."""
     layout: AttentionLayout | None
     rotary: tuple[Tensor, Tensor]
-    cond: Conditioning | None
+    cond: Conditioning | None               # over the rows in routed order
     first_values: Tensor | None = None      # (N, heads, dim_head) values of the first layer, for value residuals
+    routing: Routing | None = None          # text and modality rows on their own weights; None: shared weights
+
+
+def attention_weights(config: TransformerConfig) -> tuple[nn.Module, nn.Module | None, nn.Module | None, nn.Module]:
+    """The query / key / value projection, the per-head query and key norms and the output projection."""
+    dim_inner = config.heads * config.dim_head
+    to_qkv = nn.Linear(config.dim, (config.heads + 2 * config.num_kv_heads) * config.dim_head, bias = config.attn_qkv_bias)
+    to_out = nn.Linear(dim_inner, config.dim, bias = config.attn_out_bias)
+    norms = [RMSNorm(config.dim_head, config.unit_offset_norms, config.norm_eps) if config.qk_rmsnorm else None for _ in range(2)]
+    return to_qkv, *norms, to_out
 
 
 class Attention(nn.Module):
+    """Multi-head attention with `kv_heads` key / value heads shared by groups of query heads
+    (grouped-query attention, Ainslie et al., 2023, https://arxiv.org/abs/2305.13245): query
+    head i reads key / value head i // (heads / kv_heads), as in the Llama and Qwen checkpoints."""
+
     def __init__(self, config: TransformerConfig, is_first: bool):
         super().__init__()
         self.config = config
-        self.heads, self.dim_head = config.heads, config.dim_head
-        dim_inner = config.heads * config.dim_head
-        self.to_qkv = nn.Linear(config.dim, dim_inner * 3, bias = False)
-        self.to_out = nn.Linear(dim_inner, config.dim, bias = False)
+        self.heads, self.kv_heads, self.dim_head = config.heads, config.num_kv_heads, config.dim_head
+        self.to_qkv, self.q_norm, self.k_norm, self.to_out = attention_weights(config)
+        if config.separate_modality_weights:
+            self.modality_to_qkv, self.modality_q_norm, self.modality_k_norm, self.modality_to_out = attention_weights(config)
 
-        self.q_norm = RMSNorm(config.dim_head, config.unit_offset_norms) if config.qk_rmsnorm else None
-        self.k_norm = RMSNorm(config.dim_head, config.unit_offset_norms) if config.qk_rmsnorm else None
         self.to_gates = nn.Linear(config.dim, config.heads) if config.attn_gate_values else None
         self.to_value_mix = nn.Linear(config.dim, config.heads) if config.use_value_residual and not is_first else None
 
-    def forward(self, x: Tensor, ctx: Context, cache = None) -> Tensor:
-        config = self.config
-        q, k, v = self.to_qkv(x).view(x.shape[0], 3, self.heads, self.dim_head).unbind(dim = 1)  # (N, heads, dim_head)
+    def project(self, x: Tensor, to_qkv: nn.Linear, q_norm: nn.Module | None, k_norm: nn.Module | None) -> tuple[Tensor, Tensor, Tensor]:
+        """(n, dim) -> q (n, heads, dim_head), k and v (n, kv_heads, dim_head)."""
+        q, k, v = to_qkv(x).view(x.shape[0], -1, self.dim_head).split((self.heads, self.kv_heads, self.kv_heads), dim = 1)
+        if q_norm is not None:
+            q, k = q_norm(q), k_norm(k)
+        return q, k, v
 
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+    def text_projection(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return self.project(x, self.to_qkv, self.q_norm, self.k_norm)
+
+    def modality_projection(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return self.project(x, self.modality_to_qkv, self.modality_q_norm, self.modality_k_norm)
+
+    def forward(self, x: Tensor, ctx: Context, cache = None) -> Tensor:
+        config, routing = self.config, ctx.routing
+        q, k, v = route(routing, x, self.text_projection, self.modality_projection)
+        if routing is not None:
+            q, k, v = (routing.to_sequence(t) for t in (q, k, v))           # attention sees the sequence's order
         q, k = apply_rotary(q, *ctx.rotary), apply_rotary(k, *ctx.rotary)
 
         if config.use_value_residual:
@@ -190,6 +195,7 @@ class Attention(nn.Module):
                 ctx.first_values = v
             else:
                 mix = self.to_value_mix(x).sigmoid()[..., None]                              # (N, heads, 1)
+                mix = mix if routing is None else routing.to_sequence(mix)
                 v = v * mix + ctx.first_values * (1. - mix)
 
         if config.attn_laser:
@@ -207,20 +213,22 @@ class Attention(nn.Module):
         if config.attn_laser:
             out = out.clamp(min = torch.finfo(out.dtype).tiny).log() + LASER_BOUND
 
+        if routing is not None:
+            out = routing.to_routed(out)
         if self.to_gates is not None:
             out = out * self.to_gates(x).sigmoid()[..., None]
 
-        return self.to_out(out.reshape(x.shape[0], -1))
+        return route(routing, out.reshape(x.shape[0], -1), self.to_out, getattr(self, 'modality_to_out', None))
 
 
 class FeedForward(nn.Module):
     def __init__(self, config: TransformerConfig):
         super().__init__()
-        dim_hidden = int(config.dim * config.ff_expansion_factor * 2 / 3)
-        self.proj_in = nn.Linear(config.dim, dim_hidden * 2, bias = False)
-        self.proj_out = nn.Linear(dim_hidden, config.dim, bias = False)
+        # proj_in's output is (value, gate): x * silu(gate), HF's up_proj(x) * silu(gate_proj(x))
+        self.proj_in = nn.Linear(config.dim, config.dim_hidden * 2, bias = False)
+        self.proj_out = nn.Linear(config.dim_hidden, config.dim, bias = False)
 
-    def forward(self, x: Tensor, ctx: Context, cache = None) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         return self.proj_out(swiglu(self.proj_in(x)))
 
 
@@ -257,36 +265,74 @@ def swiglu(projected: Tensor) -> Tensor:
     return SwiGLU.apply(projected)
 
 
+# each weighted module of the text (or shared) path -> its copy on the modality path, by name
+MODALITY_COPIES = {
+    'attn_norm.norm': 'modality_attn_norm.norm', 'attn.to_qkv': 'attn.modality_to_qkv', 'attn.q_norm': 'attn.modality_q_norm',
+    'attn.k_norm': 'attn.modality_k_norm', 'attn.to_out': 'attn.modality_to_out', 'ff_norm.norm': 'modality_ff_norm.norm',
+    'ff': 'modality_ff',
+}
+
+
+def submodule(module: nn.Module, name: str) -> nn.Module | None:
+    """The submodule at a dotted name; None where the path ends in a module that is off."""
+    for part in name.split('.'):
+        module = getattr(module, part, None)
+    return module
+
+
 class Block(nn.Module):
     def __init__(self, config: TransformerConfig, index: int):
         super().__init__()
-        unit_offset = config.unit_offset_norms
-        self.attn_norm, self.attn = AdaptiveNorm(config.dim, unit_offset), Attention(config, is_first = index == 0)
-        self.ff_norm, self.ff = AdaptiveNorm(config.dim, unit_offset), FeedForward(config)
+        separate = config.separate_modality_weights
+
+        def norm(conditioned: bool) -> AdaptiveNorm:
+            return AdaptiveNorm(config.dim, config.unit_offset_norms, config.norm_eps, conditioned)
+
+        # with separate modality weights the text path is not conditioned: adaLN is the modality path's
+        self.attn_norm, self.attn = norm(not separate), Attention(config, is_first = index == 0)
+        self.ff_norm, self.ff = norm(not separate), FeedForward(config)
+        if separate:
+            self.modality_attn_norm, self.modality_ff_norm, self.modality_ff = norm(True), norm(True), FeedForward(config)
         self.dropout = nn.Dropout(config.dropout)
 
         uses_streams = config.num_residual_streams > 1 or config.num_residual_fracs > 1
         self.mixes = nn.ModuleList([
-            ResidualMix(config.dim, config.num_residual_streams, config.num_residual_fracs, 2 * index + branch, unit_offset)
+            ResidualMix(config.dim, config.num_residual_streams, config.num_residual_fracs, 2 * index + branch, config.unit_offset_norms)
             for branch in range(2)
         ]) if uses_streams else None
 
+    def normalize(self, branch_index: int, h: Tensor, ctx: Context) -> tuple[Tensor, Tensor | None]:
+        norm = (self.attn_norm, self.ff_norm)[branch_index]
+        routing = ctx.routing
+        if routing is None:
+            return norm(h, ctx.cond)
+        modality_norm = (self.modality_attn_norm, self.modality_ff_norm)[branch_index]
+        if routing.num_text == 0:
+            return modality_norm(h, ctx.cond)
+        text, _ = norm(h[:routing.num_text], None)
+        if routing.num_text == routing.num_rows:
+            return text, None
+        modality, gate = modality_norm(h[routing.num_text:], None if ctx.cond is None else ctx.cond.rows(routing.num_text))
+        return torch.cat((text, modality)), gate
+
     def forward(self, x: Tensor, ctx: Context, cache = None) -> Tensor:
-        """x: (N, dim), or (N, streams, dim) with hyper-connections."""
-        for branch_index, (norm, branch) in enumerate(((self.attn_norm, self.attn), (self.ff_norm, self.ff))):
-            if self.mixes is None:
-                h = x
-            else:
-                h, saved = self.mixes[branch_index].read(x)
+        """x: (N, dim), or (N, streams, dim) with hyper-connections; rows in routed order."""
+        x = self.residual(0, x, ctx, lambda h: self.attn(h, ctx, cache))
+        return self.residual(1, x, ctx, lambda h: route(ctx.routing, h, self.ff, getattr(self, 'modality_ff', None)))
 
-            h, gate = norm(h, ctx.cond)
-            h = branch(h, ctx, cache)
-            if self.training and self.dropout.p > 0:
-                h = self.dropout(h)
-            h = h if gate is None else apply_gate(h, gate, ctx.cond)
+    def residual(self, branch_index: int, x: Tensor, ctx: Context, branch) -> Tensor:
+        if self.mixes is None:
+            h = x
+        else:
+            h, saved = self.mixes[branch_index].read(x)
 
-            x = x + h if self.mixes is None else self.mixes[branch_index].write(saved, h)
-        return x
+        h, gate = self.normalize(branch_index, h, ctx)
+        h = branch(h)
+        if self.training and self.dropout.p > 0:
+            h = self.dropout(h)
+        h = h if gate is None else apply_gate(h, gate, ctx.cond)
+
+        return x + h if self.mixes is None else self.mixes[branch_index].write(saved, h)
 
 
 def skip_merge(proj: nn.Linear, x: Tensor, skip: Tensor) -> Tensor:
@@ -301,7 +347,7 @@ class Transformer(nn.Module):
         self.config = config
         dim = config.dim
 
-        self.rotary = Rotary(config.dim_head, config.rotary_theta)
+        self.rotary = Rotary(config.dim_head, config.rotary_theta, config.rotary_scaling)
         self.to_time_embed = nn.Sequential(nn.Linear(config.dim_time, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.blocks = nn.ModuleList([Block(config, index) for index in range(config.depth)])
 
@@ -312,7 +358,33 @@ class Transformer(nn.Module):
             nn.init.zeros_(proj.weight)
             proj.weight.data[:, :dim].copy_(torch.eye(dim))     # starts as the plain residual stream
 
-        self.final_norm = RMSNorm(dim, config.unit_offset_norms)
+        self.final_norm = RMSNorm(dim, config.unit_offset_norms, config.norm_eps)
+        if config.separate_modality_weights:
+            self.modality_final_norm = RMSNorm(dim, config.unit_offset_norms, config.norm_eps)
+
+        self.copy_text_weights_to_modality()
+        if config.freeze_text_weights:
+            for module in self.text_modules():
+                module.requires_grad_(False)
+
+    def text_and_modality_modules(self) -> list[tuple[nn.Module, nn.Module | None]]:
+        """Each weighted module of the text (or shared) path, with its modality copy (None: shared):
+        the attention projections, q / k norms, feed-forward and norms of every block, and the final norm."""
+        pairs = [(submodule(block, text), submodule(block, modality)) for block in self.blocks for text, modality in MODALITY_COPIES.items()]
+        pairs.append((self.final_norm, getattr(self, 'modality_final_norm', None)))
+        return [(text, modality) for text, modality in pairs if text is not None]
+
+    def text_modules(self) -> list[nn.Module]:
+        """The modules that `freeze_text_weights` freezes: the text path, as a language model has it."""
+        return [text for text, _ in self.text_and_modality_modules()]
+
+    @torch.no_grad()
+    def copy_text_weights_to_modality(self):
+        """Sets each modality copy to its text module's weights: the starting point of separate
+        modality weights, called on construction and after loading a language model's weights."""
+        for text, modality in self.text_and_modality_modules():
+            if modality is not None:
+                modality.load_state_dict(text.state_dict())
 
     @property
     def dim(self) -> int:
@@ -327,13 +399,18 @@ class Transformer(nn.Module):
         token_span: Tensor | None = None,   # (N,) span of each token, -1 for text
         cache = None,                       # a `kv_cache.KVCache` prepared for this step, when generating
     ) -> Tensor:
+        routing = None
+        if self.config.separate_modality_weights and token_span is not None:
+            routing = Routing(token_span >= 0)
+            x, token_span = routing.to_routed(x), routing.to_routed(token_span)
+
         cond = None
         if span_times is not None and span_times.numel() > 0:
             features = time_features(span_times, self.config.dim_time)
             span_embed = self.to_time_embed(features.to(self.to_time_embed[0].weight.dtype))
             cond = Conditioning(span_embed, token_span)
 
-        ctx = Context(layout, self.rotary(positions), cond)
+        ctx = Context(layout, self.rotary(positions), cond, routing = routing)
 
         first_mix = self.blocks[0].mixes[0] if self.blocks[0].mixes is not None else None
         if first_mix is not None:
@@ -354,4 +431,5 @@ class Transformer(nn.Module):
         if first_mix is not None:
             x = first_mix.reduce(x)
 
-        return self.final_norm(x)
+        x = route(routing, x, self.final_norm, getattr(self, 'modality_final_norm', None))
+        return x if routing is None else routing.to_sequence(x)

@@ -49,7 +49,7 @@ def packed_num_tokens(model) -> Callable[[list], int]:
 @dataclass
 class Batch:
     samples: list[list]     # in the contract's list form, ready for `model(samples)`
-    indices: list[int]      # their indices in the dataset
+    indices: list[int | str]    # their indices in the dataset (a streaming loader gives keys)
     num_tokens: int         # their total length in the packed sequence
     epoch: int
     global_index: int       # index of this batch among all ranks' batches of the epoch

@@ -16,6 +16,10 @@ In order:
      their batch did not use, so the collectives match. The EMA copy is sharded the same
      way, so each rank averages only its own shards.
 
+Frozen weights (a frozen language model, `freeze_text_weights`) may share an FSDP2 unit with
+trainable ones: FSDP2 shards each parameter on its own and reduce-scatters only the gradients
+that exist, so no grouping by requires_grad is needed (tests/test_language_models_distributed.py).
+
 With one process nothing is wrapped. Activation checkpointing and `torch.compile` are not
 applied yet; they would go before step 3, in that order.
 """

@@ -155,7 +155,7 @@ class Trainer:
     def __init__(
         self,
         model: nn.Module,
-        dataset: SampleDataset,
+        dataset: SampleDataset,             # or a loader: anything with next_batch(), state_dict() and load_state_dict()
         config: TrainConfig,
         *,
         eval_dataset: SampleDataset | None = None,
@@ -172,7 +172,9 @@ class Trainer:
         self.wrapped = parallelize(model, self.ema, self.dist, config.strategy)
 
         self.num_tokens = num_tokens or packed_num_tokens(model)
-        self.loader = self.make_loader(dataset, multiple_of = config.grad_accum)
+        # a loader of its own (`next_batch`, `state_dict`, `load_state_dict`), such as the streaming
+        # loader over prepared shards of `transfusion_pytorch.data`, is used as it is
+        self.loader = dataset if is_loader(dataset) else self.make_loader(dataset, multiple_of = config.grad_accum)
 
         self.optimizer = torch.optim.AdamW(
             param_groups(model, config.weight_decay, config.decay_norms_biases_embeddings),
@@ -381,6 +383,10 @@ class Trainer:
             if self.dist.is_main:
                 model.save_pretrained(path, state_dict = state)
         distributed.barrier()
+
+
+def is_loader(data) -> bool:
+    return all(callable(getattr(data, name, None)) for name in ('next_batch', 'state_dict', 'load_state_dict'))
 
 
 def drop_metrics_after(path: Path, step: int) -> int:

@@ -1,0 +1,172 @@
+"""Prepared data on disk: safetensors shards and a JSON manifest.
+
+A prepared folder holds
+
+    prepare.json                  the settings it was made with (a rerun must match them)
+    shard-00000.safetensors ...   samples, at most `shard_size` records' worth each
+    manifest.json                 counts, tokens, shapes, codec, tokenizer, the skipped
+                                  records and each shard's size and SHA-256; written last
+
+Why safetensors plus a JSON index: it is already a dependency, it loads lazily (the header is
+read on open, each tensor is read from a memory map when asked for), each sample can keep its
+own shape (aspect buckets) with no padding, and one file is one shard, written under a
+temporary name and renamed into place, so a killed run never leaves a shard that half-loads.
+webdataset tars are read sequentially only (no reading sample i of a shard without the ones
+before it), and mosaicml-streaming's MDS would add a dependency whose job (sharding across
+ranks and workers, resumable position) the loader here does in a few lines over this index.
+
+Inside a shard, sample i is `{i:05d}.text` (int32 token ids), `{i:05d}.mean` (float32 latents,
+(h, w, dim) channels last) and, for a stochastic VAE, `{i:05d}.std`. The safetensors metadata
+holds, as one JSON entry, each sample's key, token count and latent shape (so the loader plans batches
+from headers alone) and the records skipped in this shard with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
+from torch import Tensor
+
+from ..training.checkpoint import sha256
+
+FORMAT, VERSION = 'transfusion-shards', 1
+MANIFEST, SETTINGS = 'manifest.json', 'prepare.json'
+
+
+class ShardError(ValueError):
+    """A prepared folder that is unfinished, damaged or of another kind than asked for."""
+
+
+def shard_name(index: int) -> str:
+    return f'shard-{index:05d}.safetensors'
+
+
+def atomic_write(path: Path, data: bytes):
+    """Writes `data` to `path` through a temporary file and a rename, so that `path` is
+    either absent or complete, even if the process is killed."""
+    tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
+    with open(tmp, 'wb') as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, value):
+    atomic_write(path, (json.dumps(value, indent = 1, sort_keys = True) + '\n').encode())
+
+
+def write_shard(path: Path, samples: list[dict], skipped: list[tuple[str, str]]):
+    """`samples`: dicts with key, text (1-d int ids), and for images mean (h, w, d) and
+    optionally std. The same samples give the same bytes."""
+    tensors, index = {}, []
+    for i, sample in enumerate(samples):
+        tensors[f'{i:05d}.text'] = sample['text'].to(torch.int32).contiguous()
+        entry = dict(key = sample['key'], text_tokens = int(sample['text'].numel()), shape = None)
+        if sample.get('mean') is not None:
+            tensors[f'{i:05d}.mean'] = sample['mean'].to(torch.float32).contiguous()
+            entry['shape'] = list(sample['mean'].shape[:-1])
+            if sample.get('std') is not None:
+                tensors[f'{i:05d}.std'] = sample['std'].to(torch.float32).contiguous()
+        index.append(entry)
+    # one metadata entry: safetensors keeps the metadata in a hash map, whose order (and so the
+    # bytes written) would change from process to process with several
+    header = json.dumps(dict(format = FORMAT, version = VERSION, samples = index, skipped = [list(s) for s in skipped]))
+    atomic_write(path, safetensors_bytes(tensors, metadata = {FORMAT: header}))
+
+
+class Shard:
+    """One shard, opened lazily: the header on first use, each tensor when asked for. Close it
+    (or use it as a context manager) to release the memory map."""
+
+    def __init__(self, path: Path):
+        self.path, self._file, self._meta, self._names = Path(path), None, None, set()
+
+    def open(self):
+        if self._file is None:
+            try:
+                self._file = safe_open(str(self.path), framework = 'pt')
+            except Exception as error:
+                raise ShardError(f'{self.path} cannot be read as a safetensors shard: {error}') from None
+            header = (self._file.metadata() or {}).get(FORMAT)
+            if header is None:
+                raise ShardError(f'{self.path} is not a transfusion shard (its metadata has no {FORMAT!r} entry)')
+            self._meta, self._names = json.loads(header), set(self._file.keys())
+        return self
+
+    def close(self):
+        self._file = None
+
+    def __enter__(self):
+        return self.open()
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @property
+    def samples(self) -> list[dict]:
+        """Each sample's key, text_tokens and shape (None for text)."""
+        return self.open()._meta['samples']
+
+    @property
+    def skipped(self) -> list[list[str]]:
+        return self.open()._meta['skipped']
+
+    def tensors(self, i: int) -> dict[str, Tensor]:
+        self.open()
+        out = dict(text = self._file.get_tensor(f'{i:05d}.text').long())
+        for name in ('mean', 'std'):
+            if f'{i:05d}.{name}' in self._names:
+                out[name] = self._file.get_tensor(f'{i:05d}.{name}')
+        return out
+
+
+class Prepared:
+    """A finished prepared folder: its manifest, checked against the shards on disk (their
+    sizes always; their SHA-256 with `verify = True`)."""
+
+    def __init__(self, folder: str | Path, verify: bool = False):
+        self.folder = Path(folder)
+        manifest = self.folder / MANIFEST
+        if not manifest.exists():
+            hint = ' (prepare was not finished: run the same `transfusion prepare` again to finish it)' if (self.folder / SETTINGS).exists() else ''
+            raise ShardError(f'{self.folder} is not a prepared data folder: no {MANIFEST}{hint}')
+        self.manifest = json.loads(manifest.read_text())
+        if self.manifest.get('format') != FORMAT:
+            raise ShardError(f'{manifest} is not a manifest of {FORMAT}')
+        for entry in self.manifest['shards']:
+            path = self.folder / entry['file']
+            if not path.exists():
+                raise ShardError(f'{self.folder}: the shard {entry["file"]} listed in {MANIFEST} is missing')
+            if path.stat().st_size != entry['bytes']:
+                raise ShardError(f'{path} has {path.stat().st_size} bytes, {MANIFEST} says {entry["bytes"]} (damaged or replaced)')
+            if verify and sha256(path) != entry['sha256']:
+                raise ShardError(f'{path} does not match its SHA-256 in {MANIFEST} (damaged or replaced)')
+
+    @property
+    def kind(self) -> str:
+        return self.manifest['kind']
+
+    @property
+    def codec(self) -> dict | None:
+        return self.manifest.get('codec')
+
+    @property
+    def tokenizer(self) -> dict:
+        return self.manifest['tokenizer']
+
+    @property
+    def num_samples(self) -> int:
+        return self.manifest['counts']['samples']
+
+    def shard_paths(self) -> list[Path]:
+        """Shards that hold samples, in order."""
+        return [self.folder / e['file'] for e in self.manifest['shards'] if e['samples'] > 0]
+
+    def shard_sizes(self) -> list[int]:
+        return [e['samples'] for e in self.manifest['shards'] if e['samples'] > 0]

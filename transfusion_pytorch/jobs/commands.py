@@ -1,0 +1,117 @@
+"""The command-line side of the data path and the image-text job, registered by `cli.py`:
+
+    transfusion shapes OUT [--num N] [--size S] [--format imagefolder]   write the walk-through set
+    transfusion prepare SOURCE --out DIR [--image-size N] [--vae PATH] [--tokenizer PATH] ...
+    transfusion train --job image_text --data DIR [--key value ...]     (or a TOML file with job = "image_text")
+    transfusion caption RUN PICTURE [PICTURE ...]
+
+`transfusion sample` and `transfusion eval` dispatch here for image-text runs (`sampling.py`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config_files import ConfigError, parse_overrides
+
+
+def job_of(config_path: str | None, extra: list[str]) -> str:
+    """The job a `transfusion train` command line asks for: --job, else the TOML file's `job`, else digits."""
+    for index, arg in enumerate(extra):
+        if arg == '--job' and index + 1 < len(extra):
+            return extra[index + 1]
+        if arg.startswith('--job='):
+            return arg.split('=', 1)[1]
+    if config_path is not None and Path(config_path).exists():
+        from ..config_files import tomllib
+        try:
+            return tomllib.loads(Path(config_path).read_text()).get('job', 'digits')
+        except tomllib.TOMLDecodeError:
+            return 'digits'                 # the loader reports the error
+    return 'digits'
+
+
+def train_image_text(config_path: str | None, extra: list[str]):
+    from . import image_text
+    overrides = parse_overrides(image_text.ImageTextConfig, extra)
+    return image_text.train(image_text.load_config(config_path, overrides))
+
+
+def add_parsers(commands):
+    from ..data import shapes, sources
+    prepare = commands.add_parser(
+        'prepare', help = 'encode a folder of captioned images (or text) once into shards for training',
+        description = 'Reads SOURCE (an imagefolder with metadata.jsonl / .csv, a datasets save_to_disk folder, parquet files, '
+                      'webdataset .tar files, or .txt / .jsonl text), resizes and encodes each image once (the patch codec, '
+                      'or --vae), tokenizes each caption (UTF-8 bytes, or --tokenizer) and writes shards and a manifest to --out. '
+                      'Rerunning the same command finishes an interrupted run.')
+    prepare.add_argument('source', help = 'a folder or file')
+    prepare.add_argument('--out', required = True, help = 'the prepared folder to write')
+    prepare.add_argument('--kind', choices = sources.KINDS, help = 'the kind of source (default: detected)')
+    prepare.add_argument('--image-size', type = int, default = 256, help = 'square side the images are resized and centre-cropped to (default 256)')
+    prepare.add_argument('--buckets', action = 'store_true', help = 'group by aspect ratio into buckets of about image-size^2 pixels instead of cropping')
+    prepare.add_argument('--vae', help = 'a local diffusers autoencoder folder (default: the patch codec, nothing pretrained)')
+    prepare.add_argument('--patch', type = int, help = 'patch size: of pixels for the patch codec (default 4), of VAE latent cells (default 1)')
+    prepare.add_argument('--tokenizer', help = 'a local Hugging Face tokenizer folder (default: UTF-8 bytes, vocabulary 256)')
+    prepare.add_argument('--caption-column', default = 'text', help = 'the caption column (default text)')
+    prepare.add_argument('--image-column', default = 'image', help = 'the image column of datasets / parquet sources (default image)')
+    prepare.add_argument('--text-column', default = 'text', help = 'the text column of .jsonl text sources (default text)')
+    prepare.add_argument('--split', default = 'train', help = 'the split of a saved DatasetDict (default train)')
+    prepare.add_argument('--shard-size', type = int, default = 1000, help = 'records per shard (default 1000)')
+    prepare.add_argument('--batch-size', type = int, default = 32, help = 'images per encoder call (default 32)')
+    prepare.add_argument('--max-text-tokens', type = int, default = 1024, help = 'text rows longer than this continue in the next row (default 1024)')
+    prepare.add_argument('--device', help = 'where the encoder runs (default cuda when available)')
+
+    walk = commands.add_parser('shapes', help = 'write the walk-through set: captioned drawings of coloured shapes',
+                               description = 'Writes NUM pictures of coloured shapes, captioned "a red circle at the top left", '
+                                             'in one of the input layouts `transfusion prepare` reads.')
+    walk.add_argument('out', help = 'the folder to write')
+    walk.add_argument('--num', type = int, default = 4000, help = 'number of pictures (default 4000)')
+    walk.add_argument('--size', type = int, default = 32, help = 'picture side in pixels (default 32)')
+    walk.add_argument('--seed', type = int, default = 0)
+    walk.add_argument('--format', choices = shapes.FORMATS, default = 'imagefolder', help = 'layout (default imagefolder)')
+
+    caption = commands.add_parser('caption', help = 'caption pictures with an image-text run',
+                                  description = 'Prints the caption the model of an image-text run writes for each picture.')
+    caption.add_argument('model', metavar = 'RUN', help = 'a run folder of the image_text job')
+    caption.add_argument('pictures', nargs = '+', help = 'picture files')
+    caption.add_argument('--vae', help = 'the VAE folder, if it moved since prepare')
+    caption.add_argument('--no-ema', action = 'store_true', help = "use the run's online weights instead of its EMA weights")
+
+
+def command_prepare(args):
+    from ..data.prepare import PrepareConfig, prepare
+    try:
+        config = PrepareConfig(
+            source = args.source, out = args.out, kind = args.kind, image_size = args.image_size, buckets = args.buckets, vae = args.vae,
+            patch = args.patch, tokenizer = args.tokenizer, caption_column = args.caption_column, image_column = args.image_column,
+            text_column = args.text_column, split = args.split, shard_size = args.shard_size, batch_size = args.batch_size,
+            max_text_tokens = args.max_text_tokens, device = args.device,
+        )
+        return prepare(config)
+    except (ValueError, FileNotFoundError) as error:
+        raise ConfigError(str(error)) from None
+
+
+def command_shapes(args):
+    from ..data.shapes import write_set
+    out = write_set(args.out, args.num, args.size, args.seed, args.format)
+    print(f'wrote {args.num} captioned drawings ({args.size} x {args.size}, {args.format}) to {out}')
+    return out
+
+
+def command_caption(args):
+    from .sampling import command_caption
+    return command_caption(args)
+
+
+COMMANDS = dict(prepare = command_prepare, shapes = command_shapes, caption = command_caption)
+
+
+def image_text_keys() -> str:
+    from ..config_files import describe
+    from .image_text import ImageTextConfig
+    return describe(ImageTextConfig)
+
+
+
