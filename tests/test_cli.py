@@ -166,3 +166,16 @@ def test_a_custom_codec_run_resumes_from_its_config_file(tmp_path):
     torch.set_num_threads(threads)
     steps = [json.loads(line)['step'] for line in (run / 'metrics.jsonl').read_text().splitlines()]
     assert steps == [2, 3]
+
+
+def test_the_captions_benchmark_runs_on_a_run(folders, capsys):
+    """benchmarks/captions_after_dropout.py imported a `load_model` the CLI no longer has."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).parents[1] / 'benchmarks' / 'captions_after_dropout.py'
+    spec = importlib.util.spec_from_file_location('captions_after_dropout', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    figures = module.main([str(folders['run'])])
+    assert 0 <= figures['ended'] <= figures['ended'] + figures['with_digit'] <= 1 and 0 <= figures['p_eos'] <= 1
+    assert 'held-out image prompts answered with a digit' in capsys.readouterr().out
