@@ -111,6 +111,7 @@ def test_a_broken_model_folder_is_one_line(folders, capsys, tmp_path):
     (['--warmup-steps', '-1'], 'config: warmup_steps must be >= 0'),
     (['--checkpoint-every', '0'], 'config: checkpoint_every must be positive'),
     (['--threads', '-1'], "'threads' must be >= 0"),
+    (['--eval-per-label', '1'], "'eval_per_label' must be an int in [2, 139] (the spread of a label takes two drawings"),
     (['--max-tokens', '10'], "'max_tokens' = 10 holds no sample: one takes 14 tokens"),
     (['--codec', 'unet', '--patch', '3'], 'patch must divide the image size 8, got 3'),
     (['--codec', 'custom'], "codec = 'custom' is the codec an example script passes to digits_job.train"),

@@ -135,6 +135,6 @@ def curves(rows: list[dict], keys: list[str]) -> dict[str, list[tuple[str, dict]
     grouped: dict[str, list[tuple[str, dict]]] = {}
     for row in sorted(rows, key = lambda row: row['cfg_scale']):
         name = ' '.join(f'{key}={format_value(row[key])}' for key in others) or 'cfg_scale'
-        label = format_value(row[along]) if along else name
+        label = f'cfg {format_value(row[along])}' if along else name
         grouped.setdefault(name if along else '', []).append((label, row))
     return grouped

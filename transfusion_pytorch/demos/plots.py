@@ -90,13 +90,17 @@ def save_tradeoff_plot(curves: dict[str, list[tuple[str, dict]]], path: str | Pa
                           yerr = [100 * row.get('text_to_image_accuracy_std', 0.) for _, row in points],
                           marker = 'o', markersize = 4, linewidth = 1, capsize = 2, label = curve or None)
             for (label, _), xi, yi in zip(points, x, y):
-                axis.annotate(label, (xi, yi), fontsize = 7, xytext = (4, -9), textcoords = 'offset points')
+                axis.annotate(label, (xi, yi), fontsize = 6, xytext = (4, -9), textcoords = 'offset points')
         if default is not None:
             axis.scatter([default[key]], [100 * default['text_to_image_accuracy']], s = 220, marker = '*', color = 'tab:red',
                          zorder = 5, label = 'default')
         axis.axvline(reference, color = 'gray', linestyle = '--', linewidth = 1, label = reference_name)
         if key == 'frechet_distance':
+            from matplotlib.ticker import FormatStrFormatter
             axis.set_xscale('log')
+            axis.xaxis.set_major_formatter(FormatStrFormatter('%g'))
+            axis.xaxis.set_minor_formatter(FormatStrFormatter('%g'))
+            axis.tick_params(axis = 'x', which = 'minor', labelsize = 6)
         axis.set_xlabel(name, fontsize = 8)
         axis.grid(alpha = 0.3, which = 'both')
         axis.legend(fontsize = 7, loc = 'lower right' if key == 'frechet_distance' else 'lower left')
