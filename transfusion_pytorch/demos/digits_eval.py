@@ -135,12 +135,6 @@ def text_after_modality(sample: list) -> list[int]:
     return ids
 
 
-def check_positive_int(**values):
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f'{name} must be a positive int, got {value!r}')
-
-
 @torch.no_grad()
 def draw(model, codec, labels: list[int], sampling: Sampling | None = None, seed: int = 0, batch_size: int = 256) -> torch.Tensor:
     """(len(labels), 8, 8) images drawn from the prompts "draw <label>", in pixels. Drawing i
