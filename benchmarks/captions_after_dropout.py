@@ -31,11 +31,10 @@ def main(argv = None):
     model, codec = loaded.model, loaded.codec
     _, test = load_split()
     latents = codec.encode(test.images)
-    shape, vocab = codec.shape, model.vocab
+    vocab = model.vocab
 
-    # SOS, META, shape tokens, BOM, the latents, EOM, then up to three words
-    max_length = 3 + len(vocab.encode_shape(shape)) + model.num_modality_tokens(0, shape) + 1 + 3
-    answers = [text_after_modality(s) for s in model.sample([[latent] for latent in latents], max_length = max_length, seed = args.seed)]
+    # up to three words generated after the image prompt
+    answers = [text_after_modality(s) for s in model.sample([[latent] for latent in latents], max_length = 3, seed = args.seed)]
     with_digit = sum(any(i in DIGIT_IDS for i in answer) for answer in answers) / len(answers)
     ended = sum(len(answer) == 0 for answer in answers) / len(answers)
 

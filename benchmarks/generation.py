@@ -100,11 +100,9 @@ def worker(which: str, repeats: int) -> dict:
             return model.generate_modality_only(batch_size = MODALITY_BATCH, modality_type = 0, modality_steps = MODALITY_STEPS,
                                                 ode_method = OURS_SAMPLING['ode_method'])
 
-        # SOS, prompt, META, shape, BOM, latents, EOM: the sample ends with its modality
-        max_length = 1 + PROMPT_LEN + 1 + len(model.vocab.encode_shape(shape)) + 1 + n + 1
-
+        # the forced modality is generated in full, and nothing after it: the sample ends with it
         def multimodal():
-            return model.sample([prompt_text], max_length = max_length, force_modality_at_start = (0, shape),
+            return model.sample([prompt_text], max_length = 0, force_modality_at_start = (0, shape),
                                 modality_steps = MODALITY_STEPS, cfg_scale = CFG_SCALE, **OURS_SAMPLING)
     else:
         def text():

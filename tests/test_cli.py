@@ -75,7 +75,7 @@ def folders(tmp_path_factory):
     # issue 16.15: options a model cannot use
     (['sample', '{toy}', '--prompt', 'draw 3'], 'is not a digits model and records no tokenizer, so a text prompt means nothing to it'),
     (['sample', '{run}', '--max-length', '64'], '--max-length is for models other than digits'),
-    (['sample', '{toy}', '--max-length', '1'], 'argument --max-length: expected an int >= 2, got 1'),
+    (['sample', '{toy}', '--max-length', '0'], 'argument --max-length: expected an int >= 1, got 0'),
     (['sample', '{toy}', '--no-ema'], "--no-ema picks a run folder's online weights"),
     (['eval', '{toy}'], 'transfusion eval knows the digits models'),
     # folders and files

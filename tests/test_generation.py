@@ -1,4 +1,5 @@
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -54,8 +55,8 @@ def run(model, prompts, scripts = None, banned = (), use_cache = True, seeds = N
     """Samples a batch of prompts through `Sampler`, with optional scripted logits."""
     options = SampleOptions(**{**GREEDY, **options})
     batch = len(prompts)
-    backend = Scripted(make_backend(model, batch, options, use_cache), scripts or [[]] * batch, banned)
     prompts = [[] if p is None else model.to_samples([p])[0][0] for p in prompts]
+    backend = Scripted(make_backend(model, prompts, options, use_cache), scripts or [[]] * batch, banned)
     generators = [torch.Generator().manual_seed(seed) for seed in (seeds or range(batch))]
     with torch.no_grad():
         sequences = Sampler(model, options, backend).run(prompts, generators)
@@ -191,14 +192,19 @@ def test_committed_modality_is_what_training_sees(model):
     assert torch.allclose(logits, expected, atol = 1e-4)
 
 
-def test_init_modality_noise_sets_the_first_modality(model):
+def test_init_modality_noise_sets_every_modality(model):
+    # the forced modality, then one the model writes: both start from the given noise, so the
+    # row's seed changes nothing (text is greedy)
+    vocab = model.vocab
+    script = [None, 3, vocab.meta, *vocab.encode_shape((2, 2)), vocab.bom(1), None, 4, vocab.eos]
     noise = torch.randn(2, 2, DIM_LATENTS[1])
     options = dict(max_length = 30, force_modality_at_start = 1, init_modality_noise = noise)
-    a = run(model, [None], seeds = [0], **options)[0]
-    b = run(model, [None], seeds = [1], **options)[0]
-    c = run(model, [None], seeds = [1], **{**options, 'init_modality_noise': None})[0]
-    assert torch.allclose(a[0][1], b[0][1])
-    assert not torch.allclose(b[0][1], c[0][1])
+    a = run(model, [None], [script], seeds = [0], **options)[0]
+    b = run(model, [None], [script], seeds = [1], **options)[0]
+    c = run(model, [None], [script], seeds = [1], **{**options, 'init_modality_noise': None})[0]
+    assert kinds(a) == ['text', ('modality', 1, (2, 2)), 'text', ('modality', 1, (2, 2)), 'text']
+    assert_same_samples(a, b, atol = 0.)
+    assert not torch.allclose(b[1][1], c[1][1]) and not torch.allclose(b[3][1], c[3][1])
 
 
 def test_adaptive_solver_in_sample():
@@ -268,8 +274,31 @@ def test_invalid_shape_falls_back_with_a_warning(model, shape_tokens):
         cached = run(model, [None], [script], max_length = 40)[0]
     with pytest.warns(UserWarning, match = 'invalid shape'):
         uncached = run(model, [None], [script], max_length = 40, use_cache = False)[0]
-    assert kinds(cached) == [('modality', 1, (2, 2)), 'text']      # the default shape of type 1
+    assert kinds(cached) == ['text', ('modality', 1, (2, 2)), 'text']      # the default shape of type 1
     assert_same_samples(cached, uncached)
+
+
+@pytest.mark.parametrize('shape_tokens, invalid', [
+    (lambda v: [v.digit0, v.digit0 + 3], True),
+    (lambda v: [v.digit0 + 2], True),
+    (lambda v: [v.digit0 + 9, v.digit0 + 9, v.sep, v.digit0 + 9], False),     # valid, but does not fit
+])
+def test_fallback_to_default_shape_if_invalid_off(model, shape_tokens, invalid):
+    """The public package's switch: off, an invalid shape is an error; a valid one that does not
+    fit ends the row as it would with the switch on (when the default does not fit either)."""
+    model.config = replace(model.config, fallback_to_default_shape_if_invalid = False)
+    vocab = model.vocab
+    script = [4, vocab.meta, *shape_tokens(vocab), vocab.bom(1), None, 7, vocab.eos]
+    if invalid:
+        with pytest.raises(ValueError, match = r'the model wrote an invalid shape .* for modality type 1, and fallback_to_default_shape_if_invalid is off'):
+            run(model, [None], [script], max_length = 40)
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        sample = run(model, [None], [script], max_length = 40)[0]
+    assert kinds(sample) == ['text'] and sample[0].tolist() == [4]    # the unfinished header is dropped
+    assert Transfusion(num_text_tokens = 4, transformer = dict(dim = 8, depth = 1), fallback_to_default_shape_if_invalid = False
+                       ).config.fallback_to_default_shape_if_invalid is False
 
 
 def test_fixed_modality_shape_is_written_for_the_model(model):
@@ -278,7 +307,7 @@ def test_fixed_modality_shape_is_written_for_the_model(model):
     with warnings.catch_warnings():
         warnings.simplefilter('error')
         sample = run(model, [None], [script], max_length = 40, fixed_modality_shape = (5,))[0]
-    assert kinds(sample) == [('modality', 0, (5,)), 'text']
+    assert kinds(sample) == ['text', ('modality', 0, (5,)), 'text']
 
 
 # stopping
@@ -289,26 +318,31 @@ def test_stops_at_eos(model):
     assert len(sample) == 1 and sample[0].tolist() == [3, 4]
 
 
-@pytest.mark.parametrize('max_length', [2, 9, 23])
+def generated_tokens(model, prompt, sample) -> int:
+    """The tokens a returned sample holds after its prompt (less the EOS that pack appends)."""
+    prompt_length = pack(model.to_samples([prompt])[0], model.vocab).num_tokens - 1 if prompt else 1
+    return pack(model.to_samples([sample])[0], model.vocab).num_tokens - 1 - prompt_length
+
+
+@pytest.mark.parametrize('max_length', [1, 2, 9, 23])
 def test_stops_at_max_length(model, max_length):
-    # EOS banned: the model runs until max_length, modalities included
+    # EOS banned: the model runs until it has generated max_length tokens, modalities included
     vocab = model.vocab
     script = [1, vocab.meta, *vocab.encode_shape((2, 2)), vocab.bom(1), None, 2, vocab.meta, vocab.digit0 + 4]
     samples = run(model, [None, None], [script, []], banned = [vocab.eos], max_length = max_length)
     for sample in samples:
-        packed = pack(model.to_samples([sample])[0], vocab)
-        assert packed.num_tokens - 1 <= max_length          # less the EOS that pack appends
+        assert generated_tokens(model, None, sample) <= max_length
     text_only = run(model, [None], banned = [vocab.eos, vocab.meta], max_length = max_length)[0]
-    assert sum(len(t) for t in text_only) == max_length - 1   # SOS and max_length - 1 text tokens
+    assert sum(len(t) for t in text_only) == max_length         # exactly max_length text tokens, not one more
 
 
 @pytest.mark.parametrize('prompt', ['text', 'modality', 'mixed'])
-@pytest.mark.parametrize('max_length', [14, 19, 23, 31])
+@pytest.mark.parametrize('max_length', [3, 8, 12, 20])
 @pytest.mark.parametrize('cfg_scale', [1., 3.])
-def test_max_length_counts_the_prompt_and_every_modality(model, prompt, max_length, cfg_scale):
-    # the returned sample, prompt included, never takes more than max_length tokens (less EOS),
-    # whatever the model writes: free sampling with EOS banned, and a script of modalities that
-    # stop fitting somewhere along the way
+def test_max_length_bounds_what_follows_the_prompt(model, prompt, max_length, cfg_scale):
+    # whatever the model writes, a row never generates more than max_length tokens after its
+    # prompt: free sampling with EOS banned, and a script of modalities that stop fitting
+    # somewhere along the way
     vocab = model.vocab
     script = [3, vocab.meta, *vocab.encode_shape((2, 2)), vocab.bom(1), None, 4,
               vocab.meta, *vocab.encode_shape((3,)), vocab.bom(0), None, 5, vocab.meta, vocab.digit0 + 2]
@@ -318,8 +352,11 @@ def test_max_length_counts_the_prompt_and_every_modality(model, prompt, max_leng
         samples = run(model, [PROMPTS[prompt]] * 2, [script, []], **options)
         public = model.sample(PROMPTS[prompt], max_length = max_length, cfg_scale = cfg_scale, modality_steps = 2, seed = 0)
     for sample in [*samples, public]:
-        packed = pack(model.to_samples([sample])[0], vocab)
-        assert packed.num_tokens - 1 <= max_length
+        assert generated_tokens(model, PROMPTS[prompt], sample) <= max_length
+    # EOS and META banned: text only, and the budget is spent to the last token (free sampling
+    # may also end early by writing a modality that would not fit, which is not started)
+    text_only = run(model, [PROMPTS[prompt]], **{**options, 'banned': [vocab.eos, vocab.meta]})
+    assert generated_tokens(model, PROMPTS[prompt], text_only[0]) == max_length
 
 
 # the contract's sampling calls, with small transformers
@@ -357,6 +394,4 @@ def test_sampling_options_are_checked(model):
     with pytest.raises(ValueError):
         model.sample(ode_method = 'rk17')
     with pytest.raises(ValueError):
-        model.sample(max_length = 1)
-    with pytest.raises(ValueError, match = 'max_length'):
-        model.sample([torch.randint(0, NUM_TEXT_TOKENS, (20,))], max_length = 10)
+        model.sample(max_length = -1)

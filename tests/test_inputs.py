@@ -94,7 +94,8 @@ def test_bad_prompt():
     cases = [
         ('hello', TypeError, ['`prompt` must be None, a text tensor, a (modality_type, tensor) tuple or a list of them', "str 'hello'"]),
         (['hello'], TypeError, ['`prompt[0]` must be a tensor or a (modality_type, tensor) tuple', 'str']),
-        ([[text()], [text(), torch.tensor([NUM_TEXT_TOKENS])]], ValueError, ['`prompt[1][1]`', f'id {NUM_TEXT_TOKENS} at position 0']),
+        ([[text()], [text(), torch.tensor([NUM_TEXT_TOKENS])]], ValueError, ['`prompt[1][1]`', f'id {NUM_TEXT_TOKENS} (SOS) at position 0']),
+        ([[text()], [text(), torch.tensor([999])]], ValueError, ['`prompt[1][1]`', 'ids must lie in [0, vocab size) = [0, 50)', 'id 999 at position 0']),
         (torch.ones(2, 2, dtype = torch.long), ValueError, ['`prompt`', '1-d integer tensor', '(2, 2)']),
         ([(0, torch.randn(2, 5))], ValueError, ['`prompt[0]`', 'latent dim 6', '(2, 5)']),
         ([(3, torch.randn(2, 6))], ValueError, ['`prompt[0]`', '[0, 2)', 'got 3']),
@@ -111,20 +112,24 @@ def test_empty_prompts_are_allowed():
         assert isinstance(model().sample(prompt, max_length = 4, seed = 0), list)
 
 
-def test_max_length_below_the_prompt():
-    with pytest.raises(ValueError, match = r'`max_length` must be at least the length of prompt 1: it takes 22 tokens .* got max_length = 10'):
-        model().sample([[text(2)], [text(21)]], max_length = 10)
-    with pytest.raises(ValueError, match = r'`max_length` must be at least the length of prompt 0: it takes 10 tokens .* got max_length = 8'):
-        model().sample([text(2)], max_length = 8, force_modality_at_start = (0, (3,)))   # SOS, 2 text, META 3 BOM, 3 latents, EOM
+def test_max_total_length_below_what_a_prompt_asks_for():
+    # a prompt longer than max_length is not an error (tests/test_generation_length.py); one that
+    # max_total_length cannot hold, with the modality it asks for, is
+    with pytest.raises(ValueError, match = r'max_total_length = 10 is less than the 31 tokens that prompt 1 asks for \(SOS, the prompt, '
+                                           r'and a modality that it opens or force_modality_at_start asks for\)'):
+        model().sample([[text(2)], [text(30)]], max_total_length = 10)
+    with pytest.raises(ValueError, match = r'max_total_length = 9 is less than the 10 tokens that prompt 0 asks for'):
+        model().sample([text(2)], max_total_length = 9, force_modality_at_start = (0, (3,)))   # SOS, 2, META 3 BOM, 3 latents, EOM
 
 
 def test_bad_sampling_options():
     cases = [
-        (dict(max_length = 1), 'max_length must be at least 2, got 1'),
+        (dict(max_length = -1), r'max_length must be an int >= 0 \(the tokens to generate after the prompt\), got -1'),
+        (dict(max_total_length = 2.5), r'max_total_length must be None or a positive int \(the tokens of a row, prompt included\), got 2.5'),
         (dict(text_temperature = -1.), 'text_temperature must be >= 0, got -1.0'),
         (dict(ode_method = 'rk99'), "ode_method must be one of .* got 'rk99'"),
         (dict(batch_size = 2, generator = [torch.Generator()]), r'expected one generator per prompt \(2\), got 1'),
-        (dict(force_modality_at_start = (0, (3,)), init_modality_noise = torch.randn(2, 6)), r'init_modality_noise has 12 values, the modality of shape \(3,\) needs 18'),
+        (dict(force_modality_at_start = (0, (3,)), init_modality_noise = torch.randn(2, 6)), r'init_modality_noise must hold 3 rows of 6 values'),
     ]
     for options, message in cases:
         with pytest.raises(ValueError, match = message):
@@ -217,6 +222,7 @@ BAD_CONFIGS = [
     (dict(velocity_consistency_loss_weight = float('nan')), ValueError, 'velocity_consistency_loss_weight must be a finite number >= 0, got nan'),
     (dict(prob_uncond = '0.1'), ValueError, "prob_uncond must lie in [0, 1], got '0.1'"),
     (dict(model_output_clean = 'no'), ValueError, "model_output_clean must be True or False, got 'no'"),
+    (dict(fallback_to_default_shape_if_invalid = 1), ValueError, 'fallback_to_default_shape_if_invalid must be True or False, got 1'),
     (dict(num_text_tokens = True), ValueError, 'num_text_tokens must be a positive int, got True'),
     (dict(dim_latent = (6, 2.5)), ValueError, 'dim_latent must be a positive int or a tuple of them, got (6, 2.5)'),
     (dict(modality_num_dim = (1, -1)), ValueError, 'modality_num_dim of type 1 must be an int >= 0 (the number of axes) or None (any), got -1'),
@@ -251,4 +257,4 @@ def test_a_default_shape_given_as_a_list_is_that_shape():
     with pytest.raises(ValueError, match = 'modality_default_shape .* of type 1 has 1 axes but modality_num_dim is 2'):
         tiny_model(modality_default_shape = [4], modality_num_dim = (1, 2))
     model = tiny_model(**one_type, modality_default_shape = [4])
-    assert model.sample(max_length = 12, force_modality_at_start = 0, seed = 0)[0][1].shape == (4, 6)
+    assert model.sample(max_length = 12, force_modality_at_start = 0, seed = 0)[1][1].shape == (4, 6)

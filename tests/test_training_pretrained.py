@@ -217,7 +217,7 @@ def test_passed_codecs_are_merged_with_the_saved_ones(tmp_path, caplog):
     assert torch.equal(loaded.modality_decoders[0].weight, model.modality_decoders[0].weight)
     assert isinstance(loaded.pre_post[1].encoder, nn.Conv2d)
     sample = loaded.sample(max_length = 16, force_modality_at_start = (0, (2,)), seed = 0)
-    assert sample[0][1].shape == (2, 3)                                         # decoded by the saved decoder
+    assert sample[1][1].shape == (2, 3)                                         # decoded by the saved decoder
 
     # encoder and decoder passed for a model that also has down / up blocks (the README's call)
     by_hand = Transfusion.from_pretrained(tmp_path, modality_encoder = (model.modality_encoders[0], None),

@@ -345,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument('--num', type = positive_int, default = 8, help = 'how many samples (default 8)')
     sample.add_argument('--out', help = 'output file (default draw_<digit>.png, or samples.pt for other models)')
     sample.add_argument('--seed', type = int, default = 0, help = 'seed of the noise (default 0)')
-    sample.add_argument('--max-length', type = int_at_least(2), help = 'the max_length of model.sample, for models other than digits (default 256)')
+    sample.add_argument('--max-length', type = positive_int, help = 'the max_length of model.sample (tokens to generate per sample), for models other than digits (default 256)')
     sample.add_argument('--no-ema', action = 'store_true', help = "use a run's online weights instead of its EMA weights")
     add_sampling_options(sample, "the run's modality_steps, else 8")
     sample.add_argument('--vae', help = "image-text runs: the VAE folder, if it moved since prepare")

@@ -192,6 +192,8 @@ class TransfusionConfig:
                                                             # since latent tokens share one rotary position)
     modality_default_shape: tuple[tuple[int, ...] | None, ...]  # shape to sample when the model writes an invalid one
     modality_num_dim: tuple[int | None, ...]                # number of axes of each type, None: any
+    fallback_to_default_shape_if_invalid: bool = True       # sampling: an invalid shape written by the model is replaced
+                                                            # by the default (with a warning); off, it is an error
     text_loss_weight: float = 1.
     flow_loss_weight: tuple[float, ...] = ()
     model_output_clean: bool = False                        # predict the clean latent, converted to a velocity (Li & He, 2025)
@@ -206,8 +208,9 @@ class TransfusionConfig:
             checked_weight('flow_loss_weight', weight, per_modality_type = True)
         if not (is_number(self.prob_uncond) and 0. <= self.prob_uncond <= 1.):
             raise ValueError(f'prob_uncond must lie in [0, 1], got {self.prob_uncond!r}')
-        if not isinstance(self.model_output_clean, bool):
-            raise ValueError(f'model_output_clean must be True or False, got {self.model_output_clean!r}')
+        for name in ('model_output_clean', 'fallback_to_default_shape_if_invalid'):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f'{name} must be True or False, got {getattr(self, name)!r}')
         if not is_positive_int(self.num_text_tokens):
             raise ValueError(f'num_text_tokens must be a positive int, got {self.num_text_tokens!r}')
         for dim in self.dim_latent:
@@ -231,7 +234,8 @@ class TransfusionConfig:
     @classmethod
     def from_kwargs(
         cls, *, num_text_tokens, transformer, dim_latent = None, channel_first_latent = False, add_pos_emb = None,
-        modality_default_shape = None, modality_num_dim = None, text_loss_weight = 1., flow_loss_weight = 1.,
+        modality_default_shape = None, modality_num_dim = None, fallback_to_default_shape_if_invalid = True,
+        text_loss_weight = 1., flow_loss_weight = 1.,
         model_output_clean = False, reconstruction_loss_weight = 0., velocity_consistency_loss_weight = 0.1,
         prob_uncond = 0.1,
     ) -> TransfusionConfig:
@@ -261,6 +265,7 @@ class TransfusionConfig:
             ),
             modality_default_shape = shapes,
             modality_num_dim = num_dims,
+            fallback_to_default_shape_if_invalid = fallback_to_default_shape_if_invalid,
             text_loss_weight = checked_weight('text_loss_weight', text_loss_weight),
             flow_loss_weight = tuple(
                 checked_weight('flow_loss_weight', weight, per_modality_type = True)

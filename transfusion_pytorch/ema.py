@@ -45,6 +45,12 @@ class EMA(nn.Module):
     def sample(self, *args, **kwargs):
         return self.module.sample(*args, **kwargs)
 
+    def sample_one(self, *args, **kwargs):
+        return self.module.sample_one(*args, **kwargs)
+
+    def sample_many(self, *args, **kwargs):
+        return self.module.sample_many(*args, **kwargs)
+
     def generate_text_only(self, *args, **kwargs):
         return self.module.generate_text_only(*args, **kwargs)
 

@@ -65,19 +65,24 @@ def is_text_dtype(dtype: torch.dtype) -> bool:
     return dtype in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
-def check_text(ids: Tensor, num_text_tokens: int, where: str) -> Tensor:
+def check_text(ids: Tensor, num_text_tokens: int, where: str, vocab_size: int | None = None) -> Tensor:
+    """Integer ids in [0, num_text_tokens), or in [0, vocab_size) where structural ids are
+    allowed too (prompts of `sample`)."""
     if not is_text_dtype(ids.dtype):
         raise TypeError(f'{where}: text must be an integer tensor (torch.long), got {describe(ids)}')
 
     ids = ids.long()
 
     if ids.numel() > 0:
-        outside = (ids < 0) | (ids >= num_text_tokens)
+        bound = num_text_tokens if vocab_size is None else vocab_size
+        outside = (ids < 0) | (ids >= bound)
         if bool(outside.any()):
             position = tuple(int(i) for i in outside.nonzero()[0])
             position = position[0] if len(position) == 1 else position
-            raise ValueError(f'{where}: text ids must lie in [0, num_text_tokens) = [0, {num_text_tokens}), '
-                             f'got the id {int(ids[outside][0])} at position {position}')
+            allowed = (f'text ids must lie in [0, num_text_tokens) = [0, {num_text_tokens})' if vocab_size is None else
+                       f'ids must lie in [0, vocab size) = [0, {vocab_size}) (text ids below num_text_tokens = {num_text_tokens}, '
+                       f'then the structural ids of model.vocab)')
+            raise ValueError(f'{where}: {allowed}, got the id {int(ids[outside][0])} at position {position}')
 
     return ids
 
@@ -151,18 +156,26 @@ def normalize_prompt(
     name: str,
     num_text_tokens: int,
     specs: tuple[ModalitySpec, ...],
-    encode: Callable[[int, Tensor], Tensor] | None = None,
-) -> Sample:
-    """One prompt of `sample()` -> a `Sample`, possibly empty. A prompt is None or `[]` (no
-    prompt), one text tensor, one `(modality_type, tensor)` tuple, or a list of these; `name`
-    is how errors call it (`prompt` or `prompt[i]`)."""
+    encode: Callable[[int, Tensor], Tensor] | None,
+    vocab_size: int,
+) -> list[tuple[str, Segment]]:
+    """One prompt of `sample()` -> its segments, each with how errors call it. A prompt is
+    None or `[]` (no prompt), one text tensor, one `(modality_type, tensor)` tuple, or a list
+    of these, where None elements stand for nothing; `name` is how errors call the prompt
+    (`prompt` or `prompt[i]`). Text may be a 0-d id or one `(1, n)` row, and may hold ids up to
+    `vocab_size` (the structural ids that `prompts.py` reads)."""
     if prompt is None:
         return []
     if torch.is_tensor(prompt) or isinstance(prompt, tuple):
-        return [_normalize_element(prompt, f'`{name}`', num_text_tokens, specs, encode)]
-    if not isinstance(prompt, list):
+        elements = [(f'`{name}`', prompt)]
+    elif isinstance(prompt, list):
+        elements = [(f'`{name}[{index}]`', element) for index, element in enumerate(prompt) if element is not None]
+    else:
         raise TypeError(f'`{name}` must be None, a text tensor, a (modality_type, tensor) tuple or a list of them, got {describe(prompt)}')
-    return _normalize_elements(prompt, f'`{name}', num_text_tokens, specs, encode)
+    return [
+        (where, _normalize_element(element, where, num_text_tokens, specs, encode, prompt_vocab_size = vocab_size))
+        for where, element in elements
+    ]
 
 
 def _normalize_elements(sample, prefix: str, num_text_tokens, specs, encode) -> Sample:
@@ -173,7 +186,8 @@ def _normalize_elements(sample, prefix: str, num_text_tokens, specs, encode) -> 
     ]
 
 
-def _normalize_element(element, where, num_text_tokens, specs, encode) -> Segment:
+def _normalize_element(element, where, num_text_tokens, specs, encode, prompt_vocab_size: int | None = None) -> Segment:
+    """One element; `prompt_vocab_size` is set for the elements of a prompt (see `normalize_prompt`)."""
     modality_type = None
 
     if isinstance(element, tuple):
@@ -198,9 +212,12 @@ def _normalize_element(element, where, num_text_tokens, specs, encode) -> Segmen
         raise TypeError(f'{where} must be a tensor or a (modality_type, tensor) tuple, got {describe(element)}')
 
     if modality_type is None and not element.is_floating_point():
+        if prompt_vocab_size is not None and (element.ndim == 0 or (element.ndim == 2 and element.shape[0] == 1)):
+            element = element.reshape(-1)       # a prompt's 0-d id, or its one (1, n) row
         if element.ndim != 1:
-            raise ValueError(f'{where}: text must be a 1-d integer tensor, got {describe(element)}')
-        return Text(check_text(element, num_text_tokens, where))
+            also = ' (in a prompt also a 0-d id or one (1, n) row)' if prompt_vocab_size is not None else ''
+            raise ValueError(f'{where}: text must be a 1-d integer tensor{also}, got {describe(element)}')
+        return Text(check_text(element, num_text_tokens, where, prompt_vocab_size))
 
     if not element.is_floating_point():
         raise TypeError(f'{where}: expected text as an integer tensor or a modality as a float tensor, got {describe(element)}')

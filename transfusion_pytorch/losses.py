@@ -26,6 +26,17 @@ class LossBreakdown:
     velocity_consistency: tuple[Tensor, ...] = ()   # per modality type, when an EMA model is given
     reconstruction: tuple[Tensor, ...] = ()         # per modality type, when reconstruction_loss_weight > 0
 
+    # the public package's names of the last two (`total`, `text` and `flow` are the same there):
+    # the same tuples, or None where the term is off
+
+    @property
+    def velocity(self) -> tuple[Tensor, ...] | None:
+        return self.velocity_consistency or None
+
+    @property
+    def recon(self) -> tuple[Tensor, ...] | None:
+        return self.reconstruction or None
+
 
 def at_least_float32(t: Tensor) -> Tensor:
     """Losses of half-precision outputs are computed in float32; float64 (gradcheck) stays float64."""

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import flow
+from .compat import PublicNames
 from .config import TransfusionConfig, per_type
 from .embeddings import OutputHead, TokenEmbedding
 from .guidance import drop_text_conditions, without_eos_after_modality
@@ -67,7 +68,7 @@ def optional_modules(value, num_types: int, name: str) -> nn.ModuleList:
     return nn.ModuleList([nn.Identity() if module is None else module for module in modules])
 
 
-class Transfusion(nn.Module):
+class Transfusion(PublicNames, nn.Module):
     def __init__(
         self,
         *,
@@ -81,6 +82,7 @@ class Transfusion(nn.Module):
         pre_post_transformer_enc_dec: tuple[nn.Module, nn.Module] | tuple[tuple[nn.Module, nn.Module] | None, ...] | None = None,
         modality_default_shape: tuple[int, ...] | tuple[tuple[int, ...], ...] | None = None,
         modality_num_dim: int | tuple[int, ...] | None = None,
+        fallback_to_default_shape_if_invalid: bool = True,
         text_loss_weight: float = 1.,
         flow_loss_weight: float | tuple[float, ...] = 1.,
         model_output_clean: bool = False,
@@ -94,6 +96,7 @@ class Transfusion(nn.Module):
             num_text_tokens = num_text_tokens, transformer = transformer, dim_latent = dim_latent,
             channel_first_latent = channel_first_latent, add_pos_emb = add_pos_emb,
             modality_default_shape = modality_default_shape, modality_num_dim = modality_num_dim,
+            fallback_to_default_shape_if_invalid = fallback_to_default_shape_if_invalid,
             text_loss_weight = text_loss_weight, flow_loss_weight = flow_loss_weight,
             model_output_clean = model_output_clean, reconstruction_loss_weight = reconstruction_loss_weight,
             velocity_consistency_loss_weight = velocity_consistency_loss_weight, prob_uncond = prob_uncond,
@@ -433,10 +436,22 @@ class Transfusion(nn.Module):
 
     def sample(self, prompt = None, **kwargs) -> list:
         """One sample in the list form training takes, or a list of them for a list of prompts
-        (each a list) or `batch_size=`. Options: `generation.SampleOptions` and `generation.sample`."""
-        from .generation import SampleOptions, check_options, sample
-        check_options('sample', kwargs, sample, SampleOptions)
+        (each a list) or `batch_size=`. Options: `generation.SampleOptions` and `generation.sample_prompts`."""
+        from .generation import SampleOptions, check_options, sample, sample_prompts
+        check_options('sample', kwargs, sample, sample_prompts, SampleOptions)
         return sample(self, prompt, **kwargs)
+
+    def sample_one(self, prompt = None, **kwargs) -> list:
+        """One sample from one prompt (the public package's name; `sample` with one prompt)."""
+        from .generation import SampleOptions, check_options, sample_prompts
+        check_options('sample_one', kwargs, sample_prompts, SampleOptions)
+        return sample_prompts(self, [prompt], ['prompt'], **kwargs)[0]
+
+    def sample_many(self, prompts = None, **kwargs) -> list:
+        """One sample per element of the list `prompts`, each a prompt in any form (the public package's name)."""
+        from .generation import SampleOptions, check_options, sample_many, sample_prompts
+        check_options('sample_many', kwargs, sample_prompts, SampleOptions)
+        return sample_many(self, prompts, **kwargs)
 
     def generate_text_only(self, prompt: Tensor, seq_len: int, **kwargs) -> Tensor:
         """Continues `Int[b n]` raw text rows to `seq_len` tokens; returns the new `Int[b, seq_len - n]`."""

@@ -69,11 +69,32 @@ class Vocab:
         """The modality type of a BOM or EOM token."""
         return (token - self.sep - 1) // 2
 
+    def is_shape_token(self, token: int) -> bool:
+        return self.digit0 <= token <= self.sep
+
+    def name(self, token: int) -> str:
+        """How error messages call an id."""
+        names = {self.sos: 'SOS', self.eos: 'EOS', self.meta: 'META', self.sep: "the shape separator ','"}
+        if 0 <= token < self.num_text_tokens:
+            return f'the text id {token}'
+        if token in names:
+            return names[token]
+        if self.digit0 <= token < self.sep:
+            return f'the shape digit {token - self.digit0}'
+        if self.is_bom(token) or self.is_eom(token):
+            return f"{'BOM' if self.is_bom(token) else 'EOM'}_{self.modality_type_of(token)}"
+        return f'{token}, outside the vocabulary'
+
     # shapes written as tokens
 
     def encode_shape(self, shape: tuple[int, ...]) -> list[int]:
         """`(8, 8)` -> the tokens of the string "8,8". A zero-dim shape `()` is written as nothing."""
-        text = ','.join(str(int(size)) for size in shape)
+        return self.encode_shape_text(','.join(str(int(size)) for size in shape))
+
+    def encode_shape_text(self, text: str) -> list[int]:
+        """"8,8" -> its shape tokens: the digits and ',' are the only characters they can write."""
+        if not all(char.isdigit() and char.isascii() or char == ',' for char in text):
+            raise ValueError(f"shape tokens can only write the digits 0-9 and ',', got {text!r}")
         return [self.sep if char == ',' else self.digit0 + int(char) for char in text]
 
     def decode_shape(self, tokens: list[int]) -> tuple[int, ...] | None:

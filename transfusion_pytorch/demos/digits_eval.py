@@ -147,10 +147,9 @@ def draw(model, codec, labels: list[int], sampling: Sampling | None = None, seed
     for start in range(0, len(labels), batch_size):
         chunk = labels[start:start + batch_size]
         prompts = [[torch.tensor([DRAW, label])] for label in chunk]
-        # SOS, 2 words, META, shape tokens, BOM, the latents and EOM: generation stops after the image
-        max_length = 5 + len(model.vocab.encode_shape(shape)) + model.num_modality_tokens(0, shape) + 1
+        # the forced image is generated in full; max_length = 0: nothing after it
         samples = model.sample(
-            prompts, force_modality_at_start = (0, shape), max_length = max_length,
+            prompts, force_modality_at_start = (0, shape), max_length = 0,
             seed = seed * len(labels) + start, return_latents = True, **sampling.options(),
         )
         images.append(codec.decode(torch.stack([first_modality(s) for s in samples])))
@@ -181,7 +180,7 @@ def caption(model, codec, images: torch.Tensor, batch_size: int = 256) -> list[l
     """The text the model writes greedily after each image (up to three words)."""
     shape = codec.shape
     latents = codec.encode(images)
-    max_length = 3 + len(model.vocab.encode_shape(shape)) + model.num_modality_tokens(0, shape) + 1 + 3
+    max_length = 3                      # generated after the image: up to three words
     captions = []
     for start in range(0, len(latents), batch_size):
         prompts = [[latent.to(model.device)] for latent in latents[start:start + batch_size]]

@@ -36,12 +36,6 @@ class Assets:
                    tuple(record['shape']), record['image_size'], record['max_caption_tokens'])
 
 
-def image_budget(model, prompt_tokens: int, shape: tuple) -> int:
-    """`max_length` for generating exactly one picture after a prompt: SOS, the prompt, META,
-    the shape digits, BOM, the latent tokens, EOM (generation stops there)."""
-    return 1 + prompt_tokens + 1 + len(model.vocab.encode_shape(shape)) + 1 + model.num_modality_tokens(0, shape) + 1
-
-
 # how this job samples unless told otherwise: the settings its figures were measured with (Euler,
 # guidance at every step), not `sample`'s defaults, which were measured on the digits
 SAMPLING = dict(ode_method = 'euler', guidance_interval = (0., 1.))
@@ -59,7 +53,7 @@ def draw(model, assets: Assets, prompts: list[str], modality_steps: int = 24, cf
         ids = [torch.tensor(t, dtype = torch.long) for t in assets.tokenizer.encode(chunk)]
         samples = model.sample(
             [[i.to(model.device)] for i in ids], force_modality_at_start = (0, assets.shape),
-            max_length = image_budget(model, max(len(i) for i in ids), assets.shape),
+            max_length = 0,                     # the forced picture is generated in full, and nothing after it
             modality_steps = modality_steps, cfg_scale = cfg_scale, seed = seed + start, return_latents = True, **sampling,
         )
         pictures.append(assets.codec.decode(torch.stack([first_modality(s) for s in samples])))
@@ -72,7 +66,7 @@ def caption(model, assets: Assets, pixels: Tensor, batch_size: int = 64) -> list
     out = []
     for start in range(0, len(pixels), batch_size):
         latents, _ = assets.codec.encode(pixels[start:start + batch_size])       # the posterior mean
-        budget = image_budget(model, 0, tuple(latents.shape[1:3])) + assets.max_caption_tokens + 1
+        budget = assets.max_caption_tokens + 1                                  # generated after the picture: the caption and EOS
         samples = model.sample([[latent.to(model.device)] for latent in latents], max_length = budget, text_temperature = 0.,
                                return_latents = True)
         out.extend(assets.tokenizer.decode(text_after_modality(s)).strip() for s in samples)
