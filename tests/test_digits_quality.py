@@ -113,3 +113,16 @@ def test_sweep_parsing():
     assert axes == dict(cfg_scale = [1., 2.5], guidance_interval = [(0., 1.), (0.6, 1.)], ode_method = ['euler'], seed = [3])
     points = digits_sweep.sweep_points(digits_eval.Sampling(modality_steps = 4), axes)
     assert len(points) == 4 and all(point.modality_steps == 4 and point.ode_method == 'euler' for point in points)
+
+
+def test_the_cli_samples_as_sample_does_for_the_model(tmp_path):
+    """Without --cfg-scale, `transfusion sample` and `eval` guide as `sample` would: at 3 for a
+    model built with condition dropout, not at all for one built without."""
+    import argparse
+    none_given = argparse.Namespace(**{key: None for key in cli.SAMPLING_OPTIONS})
+    for prob_uncond, scale in ((0.1, 3.), (0., 1.)):
+        model = Transfusion(num_text_tokens = 12, dim_latent = 16, modality_default_shape = (2, 2), prob_uncond = prob_uncond,
+                            transformer = dict(dim = 16, depth = 1, dim_head = 8, heads = 2))
+        model.save_pretrained(tmp_path / str(prob_uncond))
+        sampling = cli.load(str(tmp_path / str(prob_uncond))).sampling(none_given)
+        assert sampling.cfg_scale == scale and sampling.guidance_interval == (0.6, 1.) and sampling.ode_method == 'midpoint'

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .config_files import ConfigError, describe, parse_overrides
+from .config_files import ConfigError, describe, parse_overrides, write_text_atomic
 from .jobs.commands import COMMANDS as JOB_COMMANDS, add_parsers, image_text_keys
 
 
@@ -72,12 +72,15 @@ class Loaded:
         return 'digits' if self.codec is not None else 'model'
 
     def sampling(self, args):
-        """The sampling settings asked for: each option given, else the defaults of
-        `digits_eval.Sampling`, with the run's modality_steps for a run folder."""
+        """The sampling settings asked for: each option given, else the defaults of `sample`
+        for this model (the guidance scale as `guidance.default_cfg_scale` sets it), with the
+        run's modality_steps for a run folder."""
         from .demos.digits_eval import Sampling
-        given = {key: getattr(args, key) for key in SAMPLING_OPTIONS if getattr(args, key) is not None}
+        from .guidance import default_cfg_scale
+        given = given_options(args)
         if 'modality_steps' not in given and self.config is not None:
             given['modality_steps'] = self.config.modality_steps
+        given.setdefault('cfg_scale', default_cfg_scale(self.model))
         try:
             return Sampling(**given)
         except ValueError as error:
@@ -285,12 +288,17 @@ def command_sweep(args, loaded: Loaded, base):
 
 def write_json(path: Path, value):
     path.parent.mkdir(parents = True, exist_ok = True)
-    path.write_text(json.dumps(value, indent = 2) + '\n')
+    write_text_atomic(path, json.dumps(value, indent = 2) + '\n')
     print(f'wrote {path}')
 
 
 # options of `sample` and `eval` that decide how a modality is sampled (digits_eval.Sampling)
 SAMPLING_OPTIONS = ('modality_steps', 'ode_method', 'time_shift', 'cfg_scale', 'guidance_interval', 'guidance_schedule')
+
+
+def given_options(args, keys: tuple[str, ...] = SAMPLING_OPTIONS) -> dict:
+    """The sampling options given on the command line, by their `sample` names."""
+    return {key: getattr(args, key) for key in keys if getattr(args, key) is not None}
 
 
 def interval(text: str) -> tuple[float, float]:

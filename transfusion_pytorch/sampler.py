@@ -50,9 +50,9 @@ from torch import Tensor
 from . import solvers
 from .backends import Latents, Request, sequence_length
 from .config import is_positive_int
+from .guidance import Guidance, default_cfg_scale
 from .inputs import Text, describe
 from .prompts import Prompt
-from .guidance import Guidance, default_cfg_scale
 from .sampling import sample_token
 from .vocab import Vocab
 

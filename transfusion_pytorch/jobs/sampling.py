@@ -112,8 +112,9 @@ def load_run(run: str | Path, ema: bool = True, vae: str | None = None, tokenize
 # the commands
 
 def given_sampling(args) -> dict:
-    """The sampling options given on the command line besides the steps and the scale."""
-    return {key: getattr(args, key) for key in ('ode_method', 'time_shift', 'guidance_interval', 'guidance_schedule') if getattr(args, key) is not None}
+    """The sampling options given on the command line besides the steps and the scale (the run's own when not given)."""
+    from ..cli import given_options
+    return given_options(args, ('ode_method', 'time_shift', 'guidance_interval', 'guidance_schedule'))
 
 
 def run_setting(run: str | Path, key: str, given):
