@@ -1,10 +1,12 @@
 """Run by tests/test_training_distributed.py, alone or under torchrun: trains the same tiny model on
 the same data for a few steps and saves the final parameters (gathered to full tensors) to argv[1].
 
-    python tests/distributed_run.py OUT.pt STRATEGY GRAD_ACCUM [LANGUAGE_MODEL_FOLDER]
+    python tests/distributed_run.py OUT.pt STRATEGY GRAD_ACCUM [KEY=VALUE ...] [LANGUAGE_MODEL_FOLDER]
 
-With a language model folder, the model starts from it, frozen, with separate modality weights
-(`lm_helpers.frozen_language_model_run`).
+KEY=VALUE pairs set more TrainConfig fields: activation_checkpointing, compile, compile_backend,
+bf16. The saved state also records the dtypes of the attention weights that the forward pass saw
+and the number of graphs compiled. With a language model folder, the model starts from it,
+frozen, with separate modality weights (`lm_helpers.frozen_language_model_run`).
 """
 
 import random
@@ -23,7 +25,10 @@ from transfusion_pytorch.training import TrainConfig, Trainer  # noqa: E402
 from transfusion_pytorch.training.distributed import teardown  # noqa: E402
 
 
-def main(out_path: str, strategy: str, grad_accum: int, language_model: str | None = None):
+OPTIONS = dict(activation_checkpointing = str, compile = lambda text: text == 'True', compile_backend = str, bf16 = lambda text: text == 'True')
+
+
+def main(out_path: str, strategy: str, grad_accum: int, options: dict, language_model: str | None = None):
     torch.set_num_threads(1)
     torch.manual_seed(0)
     rng = random.Random(0)
@@ -37,14 +42,21 @@ def main(out_path: str, strategy: str, grad_accum: int, language_model: str | No
 
     config = TrainConfig(
         out_dir = out_path + '.run', max_steps = 3, max_tokens = 60, grad_accum = grad_accum, lr = 1e-3,
-        strategy = strategy, checkpoint_every = 100, log_every = 1, progress = False, ema_beta = 0.5,
+        strategy = strategy, checkpoint_every = 100, log_every = 1, progress = False, ema_beta = 0.5, **options,
     )
     trainer = Trainer(model, data, config)
+    seen = set()
+    if not config.compile:
+        # the dtype of the attention weights as the forward pass sees them (under FSDP: gathered)
+        for name, module in model.named_modules():
+            if name.endswith('attn.to_qkv'):
+                module.register_forward_pre_hook(lambda module, args: seen.add(module.weight.dtype))
     history = trainer.train()
 
     options = StateDictOptions(full_state_dict = True, cpu_offload = True)
     state = dict(model = get_model_state_dict(trainer.wrapped, options = options), ema = get_model_state_dict(trainer.ema, options = options),
-                 initial = initial, losses = [entry['loss'] for entry in history],
+                 initial = initial, losses = [entry['loss'] for entry in history], forward_dtypes = seen,
+                 graphs = torch._dynamo.utils.counters['stats']['unique_graphs'],
                  frozen = [name for name, p in model.named_parameters() if not p.requires_grad])
     if trainer.dist.is_main:
         torch.save(state, out_path)
@@ -52,4 +64,7 @@ def main(out_path: str, strategy: str, grad_accum: int, language_model: str | No
 
 
 if __name__ == '__main__':
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), *sys.argv[4:])
+    extra = sys.argv[4:]
+    pairs = [arg.split('=', 1) for arg in extra if '=' in arg]
+    folders = [arg for arg in extra if '=' not in arg]
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), {key: OPTIONS[key](value) for key, value in pairs}, *folders)

@@ -116,6 +116,8 @@ def test_a_broken_model_folder_is_one_line(folders, capsys, tmp_path):
     (['--codec', 'unet', '--patch', '3'], 'patch must divide the image size 8, got 3'),
     (['--codec', 'custom'], "codec = 'custom' is the codec an example script passes to digits_job.train"),
     (['--codec', 'vq'], 'codec must be one of'),
+    (['--activation-checkpointing', 'some'], "config: activation_checkpointing must be one of (None, 'selective', 'full'), got 'some'"),
+    (['--compile', 'maybe'], "--compile: expected bool, got 'maybe'"),
 ])
 def test_a_bad_config_is_refused_before_anything_is_written(tmp_path, capsys, overrides, message):
     assert message in cli_error(['train', *TINY, '--name', 'bad', '--out-root', str(tmp_path), *overrides], capsys)
@@ -129,6 +131,17 @@ def test_train_help_gives_the_demo_time_measured(capsys):
     help_text = ' '.join(capsys.readouterr().out.split())
     assert 'under 2 minutes on 2 idle CPU cores' in help_text and '10 minutes' not in help_text
     assert 'A rerun may change only steps, threads,' in help_text
+
+
+def test_compile_and_activation_checkpointing_reach_the_trainer(tmp_path):
+    from transfusion_pytorch.config_files import parse_overrides
+    from transfusion_pytorch.demos.digits_job import DigitsConfig, load_config, prepare
+
+    overrides = parse_overrides(DigitsConfig, [*TINY, '--out-root', str(tmp_path), '--compile', 'true', '--activation-checkpointing', 'selective'])
+    job = prepare(load_config(None, overrides), dataset = [])
+    assert job.train_config.compile is True and job.train_config.activation_checkpointing == 'selective'
+    job = prepare(load_config(None, parse_overrides(DigitsConfig, ['--out-root', str(tmp_path), '--activation-checkpointing', 'none'])), dataset = [])
+    assert job.train_config.compile is False and job.train_config.activation_checkpointing is None
 
 
 def test_a_rerun_resumes_and_refuses_another_config(tmp_path, capsys):

@@ -131,7 +131,8 @@ def test_data_from_another_tokenizer_is_refused_by_a_run(tmp_path):
 def test_a_rerun_that_changes_the_run_is_refused(tmp_path):
     data = prepared_set(tmp_path, num = 8)
     image_text.train(config(tmp_path, [data.folder], steps = 1))
-    image_text.train(config(tmp_path, [data.folder], steps = 2, modality_steps = 3))        # goes on: allowed
+    # goes on: allowed, here with activation checkpointing switched on
+    image_text.train(config(tmp_path, [data.folder], steps = 2, modality_steps = 3, activation_checkpointing = 'full'))
     with pytest.raises(ConfigError, match = r"holds a run with another config \(dim = 32 in the run, 48 now\). A rerun resumes that run"):
         image_text.train(config(tmp_path, [data.folder], steps = 3, dim = 48))
 
@@ -220,6 +221,8 @@ def test_bad_job_settings_are_errors_naming_the_key(trained, tmp_path):
         config(tmp_path, [prepared.folder], data_weights = '1,2')
     with pytest.raises(ValueError, match = r"'caption_fraction' must lie in \[0, 1\], got 1.5"):
         config(tmp_path, [prepared.folder], caption_fraction = 1.5)
+    with pytest.raises(ValueError, match = r"'activation_checkpointing' must be one of \(None, 'selective', 'full'\), got 'some'"):
+        config(tmp_path, [prepared.folder], activation_checkpointing = 'some')
     with pytest.raises(ValueError, match = r"'data': .*text holds text rows; image-caption folders go in 'data', text-only ones in 'text_data'"):
         image_text.train(config(tmp_path, [text.folder]))
     with pytest.raises(ValueError, match = r"'text_data': .*prepared holds image_text rows, not text-only rows"):

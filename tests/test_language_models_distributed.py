@@ -1,6 +1,7 @@
 """FSDP2 over a frozen language model with trainable modality weights beside it: two gloo
 processes on CPU against one process over the same global batches (as in
-test_training_distributed.py). Frozen weights stay bit-identical; the others train alike."""
+test_training_distributed.py). Frozen weights stay bit-identical, in the model and its EMA; the
+others train alike."""
 
 import os
 import subprocess
@@ -40,5 +41,11 @@ def test_fsdp_trains_modality_weights_beside_a_frozen_language_model(tmp_path):
     assert len(double['frozen']) > 0
     for name in double['frozen']:
         assert torch.equal(double['model'][name], double['initial'][name]), name
+    # the EMA (sharing the frozen weights in one process, sharding its own reference to them under FSDP) alike
+    assert double['ema'].keys() == single['ema'].keys()
+    for name, value in single['ema'].items():
+        torch.testing.assert_close(double['ema'][name], value, atol = 1e-5, rtol = 1e-5, msg = lambda m: f'ema {name}: {m}')
+    for name in double['frozen']:
+        assert torch.equal(double['ema'][f'module.{name}'], double['initial'][name]), name
     moved = [name for name, value in double['model'].items() if not torch.equal(value, double['initial'][name])]
     assert 'transformer.blocks.0.attn.modality_to_qkv.weight' in moved and 'token_embed.structural' in moved

@@ -16,6 +16,9 @@ from transfusion_pytorch.training import TrainConfig
     ('grad_clip', 0., 'grad_clip must be positive or None'),
     ('ema_beta', 1.0, r'ema_beta must lie in \[0, 1\) or be None, got 1.0'),
     ('max_steps', 0, 'max_steps must be positive'),
+    ('strategy', 'zero3', r"strategy must be one of \('ddp', 'fsdp'\), got 'zero3'"),
+    ('activation_checkpointing', 'some', r"activation_checkpointing must be one of \(None, 'selective', 'full'\), got 'some'"),
+    ('compile_backend', '', "compile_backend must name a torch.compile backend, got ''"),
 ])
 def test_train_config_rejects_bad_values(key, value, message):
     options = dict(out_dir = 'unused', max_steps = 10, max_tokens = 64)

@@ -24,8 +24,12 @@ from .masks import AttentionLayout
 @cache
 def _compiled_flex_attention():
     from torch.nn.attention.flex_attention import flex_attention
-    # flex attention is only fast compiled; on CPU tests it runs eagerly instead
-    return torch.compile(flex_attention, dynamic = False) if torch.cuda.is_available() else flex_attention
+    # flex attention is only fast compiled; on CPU tests it runs eagerly instead. Blocks that are
+    # not compiled themselves call it on batches of changing length: with static shapes each new
+    # length compiled again, until dynamo's recompile limit sent flex attention to its eager path
+    # (dense scores, slow). By default dynamo compiles a second, dynamic graph on the second
+    # length, and that one serves all lengths after it. (Compiled blocks inline this call.)
+    return torch.compile(flex_attention) if torch.cuda.is_available() else flex_attention
 
 
 def softcap_scores(scores: Tensor, softcap: float) -> Tensor:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 import types
 import typing
@@ -171,9 +172,11 @@ def toml_value(value) -> str:
 
 
 def describe(cls) -> str:
-    """One line per key: name, default and help, for --help."""
+    """One line per key: name, default and help, for --help (a help that states its own default,
+    one that depends on other keys, keeps it)."""
     lines = []
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else None
-        lines.append(f"  --{f.name.replace('_', '-'):<22} {f.metadata.get('help', '')} (default: {default})")
+        help_text = f.metadata.get('help', '')
+        lines.append(f"  --{f.name.replace('_', '-'):<22} {help_text}" + ('' if re.search(r'\bdefault[: ]', help_text) else f' (default: {default})'))
     return '\n'.join(lines)

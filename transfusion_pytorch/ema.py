@@ -5,6 +5,14 @@ The first `update()` copies the weights; each later one moves every parameter a 
 averaged copy is sharded like the online model (see `training/parallelize.py`), so each rank
 averages only its own shards. (`torch.optim.swa_utils.AveragedModel` does the same, but its
 grouped foreach update mixes plain tensors and FSDP's DTensors and fails.)
+
+Parameters that are frozen when the EMA is made (a frozen language model, LMFusion's recipe)
+never change, so their average is themselves: the averaged model shares them with the online
+model instead of holding a copy, which for a frozen 8B LM saves 16 GB or more. The averaged
+model is still complete (its `state_dict()` and `save_pretrained` hold every weight). Under
+FSDP each model shards its own reference to them, so there the EMA does hold its 1 / world
+share. A shared parameter that is unfrozen later would no longer be averaged: `update()`
+refuses that (make a new EMA after unfreezing).
 """
 
 from __future__ import annotations
@@ -21,7 +29,8 @@ class EMA(nn.Module):
         if not 0. <= beta < 1.:
             raise ValueError(f'the EMA beta must lie in [0, 1), got {beta}')
         self.beta = beta
-        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        frozen = {id(p): p for p in model.parameters() if not p.requires_grad}
+        self.module = copy.deepcopy(model, memo = frozen).eval().requires_grad_(False)     # frozen ones: the same objects
         self.register_buffer('num_updates', torch.zeros((), dtype = torch.long))
         self.__dict__['online'] = model        # not a submodule: its weights are not the EMA's state
 
@@ -29,7 +38,12 @@ class EMA(nn.Module):
     def update(self):
         """Call after each optimizer step."""
         weight = 1. if self.num_updates == 0 else 1. - self.beta
-        for averaged, online in zip(self.module.parameters(), self.online.parameters(), strict = True):
+        for (name, averaged), online in zip(self.module.named_parameters(), self.online.parameters(), strict = True):
+            if averaged is online:
+                if online.requires_grad:
+                    raise RuntimeError(f'EMA: {name} was frozen when the EMA was made, so the EMA shares it rather than '
+                                       'averaging it, but it trains now: make a new EMA after unfreezing weights')
+                continue
             averaged.lerp_(online.detach(), weight)
         for averaged, online in zip(self.module.buffers(), self.online.buffers(), strict = True):
             averaged.copy_(online)

@@ -18,7 +18,14 @@ layouts:
   costs more than it saves. On the training benchmark's multimodal batch (8 samples of 270 to
   431 tokens) attention's forward and backward take 30% less time than padded;
 - flat (flex attention): a block mask over the packed sequence; blocks of different samples
-  are skipped, so the cost follows the sum of squared sample lengths.
+  are skipped, so the cost follows the sum of squared sample lengths;
+- flat and padded, for compiled blocks (`pad_to_multiple`): the packed sequence is padded up
+  to a multiple of a fixed length, so that batches of changing length reach the compiled
+  blocks with one shape. The padding tokens form a document of their own (they attend to one
+  another, causally, so no row of the mask is empty, and no real token attends to them); the
+  transformer drops them again, so they take no loss. With flex attention the mask is a block
+  mask; with SDPA one dense (N, N) mask over the whole padded sequence (the cost follows N^2:
+  compiled SDPA blocks are for checking the compiled path on CPU, flex attention is for speed).
 """
 
 from __future__ import annotations
@@ -54,13 +61,20 @@ class AttentionLayout:
         """`mask` (or sample `sample`'s) as 0 / -inf of the queries' dtype, for SDPA's fused CPU
         kernel, which would otherwise convert the bool mask in every layer, forward and
         backward. Made on the first layer's call and reused by the others (one per dtype: bf16
-        under autocast)."""
+        under autocast). Inside a compiled block it is made in the graph instead (one fused
+        pass), since a compiled block must not change its inputs."""
+        mask = self.mask if sample is None else self.samples[sample].mask
+        if torch.compiler.is_compiling():
+            return to_additive(mask, dtype)
         key = (dtype, sample)
         if key not in self._additive:
-            mask = self.mask if sample is None else self.samples[sample].mask
-            zero = torch.zeros((), dtype = dtype, device = mask.device)
-            self._additive[key] = torch.where(mask, zero, torch.tensor(float('-inf'), dtype = dtype, device = mask.device))
+            self._additive[key] = to_additive(mask, dtype)
         return self._additive[key]
+
+
+def to_additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    zero = torch.zeros((), dtype = dtype, device = mask.device)
+    return torch.where(mask, zero, torch.tensor(float('-inf'), dtype = dtype, device = mask.device))
 
 
 @dataclass
@@ -119,10 +133,11 @@ PER_SAMPLE_MIN_SAVING = 1.05
 PER_SAMPLE_MAX_SAMPLES = 64
 
 
-def flex_layout(packed: PackedBatch) -> AttentionLayout:
+def flex_layout(packed: PackedBatch, pad_to_multiple: int | None = None) -> AttentionLayout:
     from torch.nn.attention.flex_attention import create_block_mask
 
-    doc, span, n = packed.doc, packed.span, packed.num_tokens
+    doc, span = padded_ids(packed, pad_to_multiple)
+    n = doc.shape[0]
 
     def mask_mod(b, h, q_idx, kv_idx):
         return mask_rule(doc[q_idx], q_idx, span[q_idx], doc[kv_idx], kv_idx, span[kv_idx])
@@ -131,9 +146,37 @@ def flex_layout(packed: PackedBatch) -> AttentionLayout:
     return AttentionLayout(n, 1, n, block_mask = block_mask)
 
 
-def build_layout(packed: PackedBatch, use_flex_attn: bool = False) -> AttentionLayout:
+def dense_padded_layout(packed: PackedBatch, pad_to_multiple: int) -> AttentionLayout:
+    """SDPA over the whole padded sequence with one (1, 1, N, N) mask, for compiled blocks on CPU."""
+    doc, span = padded_ids(packed, pad_to_multiple)
+    idx = torch.arange(doc.shape[0], device = doc.device)
+    mask = mask_rule(doc[:, None], idx[:, None], span[:, None], doc[None, :], idx[None, :], span[None, :])
+    return AttentionLayout(doc.shape[0], 1, doc.shape[0], mask = mask[None, None])
+
+
+def padded_length(num_tokens: int, multiple: int | None) -> int:
+    return num_tokens if multiple is None else -(-num_tokens // multiple) * multiple
+
+
+def padded_ids(packed: PackedBatch, multiple: int | None) -> tuple[Tensor, Tensor]:
+    """(doc, span) of every token, padded up to a multiple of `multiple` tokens: the padding is
+    document B (one past the last sample) and no modality span."""
+    padding = padded_length(packed.num_tokens, multiple) - packed.num_tokens
+    if padding == 0:
+        return packed.doc, packed.span
+    doc = torch.cat((packed.doc, packed.doc.new_full((padding,), packed.batch_size)))
+    span = torch.cat((packed.span, packed.span.new_full((padding,), -1)))
+    return doc, span
+
+
+def build_layout(packed: PackedBatch, use_flex_attn: bool = False, pad_to_multiple: int | None = None) -> AttentionLayout:
+    """The attention layout of a batch. With `pad_to_multiple` (compiled blocks), a flat layout
+    over the sequence padded to a multiple of that many tokens; the layout's `num_tokens` is
+    then the padded length, and the transformer pads its inputs to it."""
     if use_flex_attn:
-        return flex_layout(packed)
+        return flex_layout(packed, pad_to_multiple)
+    if pad_to_multiple is not None:
+        return dense_padded_layout(packed, pad_to_multiple)
     lengths = packed.seq_lengths.tolist()
     padded_work, own_work = len(lengths) * max(lengths) ** 2, sum(length ** 2 for length in lengths)
     if padded_work >= PER_SAMPLE_MIN_SAVING * own_work and len(lengths) <= PER_SAMPLE_MAX_SAMPLES:

@@ -69,6 +69,11 @@ def optional_modules(value, num_types: int, name: str) -> nn.ModuleList:
 
 
 class Transfusion(PublicNames, nn.Module):
+    # pad each packed batch up to a multiple of this many tokens for the transformer (None: no
+    # padding). Set by `training.parallelize` for compiled blocks, so that batches of changing
+    # length compile one graph; see `masks.py`
+    pad_to_multiple: int | None = None
+
     def __init__(
         self,
         *,
@@ -325,7 +330,7 @@ class Transfusion(PublicNames, nn.Module):
     def hidden_states(self, packed: PackedBatch, noised: tuple[Tensor, ...], span_times: Tensor) -> Tensor:
         use_flex = self.config.transformer.use_flex_attn
         use_flex = self.device.type == 'cuda' if use_flex is None else use_flex
-        layout = build_layout(packed, use_flex_attn = use_flex)
+        layout = build_layout(packed, use_flex_attn = use_flex, pad_to_multiple = self.pad_to_multiple)
         return self.transformer(self.embed(packed, noised), layout, packed.position, span_times, packed.span)
 
     def predict(self, packed: PackedBatch, span_times: Tensor, noise: tuple[Tensor, ...]) -> Prediction:

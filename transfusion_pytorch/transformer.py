@@ -30,6 +30,7 @@ The transformer returns hidden states; it computes no loss.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -191,7 +192,9 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, *ctx.rotary), apply_rotary(k, *ctx.rotary)
 
         if config.use_value_residual:
-            if ctx.first_values is None:
+            # by the block, not by whether first_values is set: activation checkpointing runs
+            # the first block again in the backward pass, after the others have read them
+            if self.to_value_mix is None:
                 ctx.first_values = v
             else:
                 mix = self.to_value_mix(x).sigmoid()[..., None]                              # (N, heads, 1)
@@ -399,6 +402,11 @@ class Transformer(nn.Module):
         token_span: Tensor | None = None,   # (N,) span of each token, -1 for text
         cache = None,                       # a `kv_cache.KVCache` prepared for this step, when generating
     ) -> Tensor:
+        num_tokens = x.shape[0]
+        padded = layout is not None and layout.num_tokens > num_tokens
+        if padded:
+            x, positions, span_times, token_span = pad_to_layout(layout.num_tokens, x, positions, span_times, token_span)
+
         routing = None
         if self.config.separate_modality_weights and token_span is not None:
             routing = Routing(token_span >= 0)
@@ -408,6 +416,8 @@ class Transformer(nn.Module):
         if span_times is not None and span_times.numel() > 0:
             features = time_features(span_times, self.config.dim_time)
             span_embed = self.to_time_embed(features.to(self.to_time_embed[0].weight.dtype))
+            if padded:
+                torch._dynamo.maybe_mark_dynamic(span_embed, 0)     # one compiled graph for any number of spans
             cond = Conditioning(span_embed, token_span)
 
         ctx = Context(layout, self.rotary(positions), cond, routing = routing)
@@ -419,17 +429,39 @@ class Transformer(nn.Module):
         depth, num_skips = len(self.blocks), len(self.skip_projs)
         skips = []
 
-        for index, block in enumerate(self.blocks):
-            if index >= depth - num_skips:
-                x = skip_merge(self.skip_projs[index - (depth - num_skips)], x, skips.pop())
+        # generation changes shapes at every step: there, blocks compiled for training run eagerly
+        with nullcontext() if cache is None else torch.compiler.set_stance('force_eager'):
+            for index, block in enumerate(self.blocks):
+                if index >= depth - num_skips:
+                    x = skip_merge(self.skip_projs[index - (depth - num_skips)], x, skips.pop())
 
-            x = block(x, ctx, None if cache is None else cache.layer(index))
+                x = block(x, ctx, None if cache is None else cache.layer(index))
 
-            if index < num_skips:
-                skips.append(x)
+                if index < num_skips:
+                    skips.append(x)
 
         if first_mix is not None:
             x = first_mix.reduce(x)
 
         x = route(routing, x, self.final_norm, getattr(self, 'modality_final_norm', None))
-        return x if routing is None else routing.to_sequence(x)
+        x = x if routing is None else routing.to_sequence(x)
+        return x[:num_tokens]
+
+
+SPAN_MULTIPLE = 8
+
+
+def pad_to_layout(length: int, x: Tensor, positions: Tensor, span_times: Tensor | None, token_span: Tensor | None):
+    """The inputs of a padded layout (compiled blocks, see `masks.py`), padded to its `length`:
+    padding tokens are zeros at position 0 outside any span (conditioned as text, and on the
+    text weights), and the span times are padded with zeros to a multiple of SPAN_MULTIPLE rows,
+    which no token looks up. So batches of changing length and number of spans reach the blocks
+    with few shapes."""
+    padding = length - x.shape[0]
+    x = F.pad(x, (0, 0, 0, padding))
+    positions = F.pad(positions, (0, padding))
+    if token_span is not None:
+        token_span = F.pad(token_span, (0, padding), value = -1)
+    if span_times is not None and span_times.numel() > 0:
+        span_times = F.pad(span_times, (0, -span_times.shape[0] % SPAN_MULTIPLE))
+    return x, positions, span_times, token_span

@@ -60,6 +60,8 @@ class DigitsConfig:
     ema_beta: float = option(0.99, 'EMA decay of the weights used for sampling and evaluation')
     seed: int = option(0, 'seed of the weights, data order and noise')
     checkpoint_every: int = option(500, 'steps between checkpoints')
+    compile: bool = option(False, 'torch.compile each transformer block, batches padded to max_tokens (for GPUs; on CPU the first step takes minutes)')
+    activation_checkpointing: str | None = option(None, '"selective" (every other block) or "full" (every block): recompute activations in the backward pass, to save memory')
     eval_every: int = option(500, 'steps between evaluations (a grid of samples and quick figures)')
     eval_per_label: int = option(10, 'images drawn per label at each evaluation during training (2 to 139)')
     # sampling
@@ -127,8 +129,10 @@ def evaluation_callback(config: DigitsConfig, codec, run_dir: Path):
 
 # keys a rerun in the same run folder may change: how long the run trains (`steps`, to continue
 # it) and how it is run and watched. They change neither the model, nor the data, nor the updates
-# up to the step reached, since the trainer seeds each batch's noise by its place in the data.
-RERUN_KEYS = ('steps', 'threads', 'checkpoint_every', 'eval_every', 'eval_per_label', 'modality_steps')
+# up to the step reached, since the trainer seeds each batch's noise by its place in the data
+# (compile and activation checkpointing change how a step is computed, not what: the same
+# gradients, to float rounding).
+RERUN_KEYS = ('steps', 'threads', 'checkpoint_every', 'eval_every', 'eval_per_label', 'modality_steps', 'compile', 'activation_checkpointing')
 
 
 @dataclass
@@ -154,6 +158,7 @@ def prepare(config: DigitsConfig, codec = None, dataset = None) -> Job:
             out_dir = str(config.run_dir), max_steps = config.steps, max_tokens = config.max_tokens, lr = config.lr,
             warmup_steps = config.warmup_steps, weight_decay = config.weight_decay, ema_beta = config.ema_beta,
             seed = config.seed, checkpoint_every = config.checkpoint_every, log_every = 25, keep_last = 2,
+            compile = config.compile, activation_checkpointing = config.activation_checkpointing,
         )
     except (TypeError, ValueError) as error:
         raise ConfigError(f'config: {error}') from None

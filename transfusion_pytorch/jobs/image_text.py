@@ -7,12 +7,14 @@ A run folder `<out_root>/<name>/` holds
 
     config.toml                    the configuration, as loaded and overridden
     data.json                      the data: folders, weights, tokenizer, codec, latent shape
+    language_model.json            with `language_model`: the LM's path, architecture and fingerprint
     checkpoints/                   training checkpoints, with the data position (a rerun resumes)
     metrics.jsonl, loss.png        loss, learning rate, tokens/s, the realised data mix
     samples/step_*.png             pictures drawn for the fixed prompts during training
     pretrained/, pretrained_ema/   the trained model
 
-A rerun refuses data tokenized or encoded differently from the data.json of the run.
+A rerun refuses data tokenized or encoded differently from the data.json of the run, and a
+language model other than the one the run started from (`language_model.py`).
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from ..data.loader import LoaderConfig, StreamingLoader, modality_tokens_of
 from ..data.shards import Prepared, write_json
 from ..model import Transfusion
 from ..training import Every, TrainConfig, Trainer, distributed
-from . import sampling
+from ..training.parallelize import CHECKPOINTING
+from . import language_model, sampling
 
 JOB = 'image_text'
 
@@ -45,6 +48,10 @@ def paths(value) -> tuple[str, ...]:
     if isinstance(value, str):
         return tuple(p.strip() for p in value.split(',') if p.strip())
     return tuple(value)
+
+
+# the model's size without a language model (with one, the LM's)
+MODEL_SIZE = dict(dim = 256, depth = 6, heads = 4, dim_head = 64)
 
 
 @dataclass(kw_only = True)
@@ -64,10 +71,17 @@ class ImageTextConfig:
     workers: int = option(2, 'DataLoader workers per process')
     shuffle_buffer: int = option(1000, 'samples in each reader\'s shuffle buffer')
     # model
-    dim: int = option(256, 'transformer width')
-    depth: int = option(6, 'transformer blocks')
-    heads: int = option(4, 'attention heads')
-    dim_head: int = option(64, 'width of a head')
+    language_model: str | None = option(None, 'a local Hugging Face causal LM folder (save_pretrained: config.json and safetensors; '
+                                              'Llama, Mistral, Qwen2, Qwen3) that the model starts from: dim, depth, heads and dim_head '
+                                              'are then its own, and the data must be tokenized with its tokenizer')
+    separate_modality_weights: bool | None = option(None, 'latent tokens get their own copy of every transformer weight, initialised '
+                                                          'from the text weights (LMFusion; default: on with language_model, off without)')
+    freeze_language_model: bool | None = option(None, "the language model's weights get no gradient, so its text behaviour stays "
+                                                      'exact (LMFusion; default: on with language_model when separate_modality_weights is)')
+    dim: int | None = option(None, f"transformer width (default {MODEL_SIZE['dim']}; with language_model, the LM's)")
+    depth: int | None = option(None, f"transformer blocks (default {MODEL_SIZE['depth']}; with language_model, the LM's)")
+    heads: int | None = option(None, f"attention heads (default {MODEL_SIZE['heads']}; with language_model, the LM's)")
+    dim_head: int | None = option(None, f"width of a head (default {MODEL_SIZE['dim_head']}; with language_model, the LM's)")
     flow_loss_weight: float = option(1., 'weight of the flow-matching loss against the text loss')
     predict_clean: bool = option(False, 'predict the clean latent instead of the velocity (Li & He, 2025): for latent tokens wider than dim, such as large pixel patches')
     # training
@@ -80,6 +94,8 @@ class ImageTextConfig:
     ema_beta: float = option(0.995, 'EMA decay of the weights used for sampling')
     seed: int = option(0, 'seed of the weights, data order and noise')
     strategy: str = option('ddp', '"ddp" or "fsdp" under torchrun')
+    compile: bool = option(False, 'torch.compile each transformer block, batches padded to max_tokens (for GPUs; on CPU the first step takes minutes)')
+    activation_checkpointing: str | None = option(None, '"selective" (every other block) or "full" (every block): recompute activations in the backward pass, to save memory')
     checkpoint_every: int = option(1000, 'steps between checkpoints')
     log_every: int = option(25, 'steps between metric lines')
     # sampling during training
@@ -102,9 +118,10 @@ class ImageTextConfig:
             raise ValueError(f"'data_weights' needs one weight per data folder ({len(self.data)}), got {len(self.data_weights)}")
         if isinstance(self.prompts, str):
             self.prompts = tuple(p.strip() for p in self.prompts.split('|') if p.strip())
+        self.resolve_model_options()
         for name in ('dim', 'depth', 'heads', 'dim_head', 'steps', 'max_tokens', 'grad_accum', 'sample_every', 'samples_per_prompt',
                      'modality_steps', 'checkpoint_every', 'log_every', 'shuffle_buffer'):
-            if getattr(self, name) <= 0:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"'{name}' must be positive, got {getattr(self, name)}")
         for name in ('caption_fraction', 'prob_uncond'):
             if not 0. <= getattr(self, name) <= 1.:
@@ -113,6 +130,29 @@ class ImageTextConfig:
             raise ValueError(f"'text_weight' must lie in [0, 1), got {self.text_weight}")
         if self.workers < 0:
             raise ValueError(f"'workers' must be >= 0, got {self.workers}")
+        if self.activation_checkpointing not in CHECKPOINTING:
+            raise ValueError(f"'activation_checkpointing' must be one of {CHECKPOINTING}, got {self.activation_checkpointing!r}")
+
+    def resolve_model_options(self):
+        """The model keys left out, as the run records them: with a language model, its size and
+        LMFusion's recipe (separate modality weights, the LM frozen); without, MODEL_SIZE."""
+        if self.language_model is not None:
+            given = [name for name in MODEL_SIZE if getattr(self, name) is not None]
+            if given:
+                raise ValueError(f"{', '.join(repr(name) for name in given)} {'comes' if len(given) == 1 else 'come'} from the language "
+                                 f"model's config.json when 'language_model' is given ({self.language_model}); leave "
+                                 f"{'it' if len(given) == 1 else 'them'} out")
+            if self.separate_modality_weights is None:
+                self.separate_modality_weights = True
+            if self.freeze_language_model is None:
+                self.freeze_language_model = self.separate_modality_weights
+            return
+        if self.freeze_language_model:
+            raise ValueError("'freeze_language_model' freezes the weights of 'language_model', and no language_model is given")
+        self.freeze_language_model, self.separate_modality_weights = False, bool(self.separate_modality_weights)
+        for name, default in MODEL_SIZE.items():
+            if getattr(self, name) is None:
+                setattr(self, name, default)
 
     @property
     def run_dir(self) -> Path:
@@ -123,10 +163,11 @@ def load_config(path = None, overrides: dict | None = None) -> ImageTextConfig:
     return load(ImageTextConfig, path, overrides)
 
 
-# how long a run goes on and how it is watched, and where its VAE and tokenizer are: none
-# changes the model, the data or the updates so far
+# how long a run goes on, how it is watched and computed (compile and activation checkpointing:
+# the same gradients, to float rounding), and where its VAE, tokenizer and language model are
+# (each checked by its fingerprint instead): none changes the model, the data or the updates so far
 RERUN_KEYS = ('steps', 'threads', 'checkpoint_every', 'log_every', 'sample_every', 'prompts', 'samples_per_prompt', 'modality_steps',
-              'cfg_scale', 'vae', 'tokenizer')
+              'cfg_scale', 'vae', 'tokenizer', 'language_model', 'compile', 'activation_checkpointing')
 
 
 def check_rerun(config: ImageTextConfig):
@@ -193,15 +234,17 @@ def open_data(config: ImageTextConfig, run_dir: Path) -> tuple[list[Prepared], d
 
 def build_model(config: ImageTextConfig, record: dict) -> Transfusion:
     torch.manual_seed(config.seed)
-    return Transfusion(
-        num_text_tokens = record['tokenizer']['vocab_size'],
-        dim_latent = record['codec']['dim_latent'],
-        modality_default_shape = tuple(record['shape']),
-        flow_loss_weight = config.flow_loss_weight,
-        prob_uncond = config.prob_uncond,
-        model_output_clean = config.predict_clean,
-        transformer = dict(dim = config.dim, depth = config.depth, heads = config.heads, dim_head = config.dim_head),
-    )
+    options = dict(dim_latent = record['codec']['dim_latent'], modality_default_shape = tuple(record['shape']),
+                   flow_loss_weight = config.flow_loss_weight, prob_uncond = config.prob_uncond, model_output_clean = config.predict_clean)
+    if config.language_model is not None:
+        try:
+            return Transfusion.from_language_model(config.language_model, separate_modality_weights = config.separate_modality_weights,
+                                                   freeze_language_model = config.freeze_language_model, **options)
+        except (FileNotFoundError, ValueError) as error:
+            raise ConfigError(f"'language_model': {error}") from None
+    size = {name: getattr(config, name) for name in MODEL_SIZE}
+    return Transfusion(num_text_tokens = record['tokenizer']['vocab_size'],
+                       transformer = dict(size, separate_modality_weights = config.separate_modality_weights), **options)
 
 
 def default_prompts(folders: list[Prepared], count: int = 4) -> list[str]:
@@ -253,10 +296,15 @@ def train(config: ImageTextConfig) -> Path:
 
 
 def run_job(config: ImageTextConfig, callbacks = ()) -> Path:
+    lm = language_model.describe(config.language_model) if config.language_model is not None else None
+    language_model.check_rerun(lm, config.run_dir)
     check_rerun(config)
     dist = distributed.setup()
     run_dir = config.run_dir
     folders, record = open_data(config, run_dir)
+    if lm is not None:
+        language_model.check_tokenizer(config.language_model, lm['vocab_size'], record['tokenizer'], f'the data in {folders[0].folder}')
+    assets = sampling.Assets.of(record, vae = config.vae, tokenizer = config.tokenizer)      # checks --vae and --tokenizer
     model = build_model(config, record)
     loader = StreamingLoader(
         folders, modality_tokens_of(model),
@@ -264,19 +312,25 @@ def run_job(config: ImageTextConfig, callbacks = ()) -> Path:
                      shuffle_buffer = config.shuffle_buffer, num_workers = config.workers, weights = tuple(record['weights'])),
         rank = dist.rank, world_size = dist.world_size, tokenizer = record['tokenizer'], codec = record['codec'],
     )
-    assets = sampling.Assets.of(record, vae = config.vae, tokenizer = config.tokenizer)
     prompts = list(config.prompts) or default_prompts(folders)
     if dist.is_main:
         run_dir.mkdir(parents = True, exist_ok = True)
+        if lm is not None:
+            language_model.record(run_dir, lm)
         write_text_atomic(run_dir / 'config.toml', to_toml(config))
         write_json(run_dir / 'data.json', record)
     train_config = TrainConfig(
         out_dir = str(run_dir), max_steps = config.steps, max_tokens = config.max_tokens, grad_accum = config.grad_accum, lr = config.lr,
         warmup_steps = config.warmup_steps, weight_decay = config.weight_decay, ema_beta = config.ema_beta, seed = config.seed,
         strategy = config.strategy, checkpoint_every = config.checkpoint_every, log_every = config.log_every, keep_last = 2,
+        compile = config.compile, activation_checkpointing = config.activation_checkpointing,
     )
     if dist.is_main:
-        print(f"{sum(p.numel() for p in model.parameters()):,} parameters; {sum(f['samples'] for f in record['folders']):,} samples in "
+        total, trained = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in model.parameters() if p.requires_grad)
+        counts = f'{total:,} parameters' + (f' ({trained:,} trained)' if trained < total else '')
+        start_from = f" from {lm['architecture']} {config.language_model}" if lm is not None else ''
+        print(f"{counts}{start_from}; "
+              f"{sum(f['samples'] for f in record['folders']):,} samples in "
               f"{len(folders)} folders; {config.steps} steps of {config.max_tokens} tokens x {dist.world_size} processes -> {run_dir}")
     mix = Every(config.log_every, lambda trainer, step: {f'mix/{Path(k).name}': v for k, v in loader.mix().items()} if len(folders) > 1 else {})
     start = time.perf_counter()

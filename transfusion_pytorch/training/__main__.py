@@ -3,6 +3,7 @@
     python -m transfusion_pytorch.training --out-dir runs/toy --steps 200
     torchrun --nproc_per_node 2 -m transfusion_pytorch.training --out-dir runs/toy-ddp --steps 200
     torchrun --nproc_per_node 2 -m transfusion_pytorch.training --out-dir runs/toy-fsdp --strategy fsdp
+    torchrun --nproc_per_node 8 -m transfusion_pytorch.training --out-dir runs/toy-scale --strategy fsdp --compile --activation-checkpointing selective
 
 Rerunning a command resumes from the newest good checkpoint in --out-dir. Each sample is a
 class word, then 8 latent tokens of that class's fixed pattern plus noise, then an end word
@@ -49,6 +50,9 @@ def main():
     parser.add_argument('--grad-accum', type = int, default = 1)
     parser.add_argument('--lr', type = float, default = 2e-3)
     parser.add_argument('--strategy', choices = ('ddp', 'fsdp'), default = 'ddp')
+    parser.add_argument('--compile', action = 'store_true', help = 'torch.compile each transformer block (batches padded to --max-tokens)')
+    parser.add_argument('--activation-checkpointing', choices = ('selective', 'full'), help = 'recompute every other block ("selective") or every block ("full") in the backward pass')
+    parser.add_argument('--bf16', choices = ('auto', 'on', 'off'), default = 'auto', help = 'bf16 autocast (and FSDP mixed precision); auto: on CUDA only')
     parser.add_argument('--checkpoint-every', type = int, default = 50)
     parser.add_argument('--seed', type = int, default = 0)
     args = parser.parse_args()
@@ -63,7 +67,8 @@ def main():
     config = TrainConfig(
         out_dir = args.out_dir, max_steps = args.steps, max_tokens = args.max_tokens, grad_accum = args.grad_accum,
         lr = args.lr, warmup_steps = args.steps // 10, strategy = args.strategy, checkpoint_every = args.checkpoint_every,
-        log_every = 25, seed = args.seed, ema_beta = 0.99,
+        log_every = 25, seed = args.seed, ema_beta = 0.99, compile = args.compile, activation_checkpointing = args.activation_checkpointing,
+        bf16 = dict(auto = None, on = True, off = False)[args.bf16],
     )
     try:
         history = train(model, ToyDataset(4096, seed = args.seed), config)

@@ -43,7 +43,7 @@ from ..residual import ResidualMix
 from ..transformer import Transformer
 from . import checkpoint, distributed
 from .data import SampleDataset, TokenBudgetLoader, packed_num_tokens
-from .parallelize import gradient_sync, parallelize
+from .parallelize import CHECKPOINTING, STRATEGIES, gradient_sync, parallelize
 
 
 @dataclass(kw_only = True)
@@ -62,7 +62,10 @@ class TrainConfig:
     ema_beta: float | None = 0.999      # None: no EMA
     bf16: bool | None = None            # autocast to bfloat16; None: on where CUDA supports it
     seed: int = 0                       # data order and per-batch noise
-    strategy: str = 'ddp'               # 'ddp' or 'fsdp' when run under torchrun
+    strategy: str = 'ddp'               # 'ddp' or 'fsdp' when run under torchrun (FSDP with bf16: parameters gathered in bf16, gradients reduced in fp32)
+    compile: bool = False               # torch.compile each transformer block; batches are padded to max_tokens (see parallelize.py)
+    compile_backend: str = 'inductor'   # with compile: the torch.compile backend ('aot_eager' traces the same graphs without generating kernels)
+    activation_checkpointing: str | None = None     # None, 'selective' (every other block) or 'full' (every block)
     checkpoint_every: int = 1000
     keep_last: int = 3
     log_every: int = 10
@@ -90,6 +93,12 @@ class TrainConfig:
             raise ValueError(f'grad_clip must be positive or None, got {self.grad_clip}')
         if self.ema_beta is not None and not 0 <= self.ema_beta < 1:
             raise ValueError(f'ema_beta must lie in [0, 1) or be None, got {self.ema_beta}')
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f'strategy must be one of {STRATEGIES}, got {self.strategy!r}')
+        if self.activation_checkpointing not in CHECKPOINTING:
+            raise ValueError(f'activation_checkpointing must be one of {CHECKPOINTING}, got {self.activation_checkpointing!r}')
+        if not isinstance(self.compile_backend, str) or not self.compile_backend:
+            raise ValueError(f'compile_backend must name a torch.compile backend, got {self.compile_backend!r}')
         if self.on_nonfinite not in ('stop', 'skip'):
             raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
 
@@ -167,9 +176,15 @@ class Trainer:
         self.dist = distributed.setup(device)
         self.out_dir = Path(config.out_dir)
 
-        self.model = model      # the plain model; under FSDP sharded in place
+        bf16 = config.bf16 if config.bf16 is not None else self.dist.device.type == 'cuda' and torch.cuda.is_bf16_supported()
+        self.autocast = torch.autocast(self.dist.device.type, dtype = torch.bfloat16) if bf16 else nullcontext()
+
+        self.model = model      # the plain model; checkpointed, compiled and sharded in place
         self.ema = model.create_ema(config.ema_beta) if config.ema_beta is not None else None
-        self.wrapped = parallelize(model, self.ema, self.dist, config.strategy)
+        self.wrapped = parallelize(
+            model, self.ema, self.dist, config.strategy, activation_checkpointing = config.activation_checkpointing,
+            compile_backend = config.compile_backend if config.compile else None, max_tokens = config.max_tokens, bf16 = bf16,
+        )
 
         self.num_tokens = num_tokens or packed_num_tokens(model)
         # a loader of its own (`next_batch`, `state_dict`, `load_state_dict`), such as the streaming
@@ -183,9 +198,6 @@ class Trainer:
         self.trainable = [p for group in self.optimizer.param_groups for p in group['params']]
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(config.warmup_steps, config.max_steps, config.min_lr_ratio))
         self.step = 0
-
-        bf16 = config.bf16 if config.bf16 is not None else self.dist.device.type == 'cuda' and torch.cuda.is_bf16_supported()
-        self.autocast = torch.autocast(self.dist.device.type, dtype = torch.bfloat16) if bf16 else nullcontext()
 
         self.writer = None
         if self.dist.is_main:
