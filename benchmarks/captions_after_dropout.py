@@ -13,7 +13,7 @@ import argparse
 
 import torch
 
-from transfusion_pytorch.cli import load_model
+from transfusion_pytorch import cli
 from transfusion_pytorch.demos.digits import load_split
 from transfusion_pytorch.demos.digits_eval import text_after_modality
 
@@ -21,13 +21,14 @@ DIGIT_IDS = set(range(10))          # the demo's vocabulary starts with the ten 
 
 
 @torch.no_grad()
-def main():
+def main(argv = None):
     parser = argparse.ArgumentParser(description = __doc__.splitlines()[0])
     parser.add_argument('run', help = 'a digits run folder')
     parser.add_argument('--seed', type = int, default = 0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
-    model, _, codec = load_model(args.run, ema = True)
+    loaded = cli.load(args.run, ema = True)
+    model, codec = loaded.model, loaded.codec
     _, test = load_split()
     latents = codec.encode(test.images)
     vocab = model.vocab
@@ -44,6 +45,7 @@ def main():
 
     print(f'{args.run}: {100 * with_digit:.1f}% of {len(answers)} held-out image prompts answered with a digit '
           f'(sampled, seed {args.seed}); {100 * ended:.1f}% ended right after the image; mean p(EOS | SOS [image]) = {p_eos:.4f}')
+    return dict(with_digit = with_digit, ended = ended, p_eos = float(p_eos))
 
 
 if __name__ == '__main__':

@@ -14,7 +14,7 @@ pytest.importorskip('matplotlib')
 from transfusion_pytorch import Transfusion, cli
 
 TINY = ['--dim', '16', '--depth', '1', '--heads', '1', '--dim-head', '16', '--steps', '2', '--eval-every', '2',
-        '--eval-per-label', '1', '--checkpoint-every', '2', '--max-tokens', '256', '--warmup-steps', '1', '--modality-steps', '2']
+        '--eval-per-label', '2', '--checkpoint-every', '2', '--max-tokens', '256', '--warmup-steps', '1', '--modality-steps', '2']
 
 
 def cli_error(argv, capsys) -> str:
@@ -51,11 +51,27 @@ def folders(tmp_path_factory):
     (['sample', '{run}', '--num', '-1'], 'argument --num: expected an int >= 1, got -1'),
     (['sample', '{run}', '--num', 'many'], "argument --num: expected an int >= 1, got 'many'"),
     (['sample', '{run}', '--modality-steps', '0'], 'argument --modality-steps: expected an int >= 1, got 0'),
-    (['eval', '{run}', '--per-label', '0'], 'argument --per-label: expected an int >= 1, got 0'),
+    (['eval', '{run}', '--per-label', '1'], 'argument --per-label: expected an int >= 2, got 1'),
+    (['eval', '{run}', '--per-label', '140'], '--per-label must be an int in [2, 139] (the spread of a label takes two drawings'),
     (['eval', '{run}', '--captions', '0'], 'argument --captions: expected an int >= 1, got 0'),
     (['eval', '{run}', '--captions', '-5'], 'argument --captions: expected an int >= 1, got -5'),
     (['eval', '{run}', '--captions', '361'], 'argument --captions: there are 360 held-out digits to caption, got 361'),
     (['eval', '{run}', '--modality-steps', '0'], 'argument --modality-steps: expected an int >= 1, got 0'),
+    # sampling settings and sweeps (issue 15)
+    (['sample', '{run}', '--guidance-interval', '0.8:0.2'], 'guidance_interval must be two times (t_lo, t_hi) with 0 <= t_lo < t_hi <= 1'),
+    (['sample', '{run}', '--guidance-interval', 'late'], "argument --guidance-interval: expected t_lo:t_hi (two numbers), got 'late'"),
+    (['sample', '{run}', '--guidance-schedule', 'cosine'], "guidance_schedule must be one of ('constant', 'linear'), got 'cosine'"),
+    (['eval', '{run}', '--ode-method', 'rk99'], "ode_method must be one of"),
+    (['eval', '{run}', '--cfg-scale', 'inf'], 'cfg_scale must be a finite number (1: no guidance), got inf'),
+    (['eval', '{run}', '--sweep', 'cfg_scal=1,2'], "--sweep: unknown key 'cfg_scal'; did you mean 'cfg_scale'? Valid keys: modality_steps,"),
+    (['eval', '{run}', '--sweep', 'cfg_scale'], "--sweep: expected KEY=V1,V2,... (keys: modality_steps, ode_method,"),
+    (['eval', '{run}', '--sweep', 'cfg_scale=1,x'], "--sweep: cfg_scale: expected float, got 'x'"),
+    (['eval', '{run}', '--sweep', 'guidance_interval=0.5'], "--sweep: guidance_interval: expected t_lo:t_hi (two numbers), got '0.5'"),
+    (['eval', '{run}', '--sweep', 'seed=1', 'seed=2'], '--sweep: seed is given twice'),
+    (['eval', '{run}', '--sweep', 'cfg_scale=2', 'guidance_interval=0:1,0.7:0.6'],
+     '--sweep: the point cfg_scale = 2.0, guidance_interval = (0.7, 0.6): guidance_interval must be two times'),
+    (['eval', '{run}', '--cfg-scale', '2', '--sweep', 'cfg_scale=1,3'], '--sweep sweeps cfg_scale, also given as --cfg-scale: give it in one place'),
+    (['eval', '{run}', '--captions', '5', '--sweep', 'cfg_scale=1,3'], '--captions: a sweep leaves captioning out'),
     # issue 16.15: options a model cannot use
     (['sample', '{toy}', '--prompt', 'draw 3'], 'is not a digits model and records no tokenizer, so a text prompt means nothing to it'),
     (['sample', '{run}', '--max-length', '64'], '--max-length is for models other than digits'),
@@ -95,6 +111,7 @@ def test_a_broken_model_folder_is_one_line(folders, capsys, tmp_path):
     (['--warmup-steps', '-1'], 'config: warmup_steps must be >= 0'),
     (['--checkpoint-every', '0'], 'config: checkpoint_every must be positive'),
     (['--threads', '-1'], "'threads' must be >= 0"),
+    (['--eval-per-label', '1'], "'eval_per_label' must be an int in [2, 139] (the spread of a label takes two drawings"),
     (['--max-tokens', '10'], "'max_tokens' = 10 holds no sample: one takes 14 tokens"),
     (['--codec', 'unet', '--patch', '3'], 'patch must divide the image size 8, got 3'),
     (['--codec', 'custom'], "codec = 'custom' is the codec an example script passes to digits_job.train"),
@@ -163,3 +180,16 @@ def test_a_custom_codec_run_resumes_from_its_config_file(tmp_path):
     torch.set_num_threads(threads)
     steps = [json.loads(line)['step'] for line in (run / 'metrics.jsonl').read_text().splitlines()]
     assert steps == [2, 3]
+
+
+def test_the_captions_benchmark_runs_on_a_run(folders, capsys):
+    """benchmarks/captions_after_dropout.py imported a `load_model` the CLI no longer has."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).parents[1] / 'benchmarks' / 'captions_after_dropout.py'
+    spec = importlib.util.spec_from_file_location('captions_after_dropout', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    figures = module.main([str(folders['run'])])
+    assert 0 <= figures['ended'] <= figures['ended'] + figures['with_digit'] <= 1 and 0 <= figures['p_eos'] <= 1
+    assert 'held-out image prompts answered with a digit' in capsys.readouterr().out

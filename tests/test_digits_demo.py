@@ -16,7 +16,7 @@ from transfusion_pytorch.demos.digits import DRAW, IS, DigitsDataset, load_split
 from transfusion_pytorch.demos.digits_job import DigitsConfig, load_config
 
 TINY = ['--dim', '16', '--depth', '1', '--heads', '1', '--dim-head', '16', '--steps', '2', '--eval-every', '2',
-        '--eval-per-label', '1', '--checkpoint-every', '2', '--max-tokens', '256', '--warmup-steps', '1', '--modality-steps', '2']
+        '--eval-per-label', '2', '--checkpoint-every', '2', '--max-tokens', '256', '--warmup-steps', '1', '--modality-steps', '2']
 
 
 @pytest.mark.parametrize('patch', [1, 2, 4, 8])
@@ -125,7 +125,7 @@ def test_cli_train_sample_eval(tmp_path, capsys):
     cli.main(['sample', str(run / 'pretrained'), '--prompt', '5', '--num', '2', '--out', str(tmp_path / 'five.png')])
     assert (tmp_path / 'five.png').stat().st_size > 0
 
-    cli.main(['eval', str(run), '--per-label', '1', '--modality-steps', '2', '--captions', '10'])
+    cli.main(['eval', str(run), '--per-label', '2', '--modality-steps', '2', '--captions', '10'])
     results = json.loads((run / 'eval.json').read_text())
     for key in ('text_to_image_accuracy', 'text_to_image_accuracy_9', 'caption_accuracy', 'held_out_text_loss', 'held_out_flow_loss'):
         assert 0 <= results[key] < float('inf'), key
@@ -151,11 +151,15 @@ def test_evaluation_counts_are_checked():
     codec = PatchCodec(4)
     model = Transfusion(num_text_tokens = 12, dim_latent = codec.dim_latent, modality_default_shape = codec.shape,
                         transformer = dict(dim = 16, depth = 1, dim_head = 8, heads = 2))
-    for options, message in [(dict(per_label = 0), 'per_label must be a positive int, got 0'),
-                             (dict(modality_steps = 0), 'modality_steps must be a positive int, got 0'),
+    for options, message in [(dict(per_label = 1), r'per_label must be an int in \[2, 139\] \(the spread of a label takes two drawings'),
+                             (dict(per_label = 140), r'per_label must be an int in \[2, 139\]'),
                              (dict(num_captions = -5), r'num_captions must be None \(all\) or an int in \[1, 360\]'),
                              (dict(num_captions = 361), r'num_captions must be None \(all\) or an int in \[1, 360\]')]:
         with pytest.raises(ValueError, match = message):
             digits_eval.evaluate(model, codec, **options)
+    with pytest.raises(ValueError, match = 'modality_steps must be a positive int, got 0'):
+        digits_eval.Sampling(modality_steps = 0)
+    with pytest.raises(ValueError, match = r'guidance_interval must be two times \(t_lo, t_hi\)'):
+        digits_eval.Sampling(guidance_interval = (0.7, 0.6))
     with pytest.raises(ValueError, match = 'labels: expected at least one label to draw, got none'):
         digits_eval.draw(model, codec, [])

@@ -13,8 +13,8 @@ pytest.importorskip('matplotlib')
 ROOT = Path(__file__).resolve().parents[1]
 
 TINY_DIGITS = ['--dim', '16', '--depth', '1', '--heads', '1', '--dim-head', '16', '--steps', '2', '--eval-every', '2',
-               '--eval-per-label', '1', '--checkpoint-every', '2', '--max-tokens', '256', '--warmup-steps', '1', '--modality-steps', '2']
-TINY_EVAL = ['--per-label', '1', '--modality-steps', '2', '--captions', '10']
+               '--eval-per-label', '2', '--checkpoint-every', '2', '--max-tokens', '256', '--warmup-steps', '1', '--modality-steps', '2']
+TINY_EVAL = ['--per-label', '2', '--modality-steps', '2', '--captions', '10']
 
 
 @pytest.fixture(autouse = True)

@@ -136,7 +136,7 @@ def test_cached_modality_only_matches_uncached(model):
     b = model.generate_modality_only(batch_size = 3, modality_type = 1, fixed_modality_shape = (2, 3), seed = 0, use_cache = False)
     assert a.shape == (3, 2, 3, DIM_LATENTS[1])
     assert torch.allclose(a, b, atol = 1e-5)
-    c = model.generate_modality_only(batch_size = 3, modality_type = 1, fixed_modality_shape = (2, 3), seed = 0, ode_method = 'midpoint')
+    c = model.generate_modality_only(batch_size = 3, modality_type = 1, fixed_modality_shape = (2, 3), seed = 0, ode_method = 'euler')
     assert not torch.allclose(a, c, atol = 1e-3)     # the solver matters, so the comparison above could fail
 
 
@@ -216,7 +216,9 @@ def test_adaptive_solver_in_sample():
     # torchdiffeq stepped past t = 1, where the flow is wilder still, they agreed to 5e-2.)
     torch.manual_seed(0)
     model = untrained_but_not_trivial()
-    options = dict(max_length = 24, force_modality_at_start = (1, (2, 2)), ode_method = 'dopri5', ode_atol = 1e-3, ode_rtol = 1e-3)
+    # unguided, as the margin was measured: guidance (`sample`'s default) amplifies the float noise further
+    options = dict(max_length = 24, force_modality_at_start = (1, (2, 2)), ode_method = 'dopri5', ode_atol = 1e-3, ode_rtol = 1e-3,
+                   cfg_scale = 1.)
     prompts = [PROMPTS['text'], PROMPTS['mixed']]
     cached = run(model, prompts, **options)
     uncached = run(model, prompts, use_cache = False, **options)

@@ -122,8 +122,10 @@ def test_kv_cache_holds_the_longest_prompt_and_the_budget(model):
         (dict(max_length = 7, max_total_length = longest + 3), longest + 3),
         (dict(max_length = 7, **forced), longest + 10 + 7),
     ]:
-        backend = make_backend(model, prompts, SampleOptions(**options))
+        backend = make_backend(model, prompts, SampleOptions(cfg_scale = 1., **options))
         assert backend.cache.max_len == capacity
+        guided = make_backend(model, prompts, SampleOptions(cfg_scale = 3., **options))      # both branches' caches
+        assert guided.cond.cache.max_len == guided.uncond.cache.max_len == capacity
 
 
 def test_generate_text_only_returns_exactly_the_tokens_asked_for(model):

@@ -6,7 +6,7 @@ import torch
 import transfusion_pytorch.model as model_module
 from transfusion_pytorch.backends import CachedBackend, Latents, items_to_sample
 from transfusion_pytorch.generation import SampleOptions, Sampler
-from transfusion_pytorch.guidance import GuidedBackend, drop_text_conditions, unconditional_items, unconditional_sample
+from transfusion_pytorch.guidance import Guidance, GuidedBackend, drop_text_conditions, mix, unconditional_items, unconditional_sample
 from transfusion_pytorch.inputs import Text
 from transfusion_pytorch.packing import IGNORE, pack
 
@@ -197,15 +197,21 @@ SCRIPT = lambda vocab: [4, vocab.meta, *vocab.encode_shape((2, 3)), vocab.bom(1)
                         vocab.meta, *vocab.encode_shape((3,)), vocab.bom(0), None, 2, vocab.eos]
 
 
+INTERVALS = dict(everywhere = dict(guidance_interval = (0., 1.)), default = dict(), interval = dict(guidance_interval = (0.3, 0.8)),
+                 linear = dict(guidance_interval = (0.2, 1.), guidance_schedule = 'linear'))
+
+
 @pytest.mark.parametrize('prompt', list(PROMPTS))
-def test_guided_cached_matches_guided_uncached(model, prompt):
+@pytest.mark.parametrize('guidance', list(INTERVALS))
+def test_guided_cached_matches_guided_uncached(model, prompt, guidance):
     script = SCRIPT(model.vocab)
-    cached = run(model, [PROMPTS[prompt]], [script], max_length = 64, cfg_scale = 3.)[0]
-    uncached = run(model, [PROMPTS[prompt]], [script], max_length = 64, cfg_scale = 3., use_cache = False)[0]
+    options = dict(max_length = 64, cfg_scale = 3., modality_steps = 5, **INTERVALS[guidance])
+    cached = run(model, [PROMPTS[prompt]], [script], **options)[0]
+    uncached = run(model, [PROMPTS[prompt]], [script], use_cache = False, **options)[0]
     assert kinds(cached)[-5:] == ['text', ('modality', 1, (2, 3)), 'text', ('modality', 0, (3,)), 'text']
     assert_same_samples(cached, uncached)
 
-    unguided = run(model, [PROMPTS[prompt]], [script], max_length = 64)[0]
+    unguided = run(model, [PROMPTS[prompt]], [script], max_length = 64, modality_steps = 5, cfg_scale = 1.)[0]
     assert not torch.allclose(cached[-2][1], unguided[-2][1], atol = 1e-3)    # guidance changes the modalities
 
 
@@ -229,16 +235,30 @@ def test_cfg_scale_one_equals_the_unguided_path(model):
             return Sampler(model, options, backend).run(samples, [torch.Generator().manual_seed(0)])[0]
 
     plain = sample_with(CachedBackend(model, 1, 40))
-    # the guided backend at scale 1: the unconditional branch runs, and changes nothing
-    guided = sample_with(GuidedBackend(CachedBackend(model, 1, 40), CachedBackend(model, 1, 40), 1., model.vocab))
+    # the guided backend at scale 1: w(t) = 1 everywhere, so the unconditional branch never runs
+    uncond = Recorder(CachedBackend(model, 1, 40))
+    guided = sample_with(GuidedBackend(CachedBackend(model, 1, 40), uncond, Guidance(cfg_scale = 1.), model.vocab))
+    assert uncond.calls == []
     assert [i for i in plain if isinstance(i, int)] == [i for i in guided if isinstance(i, int)]
     for x, y in zip([i for i in plain if isinstance(i, Latents)], [i for i in guided if isinstance(i, Latents)]):
-        assert torch.allclose(x.values, y.values, atol = 1e-5)
+        assert torch.equal(x.values, y.values)
 
-    # and the public default (cfg_scale = 1) skips it: exactly the unguided path
-    a = model.sample(PROMPTS['mixed'], max_length = 40, force_modality_at_start = 1, seed = 3)
-    b = model.sample(PROMPTS['mixed'], max_length = 40, force_modality_at_start = 1, seed = 3, cfg_scale = 1.)
-    assert_same_samples(a, b, atol = 0.)
+
+
+def test_the_default_cfg_scale_follows_condition_dropout():
+    """Without cfg_scale, a model built with condition dropout (prob_uncond > 0, the default) is
+    guided at scale 3; one built without, whose unconditional branch is untrained, is not."""
+    def draw(model, **options):
+        return model.sample(PROMPTS['mixed'], max_length = 40, force_modality_at_start = 1, seed = 3, **options)
+
+    model = untrained_but_not_trivial()
+    assert model.config.prob_uncond == 0.1
+    assert_same_samples(draw(model), draw(model, cfg_scale = 3.), atol = 0.)
+    assert not torch.allclose(draw(model)[3][1], draw(model, cfg_scale = 1.)[3][1], atol = 1e-3)
+
+    model = untrained_but_not_trivial(prob_uncond = 0.)
+    assert_same_samples(draw(model), draw(model, cfg_scale = 1.), atol = 0.)
+    assert not torch.allclose(draw(model)[3][1], draw(model, cfg_scale = 3.)[3][1], atol = 1e-3)
 
 
 def test_cfg_scale_zero_samples_the_unconditional_model(model):
@@ -246,8 +266,111 @@ def test_cfg_scale_zero_samples_the_unconditional_model(model):
     with the prompt's text removed."""
     noise = torch.randn(2, 2, DIM_LATENTS[1])
     options = dict(max_length = 40, force_modality_at_start = (1, (2, 2)), init_modality_noise = noise)
-    guided = run(model, [PROMPTS['mixed']], cfg_scale = 0., **options)[0]
-    text_free = run(model, [[PROMPTS['mixed'][1]]], **options)[0]
-    conditional = run(model, [PROMPTS['mixed']], **options)[0]
+    guided = run(model, [PROMPTS['mixed']], cfg_scale = 0., guidance_interval = (0., 1.), **options)[0]
+    text_free = run(model, [[PROMPTS['mixed'][1]]], cfg_scale = 1., **options)[0]
+    conditional = run(model, [PROMPTS['mixed']], cfg_scale = 1., **options)[0]
     assert torch.allclose(guided[3][1], text_free[3][1], atol = 1e-5)      # [text?, (0, x), text?, (1, forced), text]
     assert not torch.allclose(guided[3][1], conditional[3][1], atol = 1e-3)
+
+
+# sampling: guidance in an interval of times, and its schedule
+
+class Recorder:
+    """Wraps a backend and records each step's requests and outputs."""
+
+    def __init__(self, backend):
+        self.backend, self.calls = backend, []
+
+    def rewind(self, row, num):
+        self.backend.rewind(row, num)
+
+    def step(self, requests):
+        outputs = self.backend.step(requests)
+        self.calls.append((list(requests), list(outputs)))
+        return outputs
+
+
+def test_guidance_weight():
+    constant = Guidance(cfg_scale = 3., guidance_interval = (0.25, 0.75))
+    assert [constant.weight(t) for t in (0., 0.2, 0.25, 0.5, 0.75, 0.8, 1.)] == [1., 1., 3., 3., 3., 1., 1.]
+    linear = Guidance(cfg_scale = 3., guidance_interval = (0.25, 0.75), guidance_schedule = 'linear')
+    assert [linear.weight(t) for t in (0.2, 0.25, 0.375, 0.5, 0.75, 0.8)] == [1., 1., 1.5, 2., 3., 1.]
+    assert Guidance(cfg_scale = 0.).weight(0.5) == 0. and Guidance().off and not Guidance(cfg_scale = 2.).off
+
+
+@pytest.mark.parametrize('schedule', ['constant', 'linear'])
+@pytest.mark.parametrize('method', ['euler', 'midpoint'])
+def test_guided_velocity_inside_the_interval_conditional_alone_outside(model, schedule, method):
+    """Each ODE stage of a guided sample: inside the interval, v_uncond + w(t) (v_cond - v_uncond)
+    with both branches' own outputs; outside it, the conditional velocity as it is, and no
+    unconditional call for it."""
+    low, high, scale = 0.3, 0.7, 2.5
+    vocab, steps = model.vocab, 8
+    cond, uncond = Recorder(CachedBackend(model, 2, 64)), Recorder(CachedBackend(model, 2, 64))
+    guidance = Guidance(cfg_scale = scale, guidance_interval = (low, high), guidance_schedule = schedule)
+    guided = Recorder(GuidedBackend(cond, uncond, guidance, vocab))
+    options = SampleOptions(max_length = 40, modality_steps = steps, ode_method = method, force_modality_at_start = (1, (2, 2)),
+                            cfg_scale = scale, guidance_interval = (low, high), guidance_schedule = schedule)
+    prompts = model.to_samples([PROMPTS['mixed'], PROMPTS['text']])[0]
+    with torch.no_grad():
+        Sampler(model, options, guided).run(prompts, [torch.Generator().manual_seed(row) for row in range(2)])
+
+    uncond_velocity = {id(request): output for requests, outputs in uncond.calls for request, output in zip(requests, outputs)
+                       if request is not None and not request.keep}
+    assert len(cond.calls) == len(guided.calls)                 # the conditional branch runs at every step
+    inside = outside = 0
+    for (requests, outputs), (_, cond_outputs) in zip(guided.calls, cond.calls):
+        for request, output, cond_output in zip(requests, outputs, cond_outputs):
+            if request is None or request.keep:
+                continue
+            t = request.time
+            if low <= t <= high and (schedule == 'constant' or t > low):
+                weight = scale if schedule == 'constant' else 1. + (scale - 1.) * (t - low) / (high - low)
+                assert torch.allclose(output, uncond_velocity[id(request)] + weight * (cond_output - uncond_velocity[id(request)]))
+                assert not torch.allclose(output, cond_output, atol = 1e-4)
+                inside += 1
+            else:
+                assert id(request) not in uncond_velocity and output is cond_output
+                outside += 1
+    stages = 2 * steps * (2 if method == 'midpoint' else 1)
+    assert inside + outside == stages and inside > 0 and outside > 0
+    assert len(uncond_velocity) == inside
+
+
+def count_model_calls(model, **options) -> int:
+    calls = []
+    handle = model.transformer.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        # the prompt, then a forced 2 x 2 modality; max_length ends the sample right after it
+        model.sample(PROMPTS['text'], max_length = 16, force_modality_at_start = (1, (2, 2)), modality_steps = 4, ode_method = 'euler',
+                     seed = 0, **options)
+    finally:
+        handle.remove()
+    return len(calls)
+
+
+def test_no_unconditional_model_call_outside_the_interval(model):
+    """Counted at the model: the unconditional branch costs one call per stage where w(t) != 1,
+    plus one to bring its rows up to date before the first, and nothing else."""
+    unguided = count_model_calls(model, cfg_scale = 1.)
+    assert count_model_calls(model, cfg_scale = 3., guidance_interval = (0., 1.)) == unguided + 4 + 1       # stages at t = 0, 1/4, 1/2, 3/4
+    assert count_model_calls(model, cfg_scale = 3., guidance_interval = (0.5, 1.)) == unguided + 2 + 1
+    assert count_model_calls(model, cfg_scale = 3., guidance_interval = (0., 1.), guidance_schedule = 'linear') == unguided + 3 + 1    # w(0) = 1
+    assert count_model_calls(model) == unguided + 1 + 1                                      # the default: (0.6, 1), scale 3
+    assert count_model_calls(model, cfg_scale = 3., guidance_interval = (0.8, 1.)) == unguided          # no stage inside
+    assert count_model_calls(model, cfg_scale = 1., guidance_interval = (0.5, 1.)) == unguided
+
+
+@pytest.mark.parametrize('options, message', [
+    (dict(guidance_interval = (0.8, 0.2)), r'guidance_interval must be two times \(t_lo, t_hi\) with 0 <= t_lo < t_hi <= 1 .*got \(0.8, 0.2\)'),
+    (dict(guidance_interval = (0.5, 0.5)), r'guidance_interval must be .* got \(0.5, 0.5\)'),
+    (dict(guidance_interval = (-0.1, 1.)), r'guidance_interval must be .* got \(-0.1, 1.0\)'),
+    (dict(guidance_interval = 0.5), r'guidance_interval must be .* got 0.5'),
+    (dict(guidance_interval = (0., float('nan'))), r'guidance_interval must be .* got \(0.0, nan\)'),
+    (dict(guidance_schedule = 'cosine'), r"guidance_schedule must be one of \('constant', 'linear'\), got 'cosine'"),
+    (dict(cfg_scale = float('inf')), r'cfg_scale must be a finite number \(1: no guidance\), got inf'),
+    (dict(cfg_scale = '3'), r"cfg_scale must be a finite number \(1: no guidance\), got '3'"),
+])
+def test_guidance_options_are_checked(model, options, message):
+    with pytest.raises(ValueError, match = message):
+        model.sample(max_length = 16, **options)

@@ -258,3 +258,11 @@ def test_a_run_on_aspect_ratio_buckets(tmp_path):
     run = image_text.train(config(tmp_path, [prepared.folder], steps = 3, max_tokens = 400))
     assert all(math.isfinite(loss) for loss in losses(run).values())
     assert json.loads((run / 'data.json').read_text())['shape'] == [4, 4]
+
+
+def test_eval_refuses_a_sweep_of_an_image_text_run(trained, capsys):
+    run, _ = trained
+    with pytest.raises(SystemExit) as exit:
+        cli.main(['eval', str(run), '--sweep', 'cfg_scale=1,3'])
+    assert exit.value.code == 2
+    assert '--sweep measures digits runs (their reader and feature space); not an image-text run' in capsys.readouterr().err

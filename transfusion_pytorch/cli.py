@@ -2,7 +2,7 @@
 
     transfusion train [CONFIG] [--key value ...]     train a job (by default the digits demo; --job image_text)
     transfusion sample RUN_OR_MODEL --prompt "draw 3" [--num N] [--out FILE]
-    transfusion eval RUN_OR_MODEL
+    transfusion eval RUN_OR_MODEL [--cfg-scale S ...] [--sweep KEY=V1,V2 ...]
     transfusion shapes OUT                           write the walk-through set of captioned drawings
     transfusion prepare SOURCE --out DIR             encode captioned images (or text) into shards
     transfusion caption RUN PICTURE                  caption a picture with an image-text run
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .config_files import ConfigError, describe, parse_overrides
+from .config_files import ConfigError, describe, parse_overrides, write_text_atomic
 from .jobs.commands import COMMANDS as JOB_COMMANDS, add_parsers, image_text_keys
 
 
@@ -71,11 +71,20 @@ class Loaded:
         'model' (any other model: no tokenizer is saved with it, so no text prompt)."""
         return 'digits' if self.codec is not None else 'model'
 
-    def modality_steps(self, requested: int | None) -> int:
-        """--modality-steps when given, else the run's modality_steps, else 16."""
-        if requested is not None:
-            return requested
-        return self.config.modality_steps if self.config is not None else 16
+    def sampling(self, args):
+        """The sampling settings asked for: each option given, else the defaults of `sample`
+        for this model (the guidance scale as `guidance.default_cfg_scale` sets it), with the
+        run's modality_steps for a run folder."""
+        from .demos.digits_eval import Sampling
+        from .guidance import default_cfg_scale
+        given = given_options(args)
+        if 'modality_steps' not in given and self.config is not None:
+            given['modality_steps'] = self.config.modality_steps
+        given.setdefault('cfg_scale', default_cfg_scale(self.model))
+        try:
+            return Sampling(**given)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
 
 
 def resolve(path: str, ema: bool = True):
@@ -185,8 +194,7 @@ def sample_digits(loaded: Loaded, args):
         raise UsageError('--max-length is for models other than digits: a digits model writes one prompt and one image')
     label = digits_label(args.prompt if args.prompt is not None else 'draw 0')
     out = output_path(args.out or f'draw_{label}.png', image = True)
-    steps = loaded.modality_steps(args.modality_steps)
-    images = digits_eval.draw(loaded.model, loaded.codec, [label] * args.num, steps, seed = args.seed)
+    images = digits_eval.draw(loaded.model, loaded.codec, [label] * args.num, loaded.sampling(args), seed = args.seed)
     plots.save_digit_grid(images[None], out, [f'draw {label}'])
     predicted = digits_eval.classify(images)
     print(f'wrote {args.num} drawings of "draw {label}" to {out}; a classifier trained on real digits reads them as {predicted.tolist()}')
@@ -198,9 +206,8 @@ def sample_sequences(loaded: Loaded, args):
         raise UsageError(f'--prompt: {loaded.path} is not a digits model and records no tokenizer, so a text prompt means '
                          'nothing to it; sample without --prompt (samples.pt then holds token ids and latents)')
     out = output_path(args.out or 'samples.pt')
-    steps = loaded.modality_steps(args.modality_steps)
     max_length = args.max_length if args.max_length is not None else 256
-    samples = loaded.model.sample(batch_size = args.num, seed = args.seed, modality_steps = steps, max_length = max_length)
+    samples = loaded.model.sample(batch_size = args.num, seed = args.seed, max_length = max_length, **loaded.sampling(args).options())
     out.parent.mkdir(parents = True, exist_ok = True)
     torch.save(samples, out)
     print(f'wrote {len(samples)} samples to {out}')
@@ -218,25 +225,101 @@ def command_eval(args):
     held_out = len(load_split()[1].labels)
     if args.captions is not None and args.captions > held_out:
         raise UsageError(f'argument --captions: there are {held_out} held-out digits to caption, got {args.captions}')
+    try:
+        digits_eval.check_per_label(args.per_label, '--per-label')
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     loaded = load(args.model, ema = not args.no_ema)
     if loaded.kind != 'digits':
         raise UsageError(f'transfusion eval knows the digits models (12 text tokens, one image modality); {args.model} is another model')
+    sampling = loaded.sampling(args)
+    if args.sweep is not None:
+        return command_sweep(args, loaded, sampling)
     out = output_path(args.out) if args.out else (loaded.path / 'eval.json' if loaded.config is not None else None)
-    steps = loaded.modality_steps(args.modality_steps)
-    results = digits_eval.evaluate(loaded.model, loaded.codec, per_label = args.per_label, modality_steps = steps, seed = args.seed,
+    results = digits_eval.evaluate(loaded.model, loaded.codec, per_label = args.per_label, sampling = sampling, seed = args.seed or 0,
                                    num_captions = args.captions)
 
     print(f"text to image: {results['text_to_image_accuracy']:.1%} of {10 * args.per_label} drawings read as the digit asked for "
-          f"(the classifier reads {results['real_classifier_accuracy']:.1%} of held-out real digits right)")
+          f"(the reader reads {results['real_classifier_accuracy']:.1%} of held-out real digits right)")
     print('  per label: ' + '  '.join(f"{d}: {results[f'text_to_image_accuracy_{d}']:.0%}" for d in range(10)))
+    print(f"  against the held-out real digits: Fréchet distance {results['frechet_distance']:.3f} (real digits, as many: "
+          f"{results['frechet_distance_real']:.3f}); diversity {results['diversity']:.3f} of the real digits' spread")
+    print('  diversity per label: ' + '  '.join(f"{d}: {results[f'diversity_{d}']:.2f}" for d in range(10)))
+    print(f'  sampling: {sampling.describe()}')
     print(f"captioning: {results['caption_accuracy']:.1%} of {results['num_captions']} held-out real digits captioned right")
     print(f"held-out losses: text {results['held_out_text_loss']:.4f}, flow {results['held_out_flow_loss']:.4f}")
 
     if out is not None:
-        out.parent.mkdir(parents = True, exist_ok = True)
-        out.write_text(json.dumps(dict(model = str(args.model), modality_steps = steps, per_label = args.per_label, **results), indent = 2) + '\n')
-        print(f'wrote {out}')
+        write_json(out, dict(model = str(args.model), **results))
     return results
+
+
+def command_sweep(args, loaded: Loaded, base):
+    """`eval --sweep`: the drawing figures at each point, a table, `sweep.json` and `sweep.png`."""
+    from .demos import digits_sweep, plots
+    try:
+        axes = digits_sweep.parse_sweep(args.sweep)
+        points = digits_sweep.sweep_points(base, axes)
+    except ValueError as error:
+        raise UsageError(f'--sweep: {error}') from None
+    clashes = [key for key in axes if getattr(args, key) is not None]
+    if clashes:
+        raise UsageError(f"--sweep sweeps {clashes[0]}, also given as --{clashes[0].replace('_', '-')}: give it in one place")
+    if args.captions is not None:
+        raise UsageError('--captions: a sweep leaves captioning out (it does not depend on how images are sampled)')
+    out = output_path(args.out) if args.out else (loaded.path if loaded.config is not None else Path('.')) / 'sweep.json'
+    plot = out.with_suffix('.png')
+    seeds = axes.get('seed', [args.seed or 0])
+
+    rows = digits_sweep.run_sweep(loaded.model, loaded.codec, points, seeds, args.per_label)
+    keys = [key for key in axes if key != 'seed']
+    fixed = ', '.join(f'{k} {digits_sweep.format_value(v)}' for k, v in base.options().items() if k not in axes)
+    print(f"{10 * args.per_label} drawings per point and seed, seeds {', '.join(map(str, seeds))}; not swept: {fixed}")
+    print(f"real digits against the held-out real digits, as many: Fréchet distance {rows[0]['frechet_distance_real']:.3f}, diversity 1")
+    print(digits_sweep.table(rows, keys, digits_sweep.Sampling()))
+
+    default = next((row for row in rows if digits_sweep.is_point(row, digits_sweep.Sampling())), None)
+    plots.save_tradeoff_plot(digits_sweep.curves(rows, keys), plot, rows[0]['frechet_distance_real'], default,
+                             title = f"{loaded.path}: {10 * args.per_label} drawings per point, mean over seeds {', '.join(map(str, seeds))}")
+    write_json(out, dict(model = str(args.model), sweep = axes, rows = rows))
+    print(f'wrote {plot}')
+    return rows
+
+
+def write_json(path: Path, value):
+    path.parent.mkdir(parents = True, exist_ok = True)
+    write_text_atomic(path, json.dumps(value, indent = 2) + '\n')
+    print(f'wrote {path}')
+
+
+# options of `sample` and `eval` that decide how a modality is sampled (digits_eval.Sampling)
+SAMPLING_OPTIONS = ('modality_steps', 'ode_method', 'time_shift', 'cfg_scale', 'guidance_interval', 'guidance_schedule')
+
+
+def given_options(args, keys: tuple[str, ...] = SAMPLING_OPTIONS) -> dict:
+    """The sampling options given on the command line, by their `sample` names."""
+    return {key: getattr(args, key) for key in keys if getattr(args, key) is not None}
+
+
+def interval(text: str) -> tuple[float, float]:
+    from .demos.digits_sweep import parse_interval
+    try:
+        return parse_interval(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected t_lo:t_hi (two numbers), got {text!r}') from None
+
+
+def add_sampling_options(parser, default_steps: str):
+    from .demos.digits_eval import Sampling
+    default = Sampling()
+    parser.add_argument('--modality-steps', type = positive_int, help = f'ODE steps per modality (default: {default_steps})')
+    parser.add_argument('--ode-method', help = f'the ODE solver (default {default.ode_method})')
+    parser.add_argument('--time-shift', type = float, help = f'time grid shift towards noise (default {default.time_shift:g})')
+    parser.add_argument('--cfg-scale', type = float, help = f'classifier-free guidance scale (default {default.cfg_scale:g}, image-text runs: '
+                                                            "the run's cfg_scale; 1 is off)")
+    parser.add_argument('--guidance-interval', type = interval, metavar = 'T_LO:T_HI',
+                        help = 'the times where guidance applies, t = 0 noise, t = 1 data (default {:g}:{:g})'.format(*default.guidance_interval))
+    parser.add_argument('--guidance-schedule', help = f'constant, or linear (from no guidance at t_lo to cfg_scale at t_hi; default {default.guidance_schedule})')
 
 
 # the parser
@@ -270,25 +353,30 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument('--num', type = positive_int, default = 8, help = 'how many samples (default 8)')
     sample.add_argument('--out', help = 'output file (default draw_<digit>.png, or samples.pt for other models)')
     sample.add_argument('--seed', type = int, default = 0, help = 'seed of the noise (default 0)')
-    sample.add_argument('--modality-steps', type = positive_int, help = "ODE steps per image (default: the run's modality_steps, else 16)")
     sample.add_argument('--max-length', type = positive_int, help = 'the max_length of model.sample (tokens to generate per sample), for models other than digits (default 256)')
     sample.add_argument('--no-ema', action = 'store_true', help = "use a run's online weights instead of its EMA weights")
-    sample.add_argument('--cfg-scale', type = float, default = 3., help = 'image-text runs: classifier-free guidance scale (default 3; 1 is off)')
+    add_sampling_options(sample, "the run's modality_steps, else 8")
     sample.add_argument('--vae', help = "image-text runs: the VAE folder, if it moved since prepare")
 
     evaluate = commands.add_parser('eval', help = 'evaluate a digits model: text-to-image and captioning accuracy, held-out losses',
-                                   description = 'Text-to-image accuracy (a classifier trained on real digits reads the drawings), '
-                                                 'captioning accuracy on held-out real digits and held-out losses; written to '
-                                                 '<run>/eval.json for a run folder.')
+                                   description = 'Text-to-image accuracy (a reader trained on real digits reads the drawings), '
+                                                 'Fréchet distance and diversity of the drawings against the held-out real digits '
+                                                 '(with the real-against-real floor), captioning accuracy on held-out real digits '
+                                                 'and held-out losses, and the sampling settings used; written to <run>/eval.json '
+                                                 'for a run folder. --sweep measures the drawings over a grid of sampling settings.')
     evaluate.add_argument('model', metavar = 'RUN_OR_MODEL', help = 'a run folder (runs/digits) or a save_pretrained folder')
-    evaluate.add_argument('--per-label', type = positive_int, default = 50, help = 'drawings per digit (default 50)')
+    evaluate.add_argument('--per-label', type = int_at_least(2), default = 50, help = 'drawings per digit, 2 to 139 (default 50)')
     evaluate.add_argument('--captions', type = positive_int, help = 'caption only the first N held-out digits (default: all 360)')
-    evaluate.add_argument('--seed', type = int, default = 0, help = 'seed of the noise (default 0)')
-    evaluate.add_argument('--modality-steps', type = positive_int, help = "ODE steps per image (default: the run's modality_steps, else 16)")
+    evaluate.add_argument('--seed', type = int, help = 'seed of the noise (default 0)')
     evaluate.add_argument('--out', help = 'where to write the figures as JSON (default <run>/eval.json)')
     evaluate.add_argument('--no-ema', action = 'store_true', help = "use a run's online weights instead of its EMA weights")
+    add_sampling_options(evaluate, "the run's modality_steps, else 8")
+    evaluate.add_argument('--sweep', nargs = '+', metavar = 'KEY=V1,V2',
+                          help = 'digits runs: evaluate the drawings at every combination of these sampling settings (keys: the '
+                                 'options above and seed, as cfg_scale=1,3 guidance_interval=0:1,0.6:1 seed=0,1,2); prints a table '
+                                 'and writes sweep.json and sweep.png (accuracy against Fréchet distance and diversity) to the '
+                                 'run folder, or to --out')
     evaluate.add_argument('--per-caption', type = positive_int, default = 4, help = 'image-text runs on the walk-through set: drawings per caption (default 4)')
-    evaluate.add_argument('--cfg-scale', type = float, default = 3., help = 'image-text runs: classifier-free guidance scale (default 3)')
     add_parsers(commands)
     return parser
 

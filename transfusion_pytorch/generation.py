@@ -69,9 +69,10 @@ def make_backend(model, prompts: list[Prompt | list], options: SampleOptions, us
 
     def one():
         return CachedBackend(model, len(prompts), capacity) if use_cache else ReferenceBackend(model, len(prompts))
-    if options.cfg_scale == 1.:
+    guidance = options.guidance(model)
+    if guidance.off:
         return one()
-    return GuidedBackend(one(), one(), options.cfg_scale, model.vocab)
+    return GuidedBackend(one(), one(), guidance, model.vocab)
 
 
 def sample(model, prompt = None, *, batch_size: int | None = None, **kwargs) -> list:
@@ -152,8 +153,8 @@ def generate_text_only(model, prompt: Tensor, seq_len: int, *, temperature: floa
 
 
 def generate_modality_only(model, *, batch_size: int = 1, modality_type: int = 0,
-                           fixed_modality_shape: tuple[int, ...] | None = None, modality_steps: int = 16,
-                           ode_method: str = 'euler', time_shift: float = 1., return_latents: bool = False,
+                           fixed_modality_shape: tuple[int, ...] | None = None, modality_steps: int = SampleOptions.modality_steps,
+                           ode_method: str = SampleOptions.ode_method, time_shift: float = 1., return_latents: bool = False,
                            generator = None, seed: int | None = None, use_cache: bool | None = None,
                            cache_kv: bool | None = None) -> Tensor:
     """A batch of modalities of one type and shape, each after SOS and its header alone:

@@ -50,6 +50,7 @@ from torch import Tensor
 from . import solvers
 from .backends import Latents, Request, sequence_length
 from .config import is_positive_int
+from .guidance import Guidance, default_cfg_scale
 from .inputs import Text, describe
 from .prompts import Prompt
 from .sampling import sample_token
@@ -65,14 +66,16 @@ class SampleOptions:
     text_top_k: int | None = None
     fixed_modality_shape: tuple[int, ...] | None = None     # the shape of every generated modality
     force_modality_at_start: int | tuple | None = None     # modality type, or (type, shape), started right after the prompt
-    modality_steps: int = 16                        # ODE steps per modality (fixed-grid methods)
-    ode_method: str = 'euler'                       # `solvers.FIXED_METHODS`, or an adaptive one of `solvers.ADAPTIVE_METHODS`
+    modality_steps: int = 8                         # ODE steps per modality (fixed-grid methods; midpoint: two model calls each)
+    ode_method: str = 'midpoint'                    # `solvers.FIXED_METHODS`, or an adaptive one of `solvers.ADAPTIVE_METHODS`
     ode_atol: float = 1e-5                          # tolerances of an adaptive method
     ode_rtol: float = 1e-5
     time_shift: float = 1.
     init_modality_noise: Tensor | None = None       # noise at t = 0 of every modality a row generates: (*shape, dim_latent),
                                                     # or (n, d) of which the first rows and columns are taken
-    cfg_scale: float = 1.                           # classifier-free guidance; 1 is off (and costs nothing)
+    cfg_scale: float | None = None                  # classifier-free guidance, 1 is off; None: `guidance.default_cfg_scale`
+    guidance_interval: tuple[float, float] = (0.6, 1.)  # guided only for t in [t_lo, t_hi] (`guidance.Guidance`)
+    guidance_schedule: str = 'constant'             # or 'linear': from no guidance at t_lo to cfg_scale at t_hi
 
     def __post_init__(self):
         if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 0:
@@ -92,6 +95,12 @@ class SampleOptions:
         if self.fixed_modality_shape is not None:
             check_shape(self.fixed_modality_shape, 'fixed_modality_shape')
         check_method(self.ode_method, self.modality_steps)
+        self.guidance(None)                         # checks the guidance options
+
+    def guidance(self, model) -> Guidance:
+        """The guidance weights of `model`'s samples; `cfg_scale = None` is `default_cfg_scale(model)`."""
+        scale = self.cfg_scale if self.cfg_scale is not None else (default_cfg_scale(model) if model is not None else 1.)
+        return Guidance(cfg_scale = scale, guidance_interval = self.guidance_interval, guidance_schedule = self.guidance_schedule)
 
     @property
     def adaptive(self) -> bool:

@@ -70,3 +70,46 @@ def save_loss_curve(metrics: list[dict], path: str | Path, keys: tuple[str, ...]
     figure.savefig(path, dpi = 80)
     plt.close(figure)
     return path
+
+
+def save_tradeoff_plot(curves: dict[str, list[tuple[str, dict]]], path: str | Path, floor: float, default: dict | None = None,
+                       title: str | None = None) -> Path:
+    """Two panels for a sweep of sampling settings: accuracy against the Fréchet distance (log
+    scale, with the real-against-real floor dashed) and against the diversity ratio (real digits
+    at 1). `curves` maps a curve's name to its (label, row) points; a row holds the measures
+    (and their `_std` over seeds). The `default` row is drawn as a star."""
+    plt = pyplot()
+    figure, axes = plt.subplots(1, 2, figsize = (11, 4.6), sharey = True)
+    panels = ((axes[0], 'frechet_distance', 'Fréchet distance to held-out real digits (lower is better)', floor, 'real against real'),
+              (axes[1], 'diversity', "diversity: drawings' spread over real digits' (1 = as varied)", 1., 'real digits'))
+    for axis, key, name, reference, reference_name in panels:
+        for curve, points in curves.items():
+            x = [row[key] for _, row in points]
+            y = [100 * row['text_to_image_accuracy'] for _, row in points]
+            axis.errorbar(x, y, xerr = [row.get(f'{key}_std', 0.) for _, row in points],
+                          yerr = [100 * row.get('text_to_image_accuracy_std', 0.) for _, row in points],
+                          marker = 'o', markersize = 4, linewidth = 1, capsize = 2, label = curve or None)
+            for (label, _), xi, yi in zip(points, x, y):
+                axis.annotate(label, (xi, yi), fontsize = 6, xytext = (4, -9), textcoords = 'offset points')
+        if default is not None:
+            axis.scatter([default[key]], [100 * default['text_to_image_accuracy']], s = 220, marker = '*', color = 'tab:red',
+                         zorder = 5, label = 'default')
+        axis.axvline(reference, color = 'gray', linestyle = '--', linewidth = 1, label = reference_name)
+        if key == 'frechet_distance':
+            from matplotlib.ticker import FormatStrFormatter
+            axis.set_xscale('log')
+            axis.xaxis.set_major_formatter(FormatStrFormatter('%g'))
+            axis.xaxis.set_minor_formatter(FormatStrFormatter('%g'))
+            axis.tick_params(axis = 'x', which = 'minor', labelsize = 6)
+        axis.set_xlabel(name, fontsize = 8)
+        axis.grid(alpha = 0.3, which = 'both')
+        axis.legend(fontsize = 7, loc = 'lower right' if key == 'frechet_distance' else 'lower left')
+    axes[0].set_ylabel('drawings read as the digit asked for (%)', fontsize = 8)
+    if title:
+        figure.suptitle(title, fontsize = 9)
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents = True, exist_ok = True)
+    figure.savefig(path, dpi = 100)
+    plt.close(figure)
+    return path

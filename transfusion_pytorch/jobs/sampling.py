@@ -36,10 +36,17 @@ class Assets:
                    tuple(record['shape']), record['image_size'], record['max_caption_tokens'])
 
 
+# how this job samples unless told otherwise: the settings its figures were measured with (Euler,
+# guidance at every step), not `sample`'s defaults, which were measured on the digits
+SAMPLING = dict(ode_method = 'euler', guidance_interval = (0., 1.))
+
+
 @torch.no_grad()
 def draw(model, assets: Assets, prompts: list[str], modality_steps: int = 24, cfg_scale: float = 3., seed: int = 0,
-         batch_size: int = 64) -> Tensor:
-    """(len(prompts), 3, h, w) pictures in [-1, 1] drawn for the prompts."""
+         batch_size: int = 64, **sampling) -> Tensor:
+    """(len(prompts), 3, h, w) pictures in [-1, 1] drawn for the prompts; `sampling`: other
+    options of `model.sample` (`ode_method`, `time_shift`, `guidance_interval`, ...)."""
+    sampling = {**SAMPLING, **sampling}
     pictures = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
@@ -47,7 +54,7 @@ def draw(model, assets: Assets, prompts: list[str], modality_steps: int = 24, cf
         samples = model.sample(
             [[i.to(model.device)] for i in ids], force_modality_at_start = (0, assets.shape),
             max_length = 0,                     # the forced picture is generated in full, and nothing after it
-            modality_steps = modality_steps, cfg_scale = cfg_scale, seed = seed + start, return_latents = True,
+            modality_steps = modality_steps, cfg_scale = cfg_scale, seed = seed + start, return_latents = True, **sampling,
         )
         pictures.append(assets.codec.decode(torch.stack([first_modality(s) for s in samples])))
     return torch.cat(pictures)
@@ -104,6 +111,12 @@ def load_run(run: str | Path, ema: bool = True, vae: str | None = None, tokenize
 
 # the commands
 
+def given_sampling(args) -> dict:
+    """The sampling options given on the command line besides the steps and the scale (the run's own when not given)."""
+    from ..cli import given_options
+    return given_options(args, ('ode_method', 'time_shift', 'guidance_interval', 'guidance_schedule'))
+
+
 def run_setting(run: str | Path, key: str, given):
     """`given` when not None, else the run's own setting in its config.toml."""
     if given is not None:
@@ -123,7 +136,8 @@ def command_sample(args):
     model, assets, _ = load_run(args.model, ema = not args.no_ema, vae = args.vae)
     rows = [p.strip() for p in args.prompt.split('|') if p.strip()]          # "a|b": one row per prompt
     prompts = [p for p in rows for _ in range(args.num)]
-    pixels = draw(model, assets, prompts, run_setting(args.model, 'modality_steps', args.modality_steps), args.cfg_scale, seed = args.seed)
+    pixels = draw(model, assets, prompts, run_setting(args.model, 'modality_steps', args.modality_steps),
+                  run_setting(args.model, 'cfg_scale', args.cfg_scale), seed = args.seed, **given_sampling(args))
     save_image_grid(pixels.reshape(len(rows), args.num, *pixels.shape[1:]), out, rows)
     rate = shapes_match_rate(pixels, prompts)
     read = f'; the checker reads {rate:.0%} of them as their prompt' if rate is not None else ''
@@ -145,13 +159,13 @@ def command_caption(args):
 
 
 def evaluate_shapes(model, assets: Assets, per_caption: int = 4, num_captions: int = 192, modality_steps: int = 24,
-                    cfg_scale: float = 3., seed: int = 0) -> dict:
+                    cfg_scale: float = 3., seed: int = 0, **sampling) -> dict:
     """On the walk-through set: (text to image) every caption drawn `per_caption` times and read by
     the checker; (captioning) fresh drawings, never seen in training (another seed), captioned
     greedily and compared word for word."""
     kinds = shapes.all_drawings()
     prompts = [k.caption for k in kinds for _ in range(per_caption)]
-    pixels = draw(model, assets, prompts, modality_steps, cfg_scale, seed = seed)
+    pixels = draw(model, assets, prompts, modality_steps, cfg_scale, seed = seed, **sampling)
     readings = [shapes.read_drawing(p) for p in images.to_uint8(pixels)]
     parts = {name: sum(getattr(r, name) == getattr(shapes.parse_caption(c), name) for r, c in zip(readings, prompts)) / len(prompts)
              for name in ('shape', 'colour', 'position')}
@@ -165,9 +179,13 @@ def evaluate_shapes(model, assets: Assets, per_caption: int = 4, num_captions: i
 
 
 def command_eval(args):
+    from ..cli import UsageError
+    if args.sweep is not None:
+        raise UsageError('--sweep measures digits runs (their reader and feature space); not an image-text run')
     model, assets, _ = load_run(args.model, ema = not args.no_ema)
-    results = evaluate_shapes(model, assets, per_caption = args.per_caption, cfg_scale = args.cfg_scale, seed = args.seed,
-                              modality_steps = run_setting(args.model, 'modality_steps', args.modality_steps))
+    results = evaluate_shapes(model, assets, per_caption = args.per_caption, cfg_scale = run_setting(args.model, 'cfg_scale', args.cfg_scale),
+                              seed = args.seed or 0, modality_steps = run_setting(args.model, 'modality_steps', args.modality_steps),
+                              **given_sampling(args))
     print(f"text to image: {results['text_to_image']:.1%} of {results['num_drawings']} drawings read by the checker as their caption "
           f"(shape {results['text_to_image_shape']:.0%}, colour {results['text_to_image_colour']:.0%}, "
           f"position {results['text_to_image_position']:.0%})")
