@@ -309,7 +309,8 @@ def test_guided_velocity_inside_the_interval_conditional_alone_outside(model, sc
     cond, uncond = Recorder(CachedBackend(model, 2, 64)), Recorder(CachedBackend(model, 2, 64))
     guidance = Guidance(cfg_scale = scale, guidance_interval = (low, high), guidance_schedule = schedule)
     guided = Recorder(GuidedBackend(cond, uncond, guidance, vocab))
-    options = SampleOptions(max_length = 40, modality_steps = steps, ode_method = method, force_modality_at_start = (1, (2, 2)),
+    # max_length = 0: each row denoises the forced modality and stops, whatever the weights would write next
+    options = SampleOptions(max_length = 0, modality_steps = steps, ode_method = method, force_modality_at_start = (1, (2, 2)),
                             cfg_scale = scale, guidance_interval = (low, high), guidance_schedule = schedule)
     prompts = model.to_samples([PROMPTS['mixed'], PROMPTS['text']])[0]
     with torch.no_grad():
@@ -341,8 +342,8 @@ def count_model_calls(model, **options) -> int:
     calls = []
     handle = model.transformer.register_forward_hook(lambda *_: calls.append(1))
     try:
-        # the prompt, then a forced 2 x 2 modality; max_length ends the sample right after it
-        model.sample(PROMPTS['text'], max_length = 16, force_modality_at_start = (1, (2, 2)), modality_steps = 4, ode_method = 'euler',
+        # the prompt, then a forced 2 x 2 modality; max_length = 0 ends the sample right after it
+        model.sample(PROMPTS['text'], max_length = 0, force_modality_at_start = (1, (2, 2)), modality_steps = 4, ode_method = 'euler',
                      seed = 0, **options)
     finally:
         handle.remove()
