@@ -126,7 +126,7 @@ def test_bad_sampling_options():
     cases = [
         (dict(max_length = -1), r'max_length must be an int >= 0 \(the tokens to generate after the prompt\), got -1'),
         (dict(max_total_length = 2.5), r'max_total_length must be None or a positive int \(the tokens of a row, prompt included\), got 2.5'),
-        (dict(text_temperature = -1.), 'text_temperature must be >= 0, got -1.0'),
+        (dict(text_temperature = -1.), r'text_temperature must be a finite number >= 0 \(0 is greedy\), got -1.0'),
         (dict(ode_method = 'rk99'), "ode_method must be one of .* got 'rk99'"),
         (dict(batch_size = 2, generator = [torch.Generator()]), r'expected one generator per prompt \(2\), got 1'),
         (dict(force_modality_at_start = (0, (3,)), init_modality_noise = torch.randn(2, 6)), r'init_modality_noise must hold 3 rows of 6 values'),

@@ -10,22 +10,32 @@ a type of any number of axes (0 to 2, no `modality_num_dim`). For each case:
   batch, at any position;
 - a sample's loss does not change when another sample of the batch changes.
 
+Sampling (at the end): a batch of rows, each made to write random text and modality headers
+(random shapes: valid, of the wrong number of axes, that the learned down / up blocks cannot
+take there and back, too long, or no shape at all), with and without learned blocks, never
+crashes; a usable written shape is kept or stands aside for the default, an unusable one gives
+the default or (no usable default) ends the row; every returned modality round-trips through
+its type's blocks for real; no row generates more than `max_length` tokens.
+
 The structure of a case (lengths, types, shapes, order) is drawn by hypothesis; the values of
 its tensors come from a seed it draws, so shrinking works on the structure. Settings are
 derandomized (no example database), so CI runs the same cases every time.
 """
 
 import math
+import warnings
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, event, given, settings, strategies as st
+from torch import nn
 
 from transfusion_pytorch import Transfusion
 from transfusion_pytorch.masks import dense_mask, padded_layout
 from transfusion_pytorch.packing import unpack
 
 from reference import reference_mask
+from test_generation import generated_tokens, run
 
 NUM_TEXT = 16
 DIM_LATENTS = (3, 4, 5, 2)
@@ -193,3 +203,108 @@ def test_a_sample_loss_does_not_change_when_another_changes(specs, replacement, 
     for index in range(len(batch)):
         if index != changed:
             assert_same_loss(before, after, index, index)
+
+
+# sampling: random shapes written by the model
+
+def image_and_sequence_model() -> Transfusion:
+    """Learned down / up blocks for both types: type 0, 2 axes channel first with a default
+    shape, halved per axis; type 1, any number of axes (only one works) and no default shape."""
+    torch.manual_seed(0)
+    dim = 16
+    return Transfusion(
+        num_text_tokens = NUM_TEXT, dim_latent = (4, 3), channel_first_latent = True,
+        modality_default_shape = ((2, 2), None), modality_num_dim = (2, None),
+        transformer = dict(dim = dim, depth = 1, dim_head = 8, heads = 2, dim_time = 16),
+        pre_post_transformer_enc_dec = ((nn.Conv2d(4, dim, 2, stride = 2), nn.ConvTranspose2d(dim, 4, 2, stride = 2)),
+                                        (nn.Conv1d(3, dim, 2, stride = 2), nn.ConvTranspose1d(dim, 3, 2, stride = 2))),
+    ).eval()
+
+
+SAMPLING_MODELS = dict(plain = MODEL, pre_post = image_and_sequence_model())
+
+SAMPLING_SETTINGS = settings(SETTINGS, max_examples = 300)
+
+digits_or_sep = st.integers(0, 10)      # a digit, or 10 for ','
+
+
+@st.composite
+def written_modality(draw, num_types: int):
+    """(type, shape tokens as digit indices): mostly a small shape, else a few random tokens."""
+    m = draw(st.integers(0, num_types - 1))
+    if draw(st.booleans()):
+        shape = draw(st.lists(st.integers(1, 6), min_size = 0, max_size = 3))
+        text = ','.join(map(str, shape))
+        return m, [10 if c == ',' else int(c) for c in text]
+    return m, draw(st.lists(digits_or_sep, max_size = 6))
+
+
+def sampling_script(vocab, steps: list) -> tuple[list, list]:
+    """A row's script (the tokens pushed at each of its steps) and its modalities' (type, tokens)."""
+    script, written = [], []
+    for kind, what in steps:
+        if kind == 'text':
+            script.extend(what)
+            continue
+        m, digits = what
+        tokens = [vocab.sep if d == 10 else vocab.digit0 + d for d in digits]
+        script.extend([vocab.meta, *tokens, vocab.bom(m), None])    # None: the logits after BOM are not sampled
+        written.append((m, tokens))
+    return [*script, vocab.eos], written
+
+
+def modality_shape(model, m: int, x: torch.Tensor) -> tuple[int, ...]:
+    return tuple(x.shape[1:] if model.config.channel_first_latent[m] else x.shape[:-1])
+
+
+def round_trips_for_real(model, m: int, shape) -> bool | None:
+    """Whether the type's blocks take zeros of `shape` there and back, run for real (None: too large to try)."""
+    if shape is None or model.config.modality_num_dim[m] not in (None, len(shape)):
+        return False
+    if not model.uses_pre_post(m):
+        return True
+    if math.prod(shape) > 4096:
+        return None
+    blocks, dim = model.pre_post[m], model.config.dim_latent[m]
+    try:
+        with torch.no_grad():
+            out = blocks.decoder(blocks.encoder(blocks.to_user_layout(torch.zeros(*shape, dim))))
+    except Exception:
+        return False
+    return tuple(blocks.from_user_layout(out).shape) == (*shape, dim)
+
+
+@pytest.mark.parametrize('which', list(SAMPLING_MODELS))
+@SAMPLING_SETTINGS
+@given(data = st.data(), max_length = st.integers(0, 40))
+def test_sampling_random_written_shapes_never_crashes_a_batch(which, data, max_length):
+    model = SAMPLING_MODELS[which]
+    vocab, num_types = model.vocab, model.vocab.num_modality_types
+    step = st.one_of(st.lists(st.integers(0, NUM_TEXT - 1), min_size = 1, max_size = 3).map(lambda t: ('text', t)),
+                      written_modality(num_types).map(lambda w: ('modality', w)))
+    rows = data.draw(st.lists(st.lists(step, max_size = 4), min_size = 1, max_size = 3), label = 'rows')
+    scripts, written = zip(*[sampling_script(vocab, steps) for steps in rows])
+
+    with warnings.catch_warnings(record = True) as caught:
+        warnings.simplefilter('always')
+        samples = run(model, [None] * len(rows), list(scripts), max_length = max_length, modality_steps = 1)
+    assert all(str(w.message).startswith('the model wrote') for w in caught), [str(w.message) for w in caught]
+    for w in caught:        # how shapes were handled (pytest --hypothesis-show-statistics)
+        event('written shape replaced by the default' if 'using modality_default_shape' in str(w.message) else 'row ended by a shape')
+
+    for sample, asked in zip(samples, written):
+        assert generated_tokens(model, None, sample) <= max_length
+        returned = [(x[0], modality_shape(model, x[0], x[1])) for x in sample if isinstance(x, tuple)]
+        assert len(returned) <= len(asked)
+        for index, (m, shape) in enumerate(returned):
+            assert round_trips_for_real(model, m, shape) is True
+            asked_m, tokens = asked[index]
+            wrote = vocab.decode_shape(tokens)
+            usable = round_trips_for_real(model, asked_m, wrote)
+            assert m == asked_m
+            event('a modality of the written shape' if shape == wrote else 'a modality of the default shape')
+            assert shape in ((wrote, model.config.modality_default_shape[m]) if usable is not False else (model.config.modality_default_shape[m],))
+        for index, (m, tokens) in enumerate(asked):
+            if model.config.modality_default_shape[m] is None and round_trips_for_real(model, m, vocab.decode_shape(tokens)) is False:
+                assert len(returned) <= index       # no default to stand in: the row ended there
+                break

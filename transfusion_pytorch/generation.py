@@ -20,7 +20,9 @@ from .config import closest_key_error, is_positive_int
 from .guidance import GuidedBackend
 from .inputs import describe, is_text_dtype
 from .prompts import Prompt, decoded, is_batch, normalize, to_output
-from .sampler import SampleOptions, Sampler, check_method, check_modality, latents_item, requested_length, row_limit, start_items
+from .sampler import (SampleOptions, Sampler, check_method, check_modality, check_solver_numbers, check_text_sampling, latents_item,
+                      requested_length, row_limit, start_items)
+from .shapes import shape_problem
 from .sampling import sample_token
 
 
@@ -40,19 +42,37 @@ def check_options(name: str, given: dict, *accepting):
             raise closest_key_error(name, key, sorted(valid))
 
 
+def check_switch(name: str, value, none_too: bool = False):
+    """A switch is True or False (or None where that means the default): 'no' is not False."""
+    if not isinstance(value, bool) and not (none_too and value is None):
+        raise ValueError(f'{name} must be True{", False or None" if none_too else " or False"}, got {value!r}')
+
+
 def use_kv_cache(use_cache: bool | None, cache_kv: bool | None) -> bool:
     """The KV-cache switch, by either of its names (`cache_kv` is the public package's); on by default."""
-    if use_cache is not None and cache_kv is not None and bool(use_cache) != bool(cache_kv):
+    check_switch('use_cache', use_cache, none_too = True)
+    check_switch('cache_kv', cache_kv, none_too = True)
+    if use_cache is not None and cache_kv is not None and use_cache != cache_kv:
         raise ValueError(f'use_cache and cache_kv are two names of one switch, got use_cache = {use_cache} and cache_kv = {cache_kv}')
-    return bool(next((value for value in (use_cache, cache_kv) if value is not None), True))
+    return next((value for value in (use_cache, cache_kv) if value is not None), True)
 
 
 def row_generators(batch_size: int, generator, seed: int | None) -> list[torch.Generator | None]:
-    """One generator per row, so that a row samples the same alone or in a batch."""
+    """One generator per row, so that a row samples the same alone or in a batch: the one given
+    for all rows, one given per row, or row i seeded with `seed + i`."""
+    if generator is not None and seed is not None:
+        raise ValueError(f'pass generator or seed, not both: got generator = {describe(generator)} and seed = {seed!r}')
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f'seed must be None or an int, got {describe(seed)}')
+    is_generator = lambda g: isinstance(g, torch.Generator)
     if isinstance(generator, (list, tuple)):
         if len(generator) != batch_size:
             raise ValueError(f'expected one generator per prompt ({batch_size}), got {len(generator)}')
+        if not all(g is None or is_generator(g) for g in generator):
+            raise ValueError(f'generator: each must be a torch.Generator or None, got {[type(g).__name__ for g in generator]}')
         return list(generator)
+    if generator is not None and not is_generator(generator):
+        raise ValueError(f'generator must be None, a torch.Generator or a list of them (one per prompt), got {describe(generator)}')
     if generator is not None:
         return [generator] * batch_size
     if seed is not None:
@@ -97,6 +117,7 @@ def sample_prompts(model, prompts: list, names: list[str], *, return_latents: bo
                    seed: int | None = None, use_cache: bool | None = None, cache_kv: bool | None = None, **options) -> list:
     """Samples one row per prompt; `names` are how errors call the prompts."""
     options = SampleOptions(**options)
+    check_switch('return_latents', return_latents)
     forced = options.force_modality_at_start
     if forced is not None:
         m, shape = forced if isinstance(forced, tuple) and len(forced) == 2 else (forced, None)
@@ -132,6 +153,9 @@ def generate_text_only(model, prompt: Tensor, seq_len: int, *, temperature: floa
     prompt = prompt.long()
     if isinstance(seq_len, bool) or not isinstance(seq_len, int):
         raise TypeError(f'`seq_len` must be an int, got {describe(seq_len)}')
+    if seq_len < 0:
+        raise ValueError(f'`seq_len` must be >= 0 (the length of the rows, prompt included), got {seq_len}')
+    check_text_sampling(temperature, top_k, min_p)
     batch, prompt_len = prompt.shape
     steps = max(0, seq_len - prompt_len)
     generators = row_generators(batch, generator, seed)
@@ -154,19 +178,28 @@ def generate_text_only(model, prompt: Tensor, seq_len: int, *, temperature: floa
 
 def generate_modality_only(model, *, batch_size: int = 1, modality_type: int = 0,
                            fixed_modality_shape: tuple[int, ...] | None = None, modality_steps: int = SampleOptions.modality_steps,
-                           ode_method: str = SampleOptions.ode_method, time_shift: float = 1., return_latents: bool = False,
-                           generator = None, seed: int | None = None, use_cache: bool | None = None,
-                           cache_kv: bool | None = None) -> Tensor:
+                           ode_method: str = SampleOptions.ode_method, ode_atol: float = 1e-5, ode_rtol: float = 1e-5,
+                           time_shift: float = 1., return_latents: bool = False, generator = None, seed: int | None = None,
+                           use_cache: bool | None = None, cache_kv: bool | None = None) -> Tensor:
     """A batch of modalities of one type and shape, each after SOS and its header alone:
-    (batch, *shape, dim_latent), or channel first, decoded unless `return_latents`."""
+    (batch, *shape, dim_latent), or channel first, decoded unless `return_latents`. Each row is
+    what `sample(force_modality_at_start = (modality_type, shape), max_length = 0)` draws with
+    its generator: fixed-grid methods step all rows together, an adaptive one (which picks its
+    own times from the error of what it integrates) integrates each row alone."""
     if not is_positive_int(batch_size):
         raise ValueError(f'batch_size must be a positive int, got {batch_size!r}')
     check_modality(model, modality_type, fixed_modality_shape, 'modality_type', 'fixed_modality_shape')
     check_method(ode_method, modality_steps)
+    check_solver_numbers(time_shift, ode_atol, ode_rtol)
+    check_switch('return_latents', return_latents)
     m, vocab = modality_type, model.vocab
     shape = tuple(fixed_modality_shape) if fixed_modality_shape is not None else model.config.modality_default_shape[m]
     if shape is None:
         raise ValueError(f'modality type {m} has no modality_default_shape: pass fixed_modality_shape')
+    problem = shape_problem(model, m, shape)
+    if problem is not None:
+        name = 'fixed_modality_shape' if fixed_modality_shape is not None else 'modality_default_shape'
+        raise ValueError(f'{name}: a modality of type {m} cannot be generated with the shape {shape}: {problem}')
 
     header = [vocab.sos, vocab.meta, *vocab.encode_shape(shape), vocab.bom(m)]
     length = len(header) + model.num_modality_tokens(m, shape)
@@ -175,14 +208,21 @@ def generate_modality_only(model, *, batch_size: int = 1, modality_type: int = 0
     generators = row_generators(batch_size, generator, seed)
     noise = torch.stack([torch.randn(math.prod(shape), model.config.dim_latent[m], generator = g) for g in generators]).to(model.device)
 
-    def velocity_fn(x: Tensor, t: Tensor) -> Tensor:
-        requests = [Request([latents_item(model, m, row, shape)], time = float(t), keep = False) for row in x]
-        return torch.stack(backend.step(requests))
+    def velocity_of(rows: list[int]):
+        def velocity_fn(x: Tensor, t: Tensor) -> Tensor:      # x: (len(rows), n, dim_latent)
+            requests: list[Request | None] = [None] * batch_size
+            for row, values in zip(rows, x):
+                requests[row] = Request([latents_item(model, m, values, shape)], time = float(t), keep = False)
+            outputs = backend.step(requests)
+            return torch.stack([outputs[row] for row in rows])
+        return velocity_fn
 
     with torch.no_grad(), eval_mode(model):
         backend.step([Request(list(header)) for _ in range(batch_size)])
         grid = solvers.time_grid(modality_steps, time_shift, device = model.device)
-        latents = solvers.integrate(velocity_fn, noise, grid, method = ode_method)
+        groups = [[row] for row in range(batch_size)] if ode_method in solvers.ADAPTIVE_METHODS else [list(range(batch_size))]
+        latents = torch.cat([solvers.integrate(velocity_of(rows), noise[rows], grid, method = ode_method, atol = ode_atol, rtol = ode_rtol)
+                             for rows in groups])
 
         return torch.stack([decoded(model, m, latent.reshape(*shape, -1), return_latents) for latent in latents])
 

@@ -6,12 +6,14 @@
     text  --EOS or the row's budget-->  done
 
 - text: the next token is sampled among text, META and EOS;
-- shape: among the shape digits, ',' and the BOM tokens (only BOM with a fixed shape, whose
-  tokens are then written for the model). At BOM the written shape is read; an invalid one
-  (unreadable, wrong number of axes, or too long to fit) is replaced by the default shape,
-  with a warning (an error with `fallback_to_default_shape_if_invalid` off), and the shape
-  tokens are rewritten so the sequence stays the one that `pack` would lay out for the
-  returned sample;
+- shape: among the shape digits, ',' and the BOM tokens (only the BOM of the types that a
+  fixed shape suits and that fit, whose tokens are then written for the model). At BOM the
+  written shape is read; one that cannot be used (unreadable, wrong number of axes, not taken
+  there and back by the type's down / up blocks, too long to fit: `shapes.py`, lengths by
+  arithmetic first) is replaced by the default shape with a warning (an error with
+  `fallback_to_default_shape_if_invalid` off), or ends the row with a warning when the type
+  has no usable default; rewritten, the shape tokens keep the sequence the one that `pack`
+  would lay out for the returned sample;
 - modality: noise at t = 0 is integrated to t = 1 by a fixed-grid solver, each stage one
   model call on the modality's tokens alone; then the clean latents (at t = 1, as training
   sees a finished sequence) and the EOM token are committed in one step. An adaptive solver
@@ -49,11 +51,12 @@ from torch import Tensor
 
 from . import solvers
 from .backends import Latents, Request, sequence_length
-from .config import is_positive_int
+from .config import is_number, is_positive_int
 from .guidance import Guidance, default_cfg_scale
 from .inputs import Text, describe
 from .prompts import Prompt
 from .sampling import sample_token
+from .shapes import axes_problem, round_trip_problem, shape_problem, types_for_fixed_shape
 from .vocab import Vocab
 
 
@@ -86,15 +89,13 @@ class SampleOptions:
         noise = self.init_modality_noise
         if noise is not None and not (torch.is_tensor(noise) and noise.is_floating_point() and noise.ndim >= 2):
             raise ValueError(f'init_modality_noise must be a float tensor of shape (*shape, dim_latent) or (n, d), got {describe(noise)}')
-        if self.text_temperature < 0:
-            raise ValueError(f'text_temperature must be >= 0, got {self.text_temperature}')
-        if self.text_top_k is not None and not is_positive_int(self.text_top_k):
-            raise ValueError(f'text_top_k must be None or a positive int, got {self.text_top_k!r}')
-        if self.text_min_p is not None and not 0. <= self.text_min_p <= 1.:
-            raise ValueError(f'text_min_p must be None or lie in [0, 1], got {self.text_min_p!r}')
+        if noise is not None and not bool(noise.isfinite().all()):
+            raise ValueError(f'init_modality_noise must be finite, got NaN or inf in {describe(noise)}')
+        check_text_sampling(self.text_temperature, self.text_top_k, self.text_min_p, prefix = 'text_')
         if self.fixed_modality_shape is not None:
             check_shape(self.fixed_modality_shape, 'fixed_modality_shape')
         check_method(self.ode_method, self.modality_steps)
+        check_solver_numbers(self.time_shift, self.ode_atol, self.ode_rtol)
         self.guidance(None)                         # checks the guidance options
 
     def guidance(self, model) -> Guidance:
@@ -120,6 +121,27 @@ def check_method(method: str, steps: int):
         raise ValueError(f'modality_steps must be a positive int, got {steps!r}')
 
 
+def check_solver_numbers(time_shift, atol, rtol):
+    """Checked at the call, not when a modality starts (after the prompt and some text)."""
+    if not is_number(time_shift) or time_shift <= 0:
+        raise ValueError(f'time_shift must be a finite number > 0 (1 is no shift), got {time_shift!r}')
+    for name, value in (('ode_atol', atol), ('ode_rtol', rtol)):
+        if not is_number(value) or value < 0:
+            raise ValueError(f'{name} must be a finite number >= 0 (a tolerance of the adaptive ODE methods), got {value!r}')
+    if atol == 0 and rtol == 0:
+        raise ValueError('ode_atol and ode_rtol cannot both be 0: an adaptive ODE method would never accept a step')
+
+
+def check_text_sampling(temperature, top_k, min_p, prefix: str = ''):
+    """The next-token options of `sample` (named `text_...`) and of `generate_text_only`."""
+    if not is_number(temperature) or temperature < 0:
+        raise ValueError(f'{prefix}temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}')
+    if top_k is not None and not is_positive_int(top_k):
+        raise ValueError(f'{prefix}top_k must be None or a positive int, got {top_k!r}')
+    if min_p is not None and not (is_number(min_p) and 0. <= min_p <= 1.):
+        raise ValueError(f'{prefix}min_p must be None or lie in [0, 1], got {min_p!r}')
+
+
 def check_modality(model, modality_type, shape, type_name: str, shape_name: str):
     """A modality type to generate, and its shape when one is given (None: the default)."""
     num_types = model.vocab.num_modality_types
@@ -133,12 +155,16 @@ def check_modality(model, modality_type, shape, type_name: str, shape_name: str)
         raise ValueError(f'{shape_name}: modality type {modality_type} expects {num_dim} axes (modality_num_dim), got the shape {shape}')
 
 
+TOO_LONG = "it does not fit in what is left of the row's max_length / max_total_length"
+
+
 @dataclass
 class Row:
     generator: torch.Generator | None
     items: list = field(default_factory = list)     # the sequence so far
     phase: str = 'text'                             # text, shape, modality, done
     shape_tokens: list[int] = field(default_factory = list)
+    boms: Tensor | None = None                      # with fixed_modality_shape: the BOM tokens of the types it fits
     opening: tuple[int, tuple[int, ...]] | None = None      # (type, shape) of a modality whose BOM is being fed
     modality: tuple | None = None                   # (type, shape, grid, step index, stages) while denoising
     limit: int = 0                                  # the most tokens the row may hold (prompt and budget)
@@ -159,6 +185,7 @@ class Sampler:
         self.model, self.options, self.backend = model, options, backend
         self.vocab: Vocab = model.vocab
         self.masks = self.allowed_masks()
+        self.fixed_types = types_for_fixed_shape(model, options.fixed_modality_shape)
 
     def allowed_masks(self) -> dict[str, Tensor]:
         vocab, device = self.vocab, self.model.device
@@ -172,7 +199,6 @@ class Sampler:
         return dict(
             text = mask_of([*text, vocab.eos, *([vocab.meta] if vocab.num_modality_types > 0 else [])]),
             shape = mask_of([*digits, *boms]),
-            fixed_shape = mask_of(boms),
         )
 
     # the loop
@@ -227,8 +253,7 @@ class Sampler:
 
     def sample_tokens(self, rows: list[Row], logits: Tensor) -> list[int]:
         options = self.options
-        kinds = ['fixed_shape' if row.phase == 'shape' and options.fixed_modality_shape is not None else row.phase for row in rows]
-        allowed = torch.stack([self.masks[kind] for kind in kinds])
+        allowed = torch.stack([row.boms if row.phase == 'shape' and row.boms is not None else self.masks[row.phase] for row in rows])
         tokens = sample_token(logits, allowed, options.text_temperature, options.text_top_k, options.text_min_p,
                               [row.generator for row in rows])
         return tokens.tolist()
@@ -244,13 +269,17 @@ class Sampler:
                 row.phase = 'done'
                 return None
             if token == vocab.meta:
-                row.phase, row.shape_tokens = 'shape', []
+                row.phase, row.shape_tokens, row.boms = 'shape', [], None
                 fixed = self.options.fixed_modality_shape
                 if fixed is not None:
-                    row.shape_tokens = vocab.encode_shape(fixed)
-                    if row.length + 1 + len(row.shape_tokens) + 1 + math.prod(fixed) + 1 > row.limit:
-                        row.phase = 'done'      # the fixed modality would not fit: stop before its header
+                    # the model picks among the types that the fixed shape suits and that still fit
+                    types = [m for m in self.fixed_types if self.misfit(row, row.length, m, fixed) is None]
+                    if len(types) == 0:
+                        row.phase = 'done'      # no fixed modality would fit: stop before its header
                         return None
+                    row.shape_tokens = vocab.encode_shape(fixed)
+                    row.boms = torch.zeros_like(self.masks['shape'])
+                    row.boms[[vocab.bom(m) for m in types]] = True
                 return Request([token, *row.shape_tokens])
             return Request([token])
 
@@ -277,36 +306,61 @@ class Sampler:
         return Request(tokens)
 
     def read_shape(self, row: Row, m: int) -> tuple[int, ...] | None:
-        """The shape the model wrote, or the default with a warning when it is invalid; None
-        when not even the default fits in what is left of the row's budget. With
-        `fallback_to_default_shape_if_invalid` off, an invalid shape is an error."""
+        """The shape the model wrote when it can be used; else the default with a warning, or
+        None: the row ends there (when not even the default fits in what is left of the row,
+        or with a warning when the type has no usable default). Unusable is a shape that does
+        not parse, has the wrong number of axes, that the type's down / up blocks cannot take
+        there and back, or that does not fit. With `fallback_to_default_shape_if_invalid` off,
+        a shape that is invalid (not only too long) is an error."""
         model, vocab = self.model, self.vocab
-        room = row.limit - (row.length - len(row.shape_tokens)) - 2     # less BOM and EOM
+        start = row.length - len(row.shape_tokens) - 1          # where its META is
+        fallback = model.config.fallback_to_default_shape_if_invalid
+        written = vocab.decode_shape(row.shape_tokens)
+        shown = written if written is not None else [vocab.name(t) for t in row.shape_tokens]
 
-        def fits(shape):
-            return len(vocab.encode_shape(shape)) + model.num_modality_tokens(m, shape) <= room
-
-        shape = vocab.decode_shape(row.shape_tokens)
-        num_dim = model.config.modality_num_dim[m]
-        valid = shape is not None and (num_dim is None or len(shape) == num_dim)
-        if valid and fits(shape):
-            return shape
-        if not valid and not model.config.fallback_to_default_shape_if_invalid:
-            raise ValueError(f'the model wrote an invalid shape {[vocab.name(t) for t in row.shape_tokens]} for modality type {m}, '
+        invalid = 'it spells no shape' if written is None else axes_problem(model, m, written)
+        misfit = None if invalid else self.misfit(row, start, m, written, cheap = True)     # arithmetic, before any module runs
+        if invalid is None and misfit is None:
+            invalid = round_trip_problem(model, m, written)
+        if invalid is None and misfit is None:
+            misfit = self.misfit(row, start, m, written)
+        if invalid is None and misfit is None:
+            return written
+        if invalid is not None and not fallback:
+            raise ValueError(f'the model wrote an invalid shape {shown} for modality type {m} ({invalid}), '
                              f'and fallback_to_default_shape_if_invalid is off')
+        if not fallback:
+            return None                 # a valid shape that does not fit ends the row, as the budget does
 
-        default = self.default_shape(m)
-        if not fits(default) or not model.config.fallback_to_default_shape_if_invalid:
+        why = f'the model wrote {"an invalid shape" if invalid else "a shape that does not fit"} {shown} for modality type {m} ({invalid or misfit})'
+        default = model.config.modality_default_shape[m]
+        problem = 'it has none' if default is None else shape_problem(model, m, default)
+        if problem is not None:
+            warnings.warn(f'{why}; the row ends there, as modality_default_shape cannot stand in ({problem})')
             return None
-        warnings.warn(f'the model wrote an invalid shape {row.shape_tokens} for modality type {m} '
-                      f'(or one that does not fit in max_length); using modality_default_shape {default}')
+        misfit = self.misfit(row, start, m, default)
+        if misfit == TOO_LONG:
+            return None                 # not even the default fits: the row ends at its budget
+        if misfit is not None:
+            warnings.warn(f'{why}; the row ends there, as modality_default_shape {default} cannot stand in ({misfit})')
+            return None
+        warnings.warn(f'{why}; using modality_default_shape {default}')
         return default
 
-    def default_shape(self, m: int) -> tuple[int, ...]:
-        shape = self.model.config.modality_default_shape[m]
-        if shape is None:
-            raise ValueError(f'modality type {m} has no modality_default_shape to fall back to')
-        return shape
+    def misfit(self, row: Row, start: int, m: int, shape: tuple[int, ...], cheap: bool = False) -> str | None:
+        """Why a modality of type m and `shape` whose META would be at `start` does not fit in
+        the row (its tokens up to EOM past the row's limit, or more noise than
+        `init_modality_noise` holds); None when it fits. `cheap`: only what arithmetic on the
+        shape tells, before the type's down block is asked for its number of tokens."""
+        header = start + 1 + len(self.vocab.encode_shape(shape)) + 1       # META, shape tokens, BOM
+        noise, dim = self.options.init_modality_noise, self.model.config.dim_latent[m]
+        if header + 2 > row.limit:                                          # at least one token and EOM
+            return TOO_LONG
+        if not (cheap and self.model.uses_pre_post(m)) and header + self.model.num_modality_tokens(m, shape) + 1 > row.limit:
+            return TOO_LONG
+        if noise is not None and not noise_holds(noise, math.prod(shape), dim):
+            return f'init_modality_noise of shape {tuple(noise.shape)} holds too little noise for it'
+        return None
 
     def finish(self, row: Row):
         """Stops a row at its budget, dropping an unfinished modality header (META and shape)."""
@@ -394,15 +448,23 @@ def start_items(model, prompt: Prompt, options: SampleOptions) -> tuple[list, tu
     if forced is None and prompt.opening is None:
         return items, None
     m, shape = (forced if isinstance(forced, tuple) else (forced, None)) if forced is not None else prompt.opening
+    source = 'force_modality_at_start' if forced is not None else 'the prompt'
     if shape is None:
+        source = 'fixed_modality_shape' if options.fixed_modality_shape is not None else 'modality_default_shape'
         shape = options.fixed_modality_shape or model.config.modality_default_shape[m]
     if shape is None and forced is not None:
         raise ValueError(f'modality type {m} has no modality_default_shape to fall back to')
     if shape is None:
         raise ValueError(f'the prompt opens modality type {m} without a shape, and that type has no modality_default_shape '
                          f'(write META and the shape before its BOM, or pass fixed_modality_shape)')
+    shape = tuple(shape)
+    problem = shape_problem(model, m, shape)
+    if problem is not None:
+        raise ValueError(f'{source}: a modality of type {m} cannot be generated with the shape {shape}: {problem}')
+    if options.init_modality_noise is not None:
+        check_noise(options.init_modality_noise, m, shape, model.config.dim_latent[m])
     items.extend(header_items(vocab, m, shape))
-    return items, (m, tuple(shape))
+    return items, (m, shape)
 
 
 def requested_length(model, items: list, opening: tuple | None) -> int:
@@ -421,10 +483,19 @@ def given_noise(given: Tensor, noise: Tensor, m: int, shape: tuple[int, ...]) ->
     """`init_modality_noise` for a modality whose noise is `noise` (rows, dim_latent): the
     leading rows and columns of `given` seen as (n, d); given as (*shape, dim_latent), that is
     all of it."""
-    rows, dim = noise.shape
-    flat = given.reshape(-1, given.shape[-1])
-    if flat.shape[0] < rows or flat.shape[1] < dim:
+    rows, dim = check_noise(given, m, shape, noise.shape[1])
+    return given.reshape(-1, given.shape[-1])[:rows, :dim].to(noise)
+
+
+def check_noise(given: Tensor, m: int, shape: tuple[int, ...], dim: int) -> tuple[int, int]:
+    """The (rows, dim) that a modality takes of `init_modality_noise`; an error when it holds less."""
+    rows = math.prod(shape)
+    if not noise_holds(given, rows, dim):
         raise ValueError(f'init_modality_noise must hold {rows} rows of {dim} values for the modality of type {m} and shape {shape} '
                          f'(as ({", ".join(map(str, shape))}{", " if shape else ""}{dim}), or as (n >= {rows}, d >= {dim}) of which the '
                          f'first rows and columns are taken), got {describe(given)}')
-    return flat[:rows, :dim].to(noise)
+    return rows, dim
+
+
+def noise_holds(given: Tensor, rows: int, dim: int) -> bool:
+    return given[..., 0].numel() >= rows and given.shape[-1] >= dim
