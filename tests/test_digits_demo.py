@@ -80,6 +80,7 @@ def test_config_rejects_an_unknown_key_naming_the_closest(tmp_path):
     ('steps = 0\n', "'steps' must be positive"),
     ('[model]\ndim = 3\n', "'model' is a table"),
     ('codec = "vq"\n', 'codec must be one of'),
+    ('time_distribution = "cosine"\n', r"'time_distribution' must be one of \('logit_normal', 'uniform'\), got 'cosine'"),
 ])
 def test_config_rejects_wrong_types_and_values(tmp_path, text, message):
     path = tmp_path / 'bad.toml'
@@ -111,8 +112,9 @@ def test_cli_train_reports_a_bad_key(tmp_path, capsys):
 
 def test_cli_train_sample_eval(tmp_path, capsys):
     (tmp_path / 'tiny.toml').write_text(f'name = "tiny"\nout_root = "{tmp_path.as_posix()}"\n')
-    cli.main(['train', str(tmp_path / 'tiny.toml'), *TINY])
+    cli.main(['train', str(tmp_path / 'tiny.toml'), *TINY, '--time-distribution', 'uniform'])
     run = tmp_path / 'tiny'
+    assert json.loads((run / 'pretrained_ema' / 'config.json').read_text())['config']['time_distribution'] == 'uniform'    # the key reaches the model
     for name in ('config.toml', 'metrics.jsonl', 'loss.png', 'samples/step_000002.png', 'pretrained_ema/config.json'):
         assert (run / name).exists(), name
     assert any((run / 'checkpoints').iterdir())

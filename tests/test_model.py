@@ -336,8 +336,9 @@ def test_encoders_stay_in_eval_mode_and_frozen_whatever_the_model_mode():
 def test_a_modality_that_text_follows_is_noised_at_most_half_way(one_thread):
     """Transfusion's captioning rule: a modality followed by text (a caption after an image)
     draws its time from [min_time_before_text, 1], the others from [0, 1]; given times are
-    used as they are."""
-    model = tiny_model()
+    used as they are. (Uniform times here; the rule maps any distribution the same way, see
+    the test below.)"""
+    model = tiny_model(time_distribution = 'uniform')
     text = lambda n: torch.randint(0, NUM_TEXT_TOKENS, (n,))
     image = lambda: (0, torch.randn(2, DIM_LATENTS[0]))
     batch = [
@@ -356,7 +357,7 @@ def test_a_modality_that_text_follows_is_noised_at_most_half_way(one_thread):
     assert draws[:, ~before].min() < 0.05 and draws[:, before].min() < 0.55              # both ranges are covered
     assert abs(draws[:, before].mean().item() - 0.75) < 0.02 and abs(draws[:, ~before].mean().item() - 0.5) < 0.03
 
-    uniform = tiny_model(min_time_before_text = 0.)
+    uniform = tiny_model(min_time_before_text = 0., time_distribution = 'uniform')
     torch.manual_seed(1)
     limited = model.span_times(packed)
     torch.manual_seed(1)
@@ -369,3 +370,45 @@ def test_a_modality_that_text_follows_is_noised_at_most_half_way(one_thread):
     for bad in (1., -0.1, float('nan'), '0.5'):
         with pytest.raises(ValueError, match = r'min_time_before_text must lie in \[0, 1\)'):
             tiny_model(min_time_before_text = bad)
+
+
+def test_training_times_follow_the_time_distribution(one_thread, tmp_path):
+    """Times drawn when none are given: logit-normal by default, t = sigmoid(mean + std * n)
+    (Esser et al., 2024), or uniform; the captioning rule maps either onto
+    [min_time_before_text, 1]; the choice is checked, saved and loaded."""
+    text = lambda n: torch.randint(0, NUM_TEXT_TOKENS, (n,))
+    image = lambda: (0, torch.randn(2, DIM_LATENTS[0]))
+    batch = [[text(3), image()], [text(2), image(), image()], [image(), text(2)]]
+
+    def draws(model, n = 4000):
+        packed = model.pack(batch)
+        torch.manual_seed(0)
+        return torch.stack([model.span_times(packed) for _ in range(n)]), packed.span_before_text
+
+    assert tiny_model().config.time_distribution == 'logit_normal'
+    times, before = draws(tiny_model(time_logit_mean = 0.5, time_logit_std = 0.8))
+    logits = torch.logit(times[:, ~before].flatten().double())
+    assert abs(logits.mean().item() - 0.5) < 0.03 and abs(logits.std().item() - 0.8) < 0.03
+    mapped = times[:, before].flatten().double()                # (t - 0.5) / 0.5 is the logit-normal draw
+    assert mapped.min() >= 0.5 and abs(torch.logit((mapped - 0.5) / 0.5).mean().item() - 0.5) < 0.05
+
+    uniform, before = draws(tiny_model(time_distribution = 'uniform'))
+    flat = uniform[:, ~before].flatten()
+    for q in (0.1, 0.5, 0.9):                                   # the uniform CDF, where logit-normal(0, 1) is far off
+        assert abs((flat < q).double().mean().item() - q) < 0.02
+    default, _ = draws(tiny_model())
+    assert (default[:, ~before].flatten() < 0.1).double().mean().item() < 0.03     # logit-normal(0, 1): P(t < 0.1) = 0.014
+
+    model = tiny_model(time_distribution = 'uniform', time_logit_std = 2.)
+    model.save_pretrained(tmp_path / 'saved')
+    loaded = type(model).from_pretrained(tmp_path / 'saved')
+    assert (loaded.config.time_distribution, loaded.config.time_logit_std) == ('uniform', 2.)
+
+    for kwargs, message in [
+        (dict(time_distribution = 'cosine'), r"time_distribution must be one of \('logit_normal', 'uniform'\), got 'cosine'"),
+        (dict(time_logit_std = 0.), 'time_logit_std must be a finite number > 0, got 0.0'),
+        (dict(time_logit_mean = float('nan')), 'time_logit_mean must be a finite number, got nan'),
+        (dict(time_logit_mean = '1'), "time_logit_mean must be a finite number, got '1'"),
+    ]:
+        with pytest.raises(ValueError, match = message):
+            tiny_model(**kwargs)

@@ -6,6 +6,8 @@ import difflib
 import math
 from dataclasses import asdict, dataclass, fields
 
+from . import flow
+
 
 def closest_match(key: str, valid, cutoff: float = 0.6) -> str | None:
     """The valid key most like a mistyped one, for error messages; None when nothing is close."""
@@ -202,6 +204,9 @@ class TransfusionConfig:
     prob_uncond: float = 0.1                                # rate at which training drops a sample's text, for classifier-free guidance
     min_time_before_text: float = 0.5                       # a modality that text follows draws its time from [this, 1]
                                                             # (Transfusion limits the noise of an image before its caption)
+    time_distribution: str = 'logit_normal'                 # training times drawn when none are given: 'logit_normal' or 'uniform'
+    time_logit_mean: float = 0.                             # logit-normal: t = sigmoid(mean + std * n), n ~ N(0, 1)
+    time_logit_std: float = 1.
 
     def __post_init__(self):
         for name in ('text_loss_weight', 'reconstruction_loss_weight', 'velocity_consistency_loss_weight'):
@@ -212,6 +217,12 @@ class TransfusionConfig:
             raise ValueError(f'prob_uncond must lie in [0, 1], got {self.prob_uncond!r}')
         if not (is_number(self.min_time_before_text) and 0. <= self.min_time_before_text < 1.):
             raise ValueError(f'min_time_before_text must lie in [0, 1) (0: no limit), got {self.min_time_before_text!r}')
+        if self.time_distribution not in flow.TIME_DISTRIBUTIONS:
+            raise ValueError(f'time_distribution must be one of {flow.TIME_DISTRIBUTIONS}, got {self.time_distribution!r}')
+        if not is_number(self.time_logit_mean):
+            raise ValueError(f'time_logit_mean must be a finite number, got {self.time_logit_mean!r}')
+        if not (is_number(self.time_logit_std) and self.time_logit_std > 0):
+            raise ValueError(f'time_logit_std must be a finite number > 0, got {self.time_logit_std!r}')
         for name in ('model_output_clean', 'fallback_to_default_shape_if_invalid'):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f'{name} must be True or False, got {getattr(self, name)!r}')
@@ -241,7 +252,7 @@ class TransfusionConfig:
         modality_default_shape = None, modality_num_dim = None, fallback_to_default_shape_if_invalid = True,
         text_loss_weight = 1., flow_loss_weight = 1.,
         model_output_clean = False, reconstruction_loss_weight = 0., velocity_consistency_loss_weight = 0.1,
-        prob_uncond = 0.1, min_time_before_text = 0.5,
+        prob_uncond = 0.1, min_time_before_text = 0.5, time_distribution = 'logit_normal', time_logit_mean = 0., time_logit_std = 1.,
     ) -> TransfusionConfig:
         if not isinstance(transformer, (TransformerConfig, dict)):
             raise TypeError(f"transformer must be a dict of the transformer's options, e.g. dict(dim = 512, depth = 8), got {transformer!r}"[:300])
@@ -280,6 +291,9 @@ class TransfusionConfig:
             velocity_consistency_loss_weight = checked_weight('velocity_consistency_loss_weight', velocity_consistency_loss_weight),
             prob_uncond = float(prob_uncond) if is_number(prob_uncond) else prob_uncond,
             min_time_before_text = float(min_time_before_text) if is_number(min_time_before_text) else min_time_before_text,
+            time_distribution = time_distribution,
+            time_logit_mean = float(time_logit_mean) if is_number(time_logit_mean) else time_logit_mean,
+            time_logit_std = float(time_logit_std) if is_number(time_logit_std) else time_logit_std,
         )
 
     def to_dict(self) -> dict:

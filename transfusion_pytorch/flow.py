@@ -23,5 +23,16 @@ def velocity_target(noise: Tensor, data: Tensor) -> Tensor:
     return data - noise
 
 
-def uniform_times(num: int, device: torch.device | str | None = None, generator: torch.Generator | None = None) -> Tensor:
-    return torch.rand(num, device = device, generator = generator)
+TIME_DISTRIBUTIONS = ('logit_normal', 'uniform')
+
+
+def training_times(num: int, distribution: str = 'logit_normal', mean: float = 0., std: float = 1.,
+                   device: torch.device | str | None = None, generator: torch.Generator | None = None) -> Tensor:
+    """(num,) times in [0, 1] to train at: uniform, or logit-normal, t = sigmoid(mean + std * n)
+    with n ~ N(0, 1), which puts more of them at the middle of the path, where the velocity is
+    hardest to predict, and fewer near noise and data (Esser et al., 2024, "Scaling Rectified
+    Flow Transformers for High-Resolution Image Synthesis", section 3.1; their best sampler in
+    section 5.1 is logit-normal with mean 0 and std 1)."""
+    if distribution == 'uniform':
+        return torch.rand(num, device = device, generator = generator)
+    return torch.sigmoid(mean + std * torch.randn(num, device = device, generator = generator))

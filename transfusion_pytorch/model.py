@@ -95,6 +95,9 @@ class Transfusion(PublicNames, nn.Module):
         velocity_consistency_loss_weight: float = 0.1,
         prob_uncond: float = 0.1,
         min_time_before_text: float = 0.5,
+        time_distribution: str = 'logit_normal',
+        time_logit_mean: float = 0.,
+        time_logit_std: float = 1.,
     ):
         super().__init__()
 
@@ -106,7 +109,8 @@ class Transfusion(PublicNames, nn.Module):
             text_loss_weight = text_loss_weight, flow_loss_weight = flow_loss_weight,
             model_output_clean = model_output_clean, reconstruction_loss_weight = reconstruction_loss_weight,
             velocity_consistency_loss_weight = velocity_consistency_loss_weight, prob_uncond = prob_uncond,
-            min_time_before_text = min_time_before_text,
+            min_time_before_text = min_time_before_text, time_distribution = time_distribution,
+            time_logit_mean = time_logit_mean, time_logit_std = time_logit_std,
         )
 
         num_types, dim = config.num_modality_types, config.transformer.dim
@@ -227,8 +231,9 @@ class Transfusion(PublicNames, nn.Module):
         num_modalities_to_times_fn: Callable[[Tensor], Tensor] | None = None,
     ) -> Tensor:
         """(S,) the time of each modality span: from `times` (B, max modalities per sample),
-        from `num_modalities_to_times_fn(num_modalities: (B,)) -> (B, max)`, or uniform: on
-        [0, 1], and on [min_time_before_text, 1] for a modality that text follows. Transfusion
+        from `num_modalities_to_times_fn(num_modalities: (B,)) -> (B, max)`, or drawn from
+        `time_distribution` (logit-normal by default, or uniform) on [0, 1], mapped onto
+        [min_time_before_text, 1] for a modality that text follows. Transfusion
         (Zhou et al., 2024, section 4.3) limits the noise of an image that precedes its caption
         to half the schedule, so that the caption is learnt from a picture it can still see."""
         if times is None and num_modalities_to_times_fn is not None:
@@ -237,7 +242,9 @@ class Transfusion(PublicNames, nn.Module):
             times = num_modalities_to_times_fn(num_modalities)
 
         if times is None:
-            times = flow.uniform_times(packed.num_spans, device = self.device)
+            config = self.config
+            times = flow.training_times(packed.num_spans, config.time_distribution, config.time_logit_mean, config.time_logit_std,
+                                        device = self.device)
             low = self.config.min_time_before_text
             return torch.where(packed.span_before_text, low + (1. - low) * times, times) if low > 0 else times
 

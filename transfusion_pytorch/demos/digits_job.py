@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from ..config_files import ConfigError, load, to_toml, write_text_atomic
+from ..flow import TIME_DISTRIBUTIONS
 from ..model import Transfusion
 from ..training import Every, TrainConfig, Trainer, packed_num_tokens
 from . import digits_eval, plots
@@ -51,6 +52,7 @@ class DigitsConfig:
     heads: int = option(2, 'attention heads')
     dim_head: int = option(32, 'width of a head')
     flow_loss_weight: float = option(1., 'weight of the flow-matching loss against the text loss')
+    time_distribution: str = option('logit_normal', "times a modality is trained at: 'logit_normal' (Esser et al., 2024; more of them mid-path) or 'uniform'")
     # training
     steps: int = option(2500, 'optimizer steps')
     max_tokens: int = option(512, 'tokens per batch (a sample is 14 tokens with patch 4, 26 with patch 2)')
@@ -80,6 +82,8 @@ class DigitsConfig:
         if not 0 <= self.caption_fraction < 1:
             raise ValueError(f"'caption_fraction' must lie in [0, 1) (1 would leave no text-to-image samples), got {self.caption_fraction}")
         digits_eval.check_per_label(self.eval_per_label, "'eval_per_label'")
+        if self.time_distribution not in TIME_DISTRIBUTIONS:
+            raise ValueError(f"'time_distribution' must be one of {TIME_DISTRIBUTIONS}, got {self.time_distribution!r}")
         if self.threads < 0:
             raise ValueError(f"'threads' must be >= 0 (0: the torch default), got {self.threads}")
         if self.codec != CUSTOM:
@@ -98,6 +102,7 @@ def build_model(config: DigitsConfig, codec) -> Transfusion:
         channel_first_latent = codec.channel_first,
         modality_default_shape = codec.shape,
         flow_loss_weight = config.flow_loss_weight,
+        time_distribution = config.time_distribution,
         transformer = dict(dim = config.dim, depth = config.depth, heads = config.heads, dim_head = config.dim_head),
         **codec.model_kwargs(config.dim),
     )

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from ..config_files import ConfigError, load, to_toml, write_text_atomic
 from ..data.loader import LoaderConfig, StreamingLoader, modality_tokens_of
 from ..data.shards import Prepared, write_json
+from ..flow import TIME_DISTRIBUTIONS
 from ..model import Transfusion
 from ..training import Every, TrainConfig, Trainer, distributed
 from ..training.parallelize import CHECKPOINTING
@@ -83,6 +84,7 @@ class ImageTextConfig:
     heads: int | None = option(None, f"attention heads (default {MODEL_SIZE['heads']}; with language_model, the LM's)")
     dim_head: int | None = option(None, f"width of a head (default {MODEL_SIZE['dim_head']}; with language_model, the LM's)")
     flow_loss_weight: float = option(1., 'weight of the flow-matching loss against the text loss')
+    time_distribution: str = option('logit_normal', "times a modality is trained at: 'logit_normal' (Esser et al., 2024; more of them mid-path) or 'uniform'")
     predict_clean: bool = option(False, 'predict the clean latent instead of the velocity (Li & He, 2025): for latent tokens wider than dim, such as large pixel patches')
     # training
     steps: int = option(10000, 'optimizer steps')
@@ -132,6 +134,8 @@ class ImageTextConfig:
             raise ValueError(f"'workers' must be >= 0, got {self.workers}")
         if self.activation_checkpointing not in CHECKPOINTING:
             raise ValueError(f"'activation_checkpointing' must be one of {CHECKPOINTING}, got {self.activation_checkpointing!r}")
+        if self.time_distribution not in TIME_DISTRIBUTIONS:
+            raise ValueError(f"'time_distribution' must be one of {TIME_DISTRIBUTIONS}, got {self.time_distribution!r}")
 
     def resolve_model_options(self):
         """The model keys left out, as the run records them: with a language model, its size and
@@ -235,7 +239,8 @@ def open_data(config: ImageTextConfig, run_dir: Path) -> tuple[list[Prepared], d
 def build_model(config: ImageTextConfig, record: dict) -> Transfusion:
     torch.manual_seed(config.seed)
     options = dict(dim_latent = record['codec']['dim_latent'], modality_default_shape = tuple(record['shape']),
-                   flow_loss_weight = config.flow_loss_weight, prob_uncond = config.prob_uncond, model_output_clean = config.predict_clean)
+                   flow_loss_weight = config.flow_loss_weight, prob_uncond = config.prob_uncond, model_output_clean = config.predict_clean,
+                   time_distribution = config.time_distribution)
     if config.language_model is not None:
         try:
             return Transfusion.from_language_model(config.language_model, separate_modality_weights = config.separate_modality_weights,
