@@ -19,6 +19,7 @@ from transfusion_pytorch.data.codecs import VAECodec, patchify
 from transfusion_pytorch.data.images import make_buckets, to_tensor
 from transfusion_pytorch.data.prepare import PrepareConfig, prepare
 from transfusion_pytorch.data.shards import Prepared, Shard, ShardError
+from transfusion_pytorch.data.tokenizers import HFTokenizer
 
 from data_helpers import make_tokenizer, make_vae, prepared_set
 
@@ -235,6 +236,26 @@ def test_bad_prepare_arguments_are_errors_naming_them(tmp_path):
         run(vae = str(source))
     with pytest.raises(FileNotFoundError, match = r'tokenizer: .*missing is not a folder \(a local Hugging Face tokenizer folder'):
         run(tokenizer = str(tmp_path / 'missing'))
+
+
+@pytest.mark.parametrize('missing, load, message', [
+    ('diffusers', lambda folder: VAECodec(folder), r"vae: loading the autoencoder in .*vae needs diffusers, which is not installed"),
+    ('transformers', lambda folder: HFTokenizer(folder), r"tokenizer: loading the tokenizer in .*vae needs transformers, which is not installed"),
+    ('datasets', lambda folder: next(sources.saved_dataset(folder, 'image', 'text', 'train')),
+     r"source: reading the datasets folder .*vae needs datasets, which is not installed"),
+])
+def test_a_missing_extra_is_an_error_naming_what_needs_it_and_the_extra(tmp_path, monkeypatch, missing, load, message):
+    """Without the data extra's libraries, what needs one says so and how to install it; a
+    folder that is not there is still reported as such first (it needs no library to tell)."""
+    folder = tmp_path / 'vae'
+    folder.mkdir()
+    (folder / 'config.json').write_text('{}')
+    monkeypatch.setitem(sys.modules, missing, None)         # import fails as if it were not installed
+    with pytest.raises(ImportError, match = message + r".*pip install 'transfusion-pytorch\[data\]'"):
+        load(folder)
+    if missing == 'diffusers':
+        with pytest.raises(FileNotFoundError, match = 'has no config.json'):
+            VAECodec(tmp_path)
 
 
 def test_a_damaged_shard_is_found_before_training(tmp_path):

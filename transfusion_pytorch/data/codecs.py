@@ -27,6 +27,8 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
+from ..extras import require
+
 
 class CodecMismatch(ValueError):
     """A VAE that is not the one the data was encoded with."""
@@ -83,11 +85,11 @@ def posterior(out) -> tuple[Tensor, Tensor | None]:
 
 class VAECodec:
     def __init__(self, path: str | Path, patch: int = 1, device: str | torch.device = 'cpu'):
-        import diffusers
         self.path = Path(path)
         config_path = self.path / 'config.json'
         if not config_path.exists():
             raise FileNotFoundError(f'vae: {self.path} has no config.json (a local diffusers autoencoder folder, as save_pretrained writes)')
+        diffusers = require('diffusers', f'vae: loading the autoencoder in {self.path}')
         config = json.loads(config_path.read_text())
         name = config.get('_class_name', 'AutoencoderKL')
         cls = getattr(diffusers, name, None)

@@ -23,6 +23,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from ..extras import require
+
 
 class UnreadableImage(Exception):
     """An image file that cannot be decoded; the message says why."""
@@ -30,7 +32,7 @@ class UnreadableImage(Exception):
 
 def decode(load: Callable[[], bytes | str | Path]) -> 'PIL.Image.Image':
     """The RGB image behind `load()` (bytes or a path). Any failure becomes `UnreadableImage`."""
-    from PIL import Image
+    Image = require('PIL.Image', 'reading images')
     try:
         source = load()
         file = io.BytesIO(source) if isinstance(source, bytes) else source

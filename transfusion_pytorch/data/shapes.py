@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..extras import require
+
 SHAPES = ('circle', 'square', 'triangle')
 COLOURS = {'red': (220, 40, 40), 'green': (40, 170, 60), 'blue': (40, 80, 220), 'yellow': (235, 200, 30)}
 POSITIONS = ('top left', 'top right', 'bottom left', 'bottom right')
@@ -55,6 +57,7 @@ def parse_caption(text: str) -> Drawing | None:
 
 def draw(drawing: Drawing, size: int = 32, seed: int = 0):
     """One picture (a PIL RGB image) of `drawing`, varied by `seed`."""
+    require('PIL', 'shapes: drawing pictures')
     from PIL import Image, ImageDraw
     rng = random.Random(seed)
     image = Image.new('RGB', (size, size), BACKGROUND)
@@ -178,7 +181,7 @@ def write_set(out: str | Path, num: int = 2000, size: int = 32, seed: int = 0, f
                 (out / 'images' / f'{key}.png').write_bytes(png_bytes(image))
                 file.write(json.dumps(dict(file_name = f'images/{key}.png', text = caption)) + '\n')
     elif format in ('datasets', 'parquet'):
-        import datasets
+        datasets = require('datasets', f'shapes: writing the {format} format')
         features = datasets.Features(image = datasets.Image(), text = datasets.Value('string'))
         table = datasets.Dataset.from_dict(
             dict(image = [dict(bytes = png_bytes(image), path = f'{key}.png') for key, image, _ in items],
@@ -188,7 +191,7 @@ def write_set(out: str | Path, num: int = 2000, size: int = 32, seed: int = 0, f
         else:
             table.to_parquet(str(out / 'train-00000.parquet'))
     else:
-        import webdataset
+        webdataset = require('webdataset', 'shapes: writing the webdataset format')
         for start in range(0, len(items), per_tar):
             with webdataset.TarWriter(str(out / f'shapes-{start // per_tar:05d}.tar')) as sink:
                 for key, image, caption in items[start:start + per_tar]:

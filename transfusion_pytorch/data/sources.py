@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from ..extras import require
+
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.webp', '.bmp', '.gif', '.tif', '.tiff')
 WDS_IMAGE_KEYS = ('jpg', 'jpeg', 'png', 'webp')
 METADATA_NAMES = ('metadata.jsonl', 'metadata.csv')
@@ -150,7 +152,7 @@ def check_columns(columns, wanted: tuple[str, ...], where: str):
 
 
 def saved_dataset(path: Path, image_column: str, caption_column: str, split: str) -> Iterator[Record]:
-    import datasets
+    datasets = require('datasets', f'source: reading the datasets folder {path}')
     dataset = datasets.load_from_disk(str(path))
     if isinstance(dataset, datasets.DatasetDict):
         if split not in dataset:

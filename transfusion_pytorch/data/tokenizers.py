@@ -14,6 +14,8 @@ import hashlib
 import json
 from pathlib import Path
 
+from ..extras import require
+
 
 class TokenizerMismatch(ValueError):
     """Data tokenized with one tokenizer, used with another."""
@@ -38,11 +40,11 @@ class HFTokenizer:
     tokens (the model adds its own start and end)."""
 
     def __init__(self, path: str | Path):
-        from transformers import AutoTokenizer
         self.path = Path(path)
         if not self.path.is_dir():
             raise FileNotFoundError(f'tokenizer: {self.path} is not a folder (a local Hugging Face tokenizer folder, as save_pretrained writes)')
-        self.tokenizer = AutoTokenizer.from_pretrained(str(self.path))
+        transformers = require('transformers', f'tokenizer: loading the tokenizer in {self.path}')
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(self.path))
         self.vocab_size = len(self.tokenizer)
 
     def encode(self, texts: list[str]) -> list[list[int]]:

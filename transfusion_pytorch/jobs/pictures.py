@@ -7,12 +7,14 @@ from pathlib import Path
 from torch import Tensor
 
 from ..data.images import to_uint8
+from ..extras import require
 
 
 def save_image_grid(pixels: Tensor, path: str | Path, row_labels: list[str] | None = None, title: str | None = None,
                     min_side: int = 64) -> Path:
     """(rows, cols, 3, h, w) pixels in [-1, 1] -> one PNG, each picture enlarged (nearest
     neighbour) to at least `min_side` pixels, a 2-pixel white gap between pictures."""
+    require('PIL', 'writing a grid of pictures')
     from PIL import Image, ImageDraw, ImageFont
     rows, cols, _, height, width = pixels.shape
     scale = max(1, -(-min_side // min(height, width)))
