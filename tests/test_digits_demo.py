@@ -81,6 +81,7 @@ def test_config_rejects_an_unknown_key_naming_the_closest(tmp_path):
     ('[model]\ndim = 3\n', "'model' is a table"),
     ('codec = "vq"\n', 'codec must be one of'),
     ('time_distribution = "cosine"\n', r"'time_distribution' must be one of \('logit_normal', 'uniform'\), got 'cosine'"),
+    ('min_time_before_text = 1.0\n', r"'min_time_before_text' must lie in \[0, 1\) \(0: no limit\), got 1.0"),
 ])
 def test_config_rejects_wrong_types_and_values(tmp_path, text, message):
     path = tmp_path / 'bad.toml'
@@ -112,9 +113,10 @@ def test_cli_train_reports_a_bad_key(tmp_path, capsys):
 
 def test_cli_train_sample_eval(tmp_path, capsys):
     (tmp_path / 'tiny.toml').write_text(f'name = "tiny"\nout_root = "{tmp_path.as_posix()}"\n')
-    cli.main(['train', str(tmp_path / 'tiny.toml'), *TINY, '--time-distribution', 'uniform'])
+    cli.main(['train', str(tmp_path / 'tiny.toml'), *TINY, '--time-distribution', 'uniform', '--min-time-before-text', '0.25'])
     run = tmp_path / 'tiny'
-    assert json.loads((run / 'pretrained_ema' / 'config.json').read_text())['config']['time_distribution'] == 'uniform'    # the key reaches the model
+    saved = json.loads((run / 'pretrained_ema' / 'config.json').read_text())['config']
+    assert (saved['time_distribution'], saved['min_time_before_text']) == ('uniform', 0.25)       # the keys reach the model
     for name in ('config.toml', 'metrics.jsonl', 'loss.png', 'samples/step_000002.png', 'pretrained_ema/config.json'):
         assert (run / name).exists(), name
     assert any((run / 'checkpoints').iterdir())

@@ -200,10 +200,11 @@ def test_the_train_command_takes_a_toml_file_and_names_a_mistyped_key(trained, t
     toml = tmp_path / 'job.toml'
     toml.write_text(f'job = "image_text"\ndata = ["{prepared.folder}"]\nout_root = "{tmp_path}"\nname = "toml"\nsteps = 1\n'
                     f'dim = 32\ndepth = 1\nheads = 2\ndim_head = 16\nmax_tokens = 256\nworkers = 0\nthreads = 1\n')
-    run = cli.main(['train', str(toml), '--sample-every', '5', '--time-distribution', 'uniform'])
+    run = cli.main(['train', str(toml), '--sample-every', '5', '--time-distribution', 'uniform', '--min-time-before-text', '0'])
     assert (run / 'pretrained' / 'model.safetensors').exists()
     assert 'sample_every = 5' in (run / 'config.toml').read_text()
-    assert Transfusion.from_pretrained(run / 'pretrained').config.time_distribution == 'uniform'    # the key reaches the model
+    saved = Transfusion.from_pretrained(run / 'pretrained').config
+    assert (saved.time_distribution, saved.min_time_before_text) == ('uniform', 0.)               # the keys reach the model
 
     with pytest.raises(SystemExit):
         cli.main(['train', '--job', 'image_text', '--data', str(prepared.folder), '--dmi', '8'])
@@ -226,6 +227,8 @@ def test_bad_job_settings_are_errors_naming_the_key(trained, tmp_path):
         config(tmp_path, [prepared.folder], activation_checkpointing = 'some')
     with pytest.raises(ValueError, match = r"'time_distribution' must be one of \('logit_normal', 'uniform'\), got 'cosine'"):
         config(tmp_path, [prepared.folder], time_distribution = 'cosine')
+    with pytest.raises(ValueError, match = r"'min_time_before_text' must lie in \[0, 1\) \(0: no limit\), got -0.5"):
+        config(tmp_path, [prepared.folder], min_time_before_text = -0.5)
     with pytest.raises(ValueError, match = r"'data': .*text holds text rows; image-caption folders go in 'data', text-only ones in 'text_data'"):
         image_text.train(config(tmp_path, [text.folder]))
     with pytest.raises(ValueError, match = r"'text_data': .*prepared holds image_text rows, not text-only rows"):

@@ -53,6 +53,7 @@ class DigitsConfig:
     dim_head: int = option(32, 'width of a head')
     flow_loss_weight: float = option(1., 'weight of the flow-matching loss against the text loss')
     time_distribution: str = option('logit_normal', "times a modality is trained at: 'logit_normal' (Esser et al., 2024; more of them mid-path) or 'uniform'")
+    min_time_before_text: float = option(0.5, "a picture that text follows (a caption) is trained at t in [this, 1] (Transfusion; 0: no limit)")
     # training
     steps: int = option(2500, 'optimizer steps')
     max_tokens: int = option(512, 'tokens per batch (a sample is 14 tokens with patch 4, 26 with patch 2)')
@@ -84,6 +85,8 @@ class DigitsConfig:
         digits_eval.check_per_label(self.eval_per_label, "'eval_per_label'")
         if self.time_distribution not in TIME_DISTRIBUTIONS:
             raise ValueError(f"'time_distribution' must be one of {TIME_DISTRIBUTIONS}, got {self.time_distribution!r}")
+        if not 0. <= self.min_time_before_text < 1.:
+            raise ValueError(f"'min_time_before_text' must lie in [0, 1) (0: no limit), got {self.min_time_before_text}")
         if self.threads < 0:
             raise ValueError(f"'threads' must be >= 0 (0: the torch default), got {self.threads}")
         if self.codec != CUSTOM:
@@ -103,6 +106,7 @@ def build_model(config: DigitsConfig, codec) -> Transfusion:
         modality_default_shape = codec.shape,
         flow_loss_weight = config.flow_loss_weight,
         time_distribution = config.time_distribution,
+        min_time_before_text = config.min_time_before_text,
         transformer = dict(dim = config.dim, depth = config.depth, heads = config.heads, dim_head = config.dim_head),
         **codec.model_kwargs(config.dim),
     )

@@ -85,6 +85,7 @@ class ImageTextConfig:
     dim_head: int | None = option(None, f"width of a head (default {MODEL_SIZE['dim_head']}; with language_model, the LM's)")
     flow_loss_weight: float = option(1., 'weight of the flow-matching loss against the text loss')
     time_distribution: str = option('logit_normal', "times a modality is trained at: 'logit_normal' (Esser et al., 2024; more of them mid-path) or 'uniform'")
+    min_time_before_text: float = option(0.5, "a picture that text follows (a caption) is trained at t in [this, 1] (Transfusion; 0: no limit)")
     predict_clean: bool = option(False, 'predict the clean latent instead of the velocity (Li & He, 2025): for latent tokens wider than dim, such as large pixel patches')
     # training
     steps: int = option(10000, 'optimizer steps')
@@ -136,6 +137,8 @@ class ImageTextConfig:
             raise ValueError(f"'activation_checkpointing' must be one of {CHECKPOINTING}, got {self.activation_checkpointing!r}")
         if self.time_distribution not in TIME_DISTRIBUTIONS:
             raise ValueError(f"'time_distribution' must be one of {TIME_DISTRIBUTIONS}, got {self.time_distribution!r}")
+        if not 0. <= self.min_time_before_text < 1.:
+            raise ValueError(f"'min_time_before_text' must lie in [0, 1) (0: no limit), got {self.min_time_before_text}")
 
     def resolve_model_options(self):
         """The model keys left out, as the run records them: with a language model, its size and
@@ -240,7 +243,7 @@ def build_model(config: ImageTextConfig, record: dict) -> Transfusion:
     torch.manual_seed(config.seed)
     options = dict(dim_latent = record['codec']['dim_latent'], modality_default_shape = tuple(record['shape']),
                    flow_loss_weight = config.flow_loss_weight, prob_uncond = config.prob_uncond, model_output_clean = config.predict_clean,
-                   time_distribution = config.time_distribution)
+                   time_distribution = config.time_distribution, min_time_before_text = config.min_time_before_text)
     if config.language_model is not None:
         try:
             return Transfusion.from_language_model(config.language_model, separate_modality_weights = config.separate_modality_weights,
