@@ -67,7 +67,7 @@ def test_references_cover_the_epoch_whatever_the_buffer():
     for num_slots in (1, 2, 5):
         for buffer in (1, 4, 100):
             refs = [r for slot in range(num_slots) for r in epoch_references(
-                loader_module.Source('s', [], sizes, False, False), 0, 3, slot, num_slots, seed = 1, buffer = buffer)]
+                loader_module.Source('s', [], sizes, [], False, False), 0, 3, slot, num_slots, seed = 1, buffer = buffer)]
             assert sorted(refs) == sorted((shard, i) for shard, n in enumerate(sizes) for i in range(n))
     assert slot_runs([5, 7], [1, 0], 0, 3) == [(1, 0, 4)]       # 12 samples, 4 per slot, shard 1 first
 

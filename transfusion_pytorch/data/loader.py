@@ -47,7 +47,7 @@ from typing import Callable
 import torch
 
 from ..training.data import Batch
-from .shards import Prepared, Shard
+from .shards import Prepared, Shard, ShardError
 
 
 def mix64(*values: int) -> int:
@@ -78,17 +78,20 @@ class LoaderConfig:
 
 @dataclass
 class Source:
-    """A prepared folder as the slots see it: its shard paths and sizes and its kind."""
+    """A prepared folder as the slots see it: its shard paths, sizes and SHA-256 sums (as its
+    manifest gives them) and its kind."""
     name: str
     paths: list[Path]
     sizes: list[int]
+    digests: list[str]
     is_text: bool
     stochastic: bool
 
     @classmethod
     def of(cls, prepared: Prepared) -> Source:
         codec = prepared.codec or {}
-        return cls(str(prepared.folder), prepared.shard_paths(), prepared.shard_sizes(), prepared.kind == 'text', bool(codec.get('stochastic')))
+        return cls(str(prepared.folder), prepared.shard_paths(), prepared.shard_sizes(), prepared.shard_digests(), prepared.kind == 'text',
+                   bool(codec.get('stochastic')))
 
 
 def slot_runs(sizes: list[int], order: list[int], slot: int, num_slots: int) -> list[tuple[int, int, int]]:
@@ -202,7 +205,15 @@ class SlotStream(torch.utils.data.IterableDataset):
         cursors = [SourceCursor(self, i, s) for i, s in enumerate(state.sources)]
         shards = OrderedDict()
         while True:
-            batch = self.next_batch(state, cursors, shards)
+            try:
+                batch = self.next_batch(state, cursors, shards)
+            except ShardError as error:
+                if info is None:
+                    raise
+                # handed to the training process as it is (`StreamingLoader.next_batch` raises it):
+                # torch would raise there a new ShardError whose message is this worker's traceback
+                yield error, local, None
+                return
             if info is not None:                # to the training process as two tensors, not two per sample
                 batch.samples = PackedSamples.of(batch.samples)
             yield batch, local, state.to_dict()
@@ -218,7 +229,8 @@ class SlotStream(torch.utils.data.IterableDataset):
         if key not in shards:
             if len(shards) >= self.config.open_shards:
                 shards.popitem(last = False)[1].close()
-            shards[key] = Shard(self.sources[source].paths[index]).open()
+            s = self.sources[source]          # checked against the manifest before any sample is read
+            shards[key] = Shard(s.paths[index], sha256 = s.digests[index], samples = s.sizes[index]).open()
         shards.move_to_end(key)
         return shards[key]
 
@@ -375,6 +387,9 @@ class StreamingLoader:
 
     def next_batch(self) -> Batch:
         batch, local, state = next(self.batches())
+        if isinstance(batch, ShardError):               # a damaged shard, found in a worker
+            self.close()
+            raise batch
         if isinstance(batch.samples, PackedSamples):
             batch.samples = batch.samples.unpack()
         self.slots[local] = state

@@ -19,12 +19,20 @@ Inside a shard, sample i is `{i:05d}.text` (int32 token ids), `{i:05d}.mean` (fl
 (h, w, dim) channels last) and, for a stochastic VAE, `{i:05d}.std`. The safetensors metadata
 holds, as one JSON entry, each sample's key, token count and latent shape (so the loader plans batches
 from headers alone) and the records skipped in this shard with the reason.
+
+Reading checks the folder against its manifest: `Prepared` checks the manifest's form and each
+shard's size on opening the folder; a `Shard` given its manifest entry checks, before any sample
+is read, the file's SHA-256 (once per process while the file is unchanged: hashing is the cost,
+and a loader worker opens a shard many times) and the sample count of its own header. The loader
+opens shards so, in the process that reads them: a big folder is not hashed up front, and no
+sample of a damaged shard is trained on.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -80,23 +88,51 @@ def write_shard(path: Path, samples: list[dict], skipped: list[tuple[str, str]])
     atomic_write(path, safetensors_bytes(tensors, metadata = {FORMAT: header}))
 
 
+# (path, bytes, modification time, SHA-256) of the shards this process has hashed and found as expected
+VERIFIED: set[tuple] = set()
+
+
+def check_digest(path: Path, expected: str):
+    """Raises a ShardError unless the file's SHA-256 is `expected` (its manifest's); hashes a file
+    once per process while its size and modification time stay the same."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, expected)
+    if key in VERIFIED:
+        return
+    actual = sha256(path)
+    if actual != expected:
+        raise ShardError(f'{path} has the SHA-256 {actual}, but {MANIFEST} says {expected}: the shard or the manifest changed '
+                         f'after prepare (damaged or replaced); delete {path.name} and run the same `transfusion prepare` again '
+                         f'to write both anew')
+    VERIFIED.add(key)
+
+
 class Shard:
     """One shard, opened lazily: the header on first use, each tensor when asked for. Close it
-    (or use it as a context manager) to release the memory map."""
+    (or use it as a context manager) to release the memory map. Given what the manifest says of
+    it (`sha256`, `samples`), opening checks the file against that before reading any sample."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, sha256: str | None = None, samples: int | None = None):
         self.path, self._file, self._meta, self._names = Path(path), None, None, set()
+        self.expected_sha256, self.expected_samples = sha256, samples
 
     def open(self):
         if self._file is None:
+            if self.expected_sha256 is not None:
+                check_digest(self.path, self.expected_sha256)
             try:
-                self._file = safe_open(str(self.path), framework = 'pt')
+                file = safe_open(str(self.path), framework = 'pt')
             except Exception as error:
                 raise ShardError(f'{self.path} cannot be read as a safetensors shard: {error}') from None
-            header = (self._file.metadata() or {}).get(FORMAT)
+            header = (file.metadata() or {}).get(FORMAT)
             if header is None:
                 raise ShardError(f'{self.path} is not a transfusion shard (its metadata has no {FORMAT!r} entry)')
-            self._meta, self._names = json.loads(header), set(self._file.keys())
+            meta = json.loads(header)
+            if self.expected_samples is not None and len(meta['samples']) != self.expected_samples:
+                raise ShardError(f"{self.path} holds {len(meta['samples'])} samples by its own header, but {MANIFEST} says "
+                                 f'{self.expected_samples}: the manifest was edited or belongs to other shards; run the same '
+                                 f'`transfusion prepare` again to write it anew')
+            self._file, self._meta, self._names = file, meta, set(file.keys())
         return self
 
     def close(self):
@@ -126,9 +162,67 @@ class Shard:
         return out
 
 
+# what the reading side uses of a manifest: each field's type, and a rule its value keeps
+SHA256 = re.compile(r'[0-9a-f]{64}')
+COUNT = (int, lambda n: n >= 0, 'a count >= 0')
+MANIFEST_FIELDS = dict(kind = (str, lambda k: k in ('image_text', 'text'), "'image_text' or 'text'"), tokenizer = (dict,),
+                       codec = ((dict, type(None)),), settings = (dict,), counts = (dict,), shapes = (dict,), shards = (list,))
+SHARD_FIELDS = dict(file = (str, lambda f: f == Path(f).name, 'a file name'), samples = COUNT, bytes = COUNT,
+                    sha256 = (str, SHA256.fullmatch, 'a SHA-256: 64 hexadecimal digits'))
+SHAPE_FIELDS = dict(count = COUNT, max_text_tokens = COUNT, longest = ((str, type(None)),))
+SHAPE_NAME = re.compile(r'text|[1-9][0-9]*x[1-9][0-9]*')
+
+
+def check_fields(value, fields: dict, where: str) -> str | None:
+    """What is wrong with the JSON object `value` (at `where` in the manifest) by `fields`, or None."""
+    if not isinstance(value, dict):
+        return f'{where or "the manifest"} must be a JSON object, got {value!r}'
+    where = f'{where}: ' if where else ''
+    for name, (kind, *rule) in fields.items():
+        if name not in value:
+            return f'{where}{name!r} is missing'
+        given = value[name]
+        if not isinstance(given, kind) or isinstance(given, bool):
+            names = ' or '.join(t.__name__ for t in (kind if isinstance(kind, tuple) else (kind,)))
+            return f'{where}{name!r} must be of type {names.replace("NoneType", "null")}, got {given!r}'
+        if rule and not rule[0](given):
+            return f'{where}{name!r} must be {rule[1]}, got {given!r}'
+    return None
+
+
+def manifest_problems(manifest):
+    """What is wrong with a manifest of the right format, in order: each check runs only when the
+    ones before it found nothing (take the first that is not None)."""
+    yield check_fields(manifest, MANIFEST_FIELDS, '')
+    yield check_fields(manifest['counts'], dict(samples = COUNT), "'counts'")
+    for i, entry in enumerate(manifest['shards']):
+        yield check_fields(entry, SHARD_FIELDS, f"'shards'[{i}]")
+    for name, stats in manifest['shapes'].items():
+        yield None if SHAPE_NAME.fullmatch(name) else f"'shapes' has the key {name!r}; expected 'text' or HxW"
+        yield check_fields(stats, SHAPE_FIELDS, f"'shapes'[{name!r}]")
+    total = sum(e['samples'] for e in manifest['shards'])
+    if manifest['counts']['samples'] != total:
+        yield f"'counts' says {manifest['counts']['samples']} samples, but its 'shards' hold {total}"
+
+
+def read_manifest(path: Path) -> dict:
+    """The manifest at `path`; a ShardError names the file and what is wrong with it."""
+    again = 'run the same `transfusion prepare` again to write it anew'
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as error:         # ValueError: not JSON, or not UTF-8
+        raise ShardError(f'{path} cannot be read as JSON ({error}): {again}') from None
+    if not isinstance(manifest, dict) or manifest.get('format') != FORMAT:
+        raise ShardError(f'{path} is not a manifest of {FORMAT}')
+    problem = next((p for p in manifest_problems(manifest) if p is not None), None)
+    if problem is not None:
+        raise ShardError(f'{path} is not a valid manifest: {problem}; {again}')
+    return manifest
+
+
 class Prepared:
     """A finished prepared folder: its manifest, checked against the shards on disk (their
-    sizes always; their SHA-256 with `verify = True`)."""
+    sizes always; their SHA-256 with `verify = True`, else as the loader opens each shard)."""
 
     def __init__(self, folder: str | Path, verify: bool = False):
         self.folder = Path(folder)
@@ -136,17 +230,15 @@ class Prepared:
         if not manifest.exists():
             hint = ' (prepare was not finished: run the same `transfusion prepare` again to finish it)' if (self.folder / SETTINGS).exists() else ''
             raise ShardError(f'{self.folder} is not a prepared data folder: no {MANIFEST}{hint}')
-        self.manifest = json.loads(manifest.read_text())
-        if self.manifest.get('format') != FORMAT:
-            raise ShardError(f'{manifest} is not a manifest of {FORMAT}')
+        self.manifest = read_manifest(manifest)
         for entry in self.manifest['shards']:
             path = self.folder / entry['file']
             if not path.exists():
                 raise ShardError(f'{self.folder}: the shard {entry["file"]} listed in {MANIFEST} is missing')
             if path.stat().st_size != entry['bytes']:
                 raise ShardError(f'{path} has {path.stat().st_size} bytes, {MANIFEST} says {entry["bytes"]} (damaged or replaced)')
-            if verify and sha256(path) != entry['sha256']:
-                raise ShardError(f'{path} does not match its SHA-256 in {MANIFEST} (damaged or replaced)')
+            if verify:
+                check_digest(path, entry['sha256'])
 
     @property
     def kind(self) -> str:
@@ -170,3 +262,7 @@ class Prepared:
 
     def shard_sizes(self) -> list[int]:
         return [e['samples'] for e in self.manifest['shards'] if e['samples'] > 0]
+
+    def shard_digests(self) -> list[str]:
+        """The SHA-256 the manifest gives each shard of `shard_paths()`."""
+        return [e['sha256'] for e in self.manifest['shards'] if e['samples'] > 0]
