@@ -5,7 +5,11 @@
 1. Data: the walk-through set (`transfusion shapes`, 24 x 24 pictures), prepared as in the
    README walk-through (patch codec, patch 4, UTF-8 bytes), and a 10x larger prepared folder
    made of the same shards copied ten times (so the two differ only in size).
-2. Loader throughput, samples/s and tokens/s, with 0, 1 and 2 DataLoader workers, batches of
+2. Checking the shards: one epoch read with no workers, each shard's SHA-256 checked as the
+   loader opens it (as in training: once per process, in the process that reads it); the MB
+   hashed, at how many MB/s, and the share of the epoch's reading time spent hashing. Later
+   epochs, and the figures below (whose processes have checked the shards already), hash nothing.
+   Loader throughput, samples/s and tokens/s, with 0, 1 and 2 DataLoader workers, batches of
    the README configuration's budget (1,024 tokens), no model.
 3. What training consumes: steps of the README model (dim 128, depth 4, 4 heads of 32) fed by
    the loader with its default 2 workers, each step timed in two parts, waiting for the batch
@@ -79,6 +83,34 @@ def loader_throughput(folder: Path, tokens_of, workers: int, seconds: float = 5.
     elapsed = time.perf_counter() - start
     loader.close()
     return dict(workers = workers, samples_per_s = samples / elapsed, tokens_per_s = tokens / elapsed, batches = batches)
+
+
+def verification_cost(folder: Path, tokens_of) -> dict:
+    """One epoch read with no workers by a process that has checked no shard yet: the time spent
+    hashing shards (each as the loader opens it) against the epoch's."""
+    from transfusion_pytorch.data import shards
+    real, spent = shards.sha256, dict(seconds = 0., bytes = 0)
+
+    def timed(path):
+        start = time.perf_counter()
+        digest = real(path)
+        spent['seconds'] += time.perf_counter() - start
+        spent['bytes'] += path.stat().st_size
+        return digest
+
+    samples = shards.Prepared(folder).num_samples
+    shards.VERIFIED.clear()
+    shards.sha256 = timed
+    try:
+        loader = make_loader(folder, 0, tokens_of)
+        seen, start = 0, time.perf_counter()
+        while seen < samples:
+            seen += len(loader.next_batch().samples)
+        epoch = time.perf_counter() - start
+    finally:
+        shards.sha256 = real
+    return dict(mb = spent['bytes'] / 1e6, mb_per_s = spent['bytes'] / 1e6 / spent['seconds'], hash_s = spent['seconds'], epoch_s = epoch,
+                share = spent['seconds'] / epoch)
 
 
 def training_steps(folder: Path, steps: int, workers: int = 2) -> dict:
@@ -180,6 +212,10 @@ def main():
     load = os.getloadavg()[0]
     print(f'torch {torch.__version__}, {args.threads} thread(s) for training, {os.cpu_count()} CPUs, load average {load:.2f} before')
     print(f'data: {args.num} pictures 24 x 24, patch 4 (36 latent tokens of 48), captions as UTF-8 bytes; batches of {MAX_TOKENS} tokens\n')
+
+    v = verification_cost(one, tokens_of)
+    print(f"checking the shards' SHA-256: {v['mb']:.1f} MB hashed at {v['mb_per_s']:,.0f} MB/s, {v['hash_s'] * 1000:.0f} ms, "
+          f"{v['share']:.1%} of reading the first epoch with no workers ({v['epoch_s']:.2f} s); later epochs hash nothing\n")
 
     print('| loader workers | samples/s | tokens/s |\n|---|---|---|')
     for workers in (0, 1, 2):

@@ -30,6 +30,10 @@ How a rank's batches are made:
   resume the workers are rotated so that the order of batches is the same (the same on the
   standard DataLoader as torchdata's StatefulDataLoader gives, with no extra dependency).
   Per-batch noise is seeded by (epoch, global_index) with global_index = batch * slots + slot.
+- Checks. A slot opens a shard checked against the manifest (`shards.Shard`): its SHA-256,
+  hashed once per process, and its header's sample count, before any of its samples is read.
+  A ShardError found in a worker is handed to the training process as a value and raised
+  there, with its own one-line message.
 """
 
 from __future__ import annotations
