@@ -120,6 +120,9 @@ def test_a_moved_tokenizer_and_vae_are_given_to_every_command(tmp_path, capsys):
     err = error_of(sample + ['--tokenizer', str(new_tokenizer)], capsys)
     assert f"the run's vae folder {vae.resolve()} is not there any more" in err and 'give its new folder with --vae' in err
     assert '--tokenizer /nowhere: tokenizer: /nowhere is not a folder' in error_of(sample + ['--tokenizer', '/nowhere'], capsys)
+    other = make_tokenizer(tmp_path / 'other', extra_words = ('purple',))
+    assert f'--tokenizer {other}: the tokenizer at {other} was tokenized with the tokenizer' in \
+        error_of(sample + ['--tokenizer', str(other)], capsys)
     assert "the run's tokenizer folder" in error_of(['caption', str(run), str(picture)], capsys)
 
     # with them: every command runs

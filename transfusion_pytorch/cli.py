@@ -1,7 +1,7 @@
 """`transfusion`: train, sample and evaluate from the command line.
 
     transfusion train [CONFIG] [--key value ...]     train a job (by default the digits demo; --job image_text)
-    transfusion sample RUN_OR_MODEL --prompt "draw 3" [--num N] [--out FILE]
+    transfusion sample RUN_OR_MODEL --prompt "draw 3" [--num N] [--out FILE] [--shape WxH]
     transfusion eval RUN_OR_MODEL [--cfg-scale S ...] [--sweep KEY=V1,V2 ...]
     transfusion shapes OUT                           write the walk-through set of captioned drawings
     transfusion prepare SOURCE --out DIR             encode captioned images (or text) into shards

@@ -33,8 +33,9 @@ def job_of(config_path: str | None, extra: list[str]) -> str:
 
 def train_image_text(config_path: str | None, extra: list[str]):
     """Data that does not fit the run (another tokenizer or codec than the run's or the language
-    model's, an unfinished prepared folder) is found before training starts, and reported as an
-    error in what was asked: one line, exit status 2."""
+    model's, an unfinished prepared folder, a sample over max_tokens) is found before training
+    starts, and reported as an error in what was asked: one line, exit status 2; so is a sample
+    the model refuses in training (a NaN), named by its folder, key and shard."""
     from ..data.codecs import CodecMismatch
     from ..data.loader import SampleTooLong
     from ..data.shards import ShardError

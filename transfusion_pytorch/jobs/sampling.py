@@ -61,14 +61,17 @@ class Assets:
 
 
 def load_asset(load, description: dict, given: str | None, option: str, *args):
-    """`load(description, given, ...)`, with a missing folder named with the option that replaces it."""
+    """`load(description, given, ...)`, its errors one line naming the folder and the option: a
+    missing folder, one that does not load, another tokenizer or VAE than the run's."""
     try:
         return load(description, given, *args)
-    except FileNotFoundError as error:
+    except (OSError, ValueError) as error:
         if given is not None:
             raise ConfigError(f'--{option} {given}: {error}') from None
-        raise ConfigError(f"the run's {option} folder {description.get('path')} is not there any more ({error}): if it moved, "
-                          f'give its new folder with --{option}') from None
+        if isinstance(error, FileNotFoundError):
+            raise ConfigError(f"the run's {option} folder {description.get('path')} is not there any more ({error}): if it moved, "
+                              f'give its new folder with --{option}') from None
+        raise ConfigError(f"the run's {option} folder {description.get('path')}: {error}") from None
 
 
 # how this job samples unless told otherwise: the settings its figures were measured with (Euler,
