@@ -80,6 +80,21 @@ def test_a_loaded_model_gives_the_same_model_as_its_folder(language_models, one_
             assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize('family', ['llama', 'qwen2'])
+def test_a_model_built_in_memory_is_taken_by_its_class_name(family, one_thread):
+    """`LlamaForCausalLM(LlamaConfig(...))`, never saved, has `config.architectures = None`."""
+    from lm_helpers import COMMON
+    config_name, model_name, options = FAMILIES[family]
+    torch.manual_seed(0)
+    hf = getattr(transformers, model_name)(getattr(transformers, config_name)(**COMMON, **options)).eval()
+    assert not hf.config.architectures
+    model = Transfusion.from_language_model(hf, **OPTIONS).eval()
+    rows = text_rows()
+    with torch.no_grad():
+        expected = hf(rows).logits
+    assert_close_relative(text_logits(model, rows), expected)
+
+
 @pytest.mark.parametrize('family', list(FAMILIES))
 def test_greedy_decoding_matches_the_language_model(language_models, family, one_thread):
     folder, hf = language_models[family]

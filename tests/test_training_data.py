@@ -89,3 +89,49 @@ def test_position_resumes_exactly():
 
     with pytest.raises(ValueError, match = 'world_size'):
         TokenBudgetLoader(data, 60, count, seed = 5).load_state_dict(state)
+
+
+# a bad value in the data is named by its place in the data, not in a batch
+
+def nan_at(dataset: ListDataset, index: int) -> ListDataset:
+    """A copy of `dataset` whose sample `index` gets a NaN in its first modality."""
+    samples = [list(sample) for sample in dataset.samples]
+    position = next(i for i, element in enumerate(samples[index]) if isinstance(element, tuple))
+    modality_type, latent = samples[index][position]
+    latent = latent.clone()
+    latent.view(-1)[0] = float('nan')
+    samples[index][position] = (modality_type, latent)
+    return ListDataset(samples), position
+
+
+def test_a_nan_in_an_in_memory_dataset_is_named_by_its_dataset_index(tmp_path):
+    from transfusion_pytorch.training import TrainConfig, Trainer
+    from transfusion_pytorch.training.data import SampleError
+    data = dataset(20, seed = 3)
+    index = next(i for i in range(7, 20) if any(isinstance(e, tuple) for e in data.samples[i]))
+    bad, position = nan_at(data, index)
+    config = TrainConfig(out_dir = str(tmp_path), max_steps = 2, max_tokens = 400, ema_beta = None, checkpoint_every = 100)
+    with pytest.raises(SampleError, match = rf'^sample {index} of the dataset: `sample\[{position}\]`: modality values must be finite'):
+        Trainer(tiny_model(), bad, config)
+
+
+class Measured(ListDataset):
+    """A dataset that knows its samples' lengths, so that the loader packs none of them before training."""
+    def __init__(self, samples, lengths):
+        super().__init__(samples)
+        self.lengths = lengths
+
+    def num_tokens(self, index):
+        return self.lengths[index]
+
+
+def test_a_nan_met_in_training_is_named_by_its_dataset_index(tmp_path):
+    from transfusion_pytorch.training import TrainConfig, Trainer
+    from transfusion_pytorch.training.data import SampleError
+    model = tiny_model()
+    data = dataset(20, seed = 3)
+    index = next(i for i in range(7, 20) if any(isinstance(e, tuple) for e in data.samples[i]))
+    bad, position = nan_at(data, index)
+    config = TrainConfig(out_dir = str(tmp_path), max_steps = 10, max_tokens = 4000, ema_beta = None, checkpoint_every = 100)
+    with pytest.raises(SampleError, match = rf'^sample {index} of the dataset: `sample\[{position}\]`: modality values must be finite'):
+        Trainer(model, Measured(bad.samples, [packed_num_tokens(model)(s) for s in data.samples]), config).train()

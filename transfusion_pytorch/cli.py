@@ -1,7 +1,7 @@
 """`transfusion`: train, sample and evaluate from the command line.
 
     transfusion train [CONFIG] [--key value ...]     train a job (by default the digits demo; --job image_text)
-    transfusion sample RUN_OR_MODEL --prompt "draw 3" [--num N] [--out FILE]
+    transfusion sample RUN_OR_MODEL --prompt "draw 3" [--num N] [--out FILE] [--shape WxH]
     transfusion eval RUN_OR_MODEL [--cfg-scale S ...] [--sweep KEY=V1,V2 ...]
     transfusion shapes OUT                           write the walk-through set of captioned drawings
     transfusion prepare SOURCE --out DIR             encode captioned images (or text) into shards
@@ -121,11 +121,14 @@ def digits_codec_of(model, config, run_dir):
     return PatchCodec(patch) if patch * patch == model.config.dim_latent[0] and 8 % patch == 0 else None
 
 
-def load(path: str, ema: bool = True) -> Loaded:
+def load(path: str, ema: bool = True, threads: int | None = None) -> Loaded:
+    """`threads`: torch CPU threads (default: as the run trained, or the torch default)."""
     from .model import Transfusion
     model_dir, config = resolve(path, ema)
-    if config is not None and config.threads > 0:
-        torch.set_num_threads(config.threads)            # as the run trained
+    if threads is None and config is not None:
+        threads = config.threads                        # as the run trained
+    if threads:
+        torch.set_num_threads(threads)
     try:
         model = Transfusion.from_pretrained(model_dir)
     except ValueError as error:                         # a config.json or weights that do not load (bad JSON included)
@@ -135,7 +138,8 @@ def load(path: str, ema: bool = True) -> Loaded:
 
 def output_path(text: str, image: bool = False) -> Path:
     """The --out file, checked before any work: not a folder, under no file, an image format
-    matplotlib writes (for images). Missing folders are made when it is written."""
+    matplotlib writes (for images). Its missing folders are made now, so that a folder that
+    cannot be made fails before the work rather than after it."""
     out = Path(text)
     if out.is_dir():
         raise UsageError(f'--out: {out} is a folder; give a file name')
@@ -147,6 +151,10 @@ def output_path(text: str, image: bool = False) -> Path:
         formats = sorted(FigureCanvasBase.get_supported_filetypes())
         if out.suffix.lower().lstrip('.') not in formats:
             raise UsageError(f"--out: an image needs one of the suffixes {', '.join('.' + f for f in formats)}, got {out.name!r}")
+    try:
+        out.parent.mkdir(parents = True, exist_ok = True)
+    except OSError as error:
+        raise UsageError(f'--out: cannot make the folder {out.parent} ({error.strerror or error})') from None
     return out
 
 
@@ -169,8 +177,16 @@ def command_sample(args):
     from .jobs import sampling
     if sampling.is_image_text_run(args.model):
         return sampling.command_sample(args)
-    loaded = load(args.model, ema = not args.no_ema)
+    refuse_image_text_options(args, ('vae', 'tokenizer', 'shape'))
+    loaded = load(args.model, ema = not args.no_ema, threads = args.threads)
     return SAMPLERS[loaded.kind](loaded, args)
+
+
+def refuse_image_text_options(args, names: tuple[str, ...]):
+    """Options that only an image-text run takes, given for another run or model: an error."""
+    given = [f"--{name}" for name in names if getattr(args, name) is not None]
+    if given:
+        raise UsageError(f'{given[0]} is for runs of the image_text job; {args.model} is not one')
 
 
 def digits_label(prompt: str) -> int:
@@ -229,13 +245,15 @@ def command_eval(args):
         digits_eval.check_per_label(args.per_label, '--per-label')
     except ValueError as error:
         raise UsageError(str(error)) from None
-    loaded = load(args.model, ema = not args.no_ema)
+    refuse_image_text_options(args, ('vae', 'tokenizer'))
+    out = output_path(args.out) if args.out and args.sweep is None else None
+    loaded = load(args.model, ema = not args.no_ema, threads = args.threads)
     if loaded.kind != 'digits':
         raise UsageError(f'transfusion eval knows the digits models (12 text tokens, one image modality); {args.model} is another model')
     sampling = loaded.sampling(args)
     if args.sweep is not None:
         return command_sweep(args, loaded, sampling)
-    out = output_path(args.out) if args.out else (loaded.path / 'eval.json' if loaded.config is not None else None)
+    out = out or (loaded.path / 'eval.json' if loaded.config is not None else None)
     results = digits_eval.evaluate(loaded.model, loaded.codec, per_label = args.per_label, sampling = sampling, seed = args.seed or 0,
                                    num_captions = args.captions)
 
@@ -322,6 +340,13 @@ def add_sampling_options(parser, default_steps: str):
     parser.add_argument('--guidance-schedule', help = f'constant, or linear (from no guidance at t_lo to cfg_scale at t_hi; default {default.guidance_schedule})')
 
 
+def add_run_options(parser):
+    """Options of `sample`, `eval` and `caption` for where a run's parts are and how it runs."""
+    parser.add_argument('--vae', help = 'image-text runs: the VAE folder, if it moved since prepare')
+    parser.add_argument('--tokenizer', help = 'image-text runs: the tokenizer folder, if it moved since prepare')
+    parser.add_argument('--threads', type = positive_int, help = "torch CPU threads (default: the run's threads setting, else the torch default)")
+
+
 # the parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -356,7 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument('--max-length', type = positive_int, help = 'the max_length of model.sample (tokens to generate per sample), for models other than digits (default 256)')
     sample.add_argument('--no-ema', action = 'store_true', help = "use a run's online weights instead of its EMA weights")
     add_sampling_options(sample, "the run's modality_steps, else 8")
-    sample.add_argument('--vae', help = "image-text runs: the VAE folder, if it moved since prepare")
+    sample.add_argument('--shape', metavar = 'WIDTHxHEIGHT', help = 'image-text runs: the size of the pictures in pixels, width x '
+                                                                    "height, one the run trained on (its buckets; default: the run's most common size)")
+    add_run_options(sample)
 
     evaluate = commands.add_parser('eval', help = 'evaluate a digits model: text-to-image and captioning accuracy, held-out losses',
                                    description = 'Text-to-image accuracy (a reader trained on real digits reads the drawings), '
@@ -377,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  'and writes sweep.json and sweep.png (accuracy against Fréchet distance and diversity) to the '
                                  'run folder, or to --out')
     evaluate.add_argument('--per-caption', type = positive_int, default = 4, help = 'image-text runs on the walk-through set: drawings per caption (default 4)')
+    add_run_options(evaluate)
     add_parsers(commands)
     return parser
 

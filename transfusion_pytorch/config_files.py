@@ -136,6 +136,8 @@ def load(cls, path: str | Path | None = None, overrides: dict | None = None):
         for key, value in mapping.items():
             if isinstance(value, dict):
                 raise ConfigError(f"{path}: '{key}' is a table; the config is flat key = value lines{closest(key, fields_of(cls))}")
+    if overrides:                               # where the values came from, for errors: the file, the command line or both
+        source = 'the command line' if path is None else f'{path} with the command line'
     mapping.update(overrides or {})
     return from_mapping(cls, mapping, source)
 

@@ -137,18 +137,28 @@ def normalize_samples(
     samples = []
 
     for sample_index, sample in enumerate(modalities):
-        if torch.is_tensor(sample):
-            sample = [sample]   # a sample given as one bare tensor
-
-        if not isinstance(sample, (list, tuple)):
-            raise TypeError(f'`modalities[{sample_index}]` must be a list of tensors and (modality_type, tensor) tuples, got {describe(sample)}')
-
-        if len(sample) == 0:
-            raise ValueError(f'`modalities[{sample_index}]` is an empty sample: expected at least one text or modality element, got an empty list')
-
-        samples.append(_normalize_elements(sample, f'`modalities[{sample_index}]', num_text_tokens, specs, encode))
+        try:
+            samples.append(_normalize_sample(sample, sample_index, num_text_tokens, specs, encode))
+        except (TypeError, ValueError) as error:
+            # the error names the sample by its place in this batch; a trainer names it by its
+            # place in the data (`training.data.in_the_data`)
+            error.sample_index = sample_index
+            raise
 
     return samples
+
+
+def _normalize_sample(sample, sample_index: int, num_text_tokens, specs, encode) -> Sample:
+    if torch.is_tensor(sample):
+        sample = [sample]   # a sample given as one bare tensor
+
+    if not isinstance(sample, (list, tuple)):
+        raise TypeError(f'`modalities[{sample_index}]` must be a list of tensors and (modality_type, tensor) tuples, got {describe(sample)}')
+
+    if len(sample) == 0:
+        raise ValueError(f'`modalities[{sample_index}]` is an empty sample: expected at least one text or modality element, got an empty list')
+
+    return _normalize_elements(sample, f'`modalities[{sample_index}]', num_text_tokens, specs, encode)
 
 
 def normalize_prompt(

@@ -198,6 +198,10 @@ class TensorSource:
                                 f'transformers PreTrainedModel, got {type(source).__name__}')
             self.folder, self.files = None, {}
             self.config = source.config.to_dict()
+            if not self.config.get('architectures'):
+                # a model built in memory (`LlamaForCausalLM(LlamaConfig(...))`) has no `architectures`
+                # until save_pretrained records its class name: the class name is what it would record
+                self.config['architectures'] = [type(source).__name__]
             self.state = source.state_dict()
 
     def names(self) -> set[str]:

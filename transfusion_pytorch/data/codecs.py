@@ -144,9 +144,11 @@ class VAECodec:
 
 def load_codec(vae: str | Path | None, patch: int | None = None, device = 'cpu'):
     """A VAE codec when `vae` is a folder (patch default 1), the patch codec otherwise (patch default 4)."""
+    if patch is not None and (not isinstance(patch, int) or patch <= 0):
+        raise ValueError(f'patch must be a positive int (or None for the default), got {patch!r}')
     if vae is None:
-        return PatchCodec(patch or 4)
-    return VAECodec(vae, patch or 1, device)
+        return PatchCodec(4 if patch is None else patch)
+    return VAECodec(vae, 1 if patch is None else patch, device)
 
 
 def from_description(description: dict, vae_path: str | Path | None = None, device = 'cpu'):

@@ -54,6 +54,10 @@ from ..training.data import Batch
 from .shards import Prepared, Shard, ShardError
 
 
+class SampleTooLong(ValueError):
+    """A sample longer than the token budget of a batch: it fits in no batch."""
+
+
 def mix64(*values: int) -> int:
     """A 64-bit hash of integers that is the same in every process (Python's str hash is not)."""
     return int.from_bytes(hashlib.blake2b(struct.pack(f'<{len(values)}q', *values), digest_size = 8).digest(), 'little') >> 1
@@ -252,7 +256,7 @@ class SlotStream(torch.utils.data.IterableDataset):
             entry = shard.samples[sample]
             length = self.length(entry)
             if length > self.config.max_tokens:
-                raise ValueError(f"sample {entry['key']} of {self.sources[cursor.index].name} has {length} tokens, "
+                raise SampleTooLong(f"sample {entry['key']} of {self.sources[cursor.index].name} has {length} tokens, "
                                  f'more than the budget of max_tokens = {self.config.max_tokens}')
             if samples and used + length > self.config.max_tokens:
                 break
@@ -372,7 +376,7 @@ class StreamingLoader:
                     shapes[shape] = modality_tokens(shape)
                 longest = 2 + stats['max_text_tokens'] + (shapes[shape] if shape is not None else 0)
                 if longest > config.max_tokens:
-                    raise ValueError(f"sample {stats['longest']} of {p.folder} has {longest} tokens, more than the budget of "
+                    raise SampleTooLong(f"sample {stats['longest']} of {p.folder} has {longest} tokens, more than the budget of "
                                      f'max_tokens = {config.max_tokens}: raise max_tokens, or prepare with a smaller image size or shorter texts')
         self.stream = SlotStream([Source.of(p) for p in prepared], weights, shapes, config, rank, world_size)
         self.slots, self.consumed, self.iterator = {}, 0, None
@@ -399,6 +403,19 @@ class StreamingLoader:
         self.slots[local] = state
         self.consumed += 1
         return batch
+
+    def sample_name(self, index: str) -> str:
+        """How errors name a sample of a batch, from its `Batch.indices` entry ('folder:key'): its
+        key, folder and shard file (found by reading the shards' headers, only when asked)."""
+        source = next((s for s in self.stream.sources if index.startswith(s.name + ':')), None)
+        if source is None:
+            return f'sample {index!r}'
+        key = index[len(source.name) + 1:]
+        for path in source.paths:
+            with Shard(path) as shard:
+                if any(entry['key'] == key for entry in shard.samples):
+                    return f'sample {key!r} of {source.name} (in {path.name})'
+        return f'sample {key!r} of {source.name}'
 
     def mix(self) -> dict[str, float]:
         """The share of samples each folder has given so far (this rank)."""

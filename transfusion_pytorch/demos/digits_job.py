@@ -39,7 +39,7 @@ def option(default, help: str):
 
 @dataclass(kw_only = True)
 class DigitsConfig:
-    job: str = option('digits', 'the job; only "digits" for now')
+    job: str = option('digits', 'the job: "digits" (here) or "image_text" (its keys below)')
     name: str = option('digits', 'the run folder is <out_root>/<name>')
     out_root: str = option('runs', 'where run folders go')
     # data

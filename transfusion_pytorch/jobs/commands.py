@@ -33,21 +33,25 @@ def job_of(config_path: str | None, extra: list[str]) -> str:
 
 def train_image_text(config_path: str | None, extra: list[str]):
     """Data that does not fit the run (another tokenizer or codec than the run's or the language
-    model's, an unfinished prepared folder) is found before training starts, and reported as an
-    error in what was asked: one line, exit status 2."""
+    model's, an unfinished prepared folder, a sample over max_tokens) is found before training
+    starts, and reported as an error in what was asked: one line, exit status 2; so is a sample
+    the model refuses in training (a NaN), named by its folder, key and shard."""
     from ..data.codecs import CodecMismatch
+    from ..data.loader import SampleTooLong
     from ..data.shards import ShardError
     from ..data.tokenizers import TokenizerMismatch
+    from ..training.data import SampleError
     from . import image_text
     overrides = parse_overrides(image_text.ImageTextConfig, extra)
     config = image_text.load_config(config_path, overrides)
     try:
         return image_text.train(config)
-    except (TokenizerMismatch, CodecMismatch, ShardError) as error:
+    except (TokenizerMismatch, CodecMismatch, ShardError, SampleTooLong, SampleError) as error:
         raise ConfigError(str(error)) from None
 
 
 def add_parsers(commands):
+    from ..cli import add_run_options
     from ..data import shapes, sources
     prepare = commands.add_parser(
         'prepare', help = 'encode a folder of captioned images (or text) once into shards for training',
@@ -85,7 +89,7 @@ def add_parsers(commands):
                                   description = 'Prints the caption the model of an image-text run writes for each picture.')
     caption.add_argument('model', metavar = 'RUN', help = 'a run folder of the image_text job')
     caption.add_argument('pictures', nargs = '+', help = 'picture files')
-    caption.add_argument('--vae', help = 'the VAE folder, if it moved since prepare')
+    add_run_options(caption)
     caption.add_argument('--no-ema', action = 'store_true', help = "use the run's online weights instead of its EMA weights")
 
 

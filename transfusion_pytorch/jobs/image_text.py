@@ -196,7 +196,8 @@ def check_rerun(config: ImageTextConfig):
 
 def describe_data(config: ImageTextConfig, images: list[Prepared], texts: list[Prepared], weights: list[float]) -> dict:
     """What data.json records: the folders and their weights, the tokenizer and codec, the
-    latent shape the model draws by default and the longest caption."""
+    latent shape the model draws by default, every latent shape trained on (the buckets) and the
+    longest caption."""
     shapes = Counter()
     for p in images:
         for name, stats in p.manifest['shapes'].items():
@@ -206,6 +207,7 @@ def describe_data(config: ImageTextConfig, images: list[Prepared], texts: list[P
     folders = [dict(folder = str(p.folder.resolve()), kind = p.kind, samples = p.num_samples, weight = w)
                for p, w in zip(images + texts, weights)]
     return dict(job = JOB, folders = folders, tokenizer = images[0].tokenizer, codec = images[0].codec, shape = shape,
+                shapes = sorted([int(n) for n in name.split('x')] for name in shapes),
                 image_size = settings['image_size'], buckets = settings['buckets'],
                 max_caption_tokens = max(stats['max_text_tokens'] for p in images for stats in p.manifest['shapes'].values()))
 
@@ -255,11 +257,10 @@ def build_model(config: ImageTextConfig, record: dict) -> Transfusion:
                        transformer = dict(size, separate_modality_weights = config.separate_modality_weights), **options)
 
 
-def default_prompts(folders: list[Prepared], count: int = 4) -> list[str]:
-    """The first `count` distinct captions of the first folder, decoded: a fixed set of prompts."""
+def default_prompts(folders: list[Prepared], tokenizer, count: int = 4) -> list[str]:
+    """The first `count` distinct captions of the first folder, decoded by `tokenizer` (the
+    run's): a fixed set of prompts."""
     from ..data.shards import Shard
-    from ..data.tokenizers import from_description
-    tokenizer = from_description(folders[0].tokenizer)
     prompts = []
     for path in folders[0].shard_paths():
         with Shard(path) as shard:
@@ -313,6 +314,9 @@ def run_job(config: ImageTextConfig, callbacks = ()) -> Path:
     if lm is not None:
         language_model.check_tokenizer(config.language_model, lm['vocab_size'], record['tokenizer'], f'the data in {folders[0].folder}')
     assets = sampling.Assets.of(record, vae = config.vae, tokenizer = config.tokenizer)      # checks --vae and --tokenizer
+    for key, moved in (('tokenizer', config.tokenizer), ('codec', config.vae)):
+        if moved is not None:                       # where sample and caption find it from now on
+            record[key] = dict(record[key], path = str(Path(moved).resolve()))
     model = build_model(config, record)
     loader = StreamingLoader(
         folders, modality_tokens_of(model),
@@ -320,7 +324,7 @@ def run_job(config: ImageTextConfig, callbacks = ()) -> Path:
                      shuffle_buffer = config.shuffle_buffer, num_workers = config.workers, weights = tuple(record['weights'])),
         rank = dist.rank, world_size = dist.world_size, tokenizer = record['tokenizer'], codec = record['codec'],
     )
-    prompts = list(config.prompts) or default_prompts(folders)
+    prompts = list(config.prompts) or default_prompts(folders, assets.tokenizer)
     if dist.is_main:
         run_dir.mkdir(parents = True, exist_ok = True)
         if lm is not None:

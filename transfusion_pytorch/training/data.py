@@ -55,6 +55,23 @@ class Batch:
     global_index: int       # index of this batch among all ranks' batches of the epoch
 
 
+class SampleError(ValueError):
+    """A sample of the data that the model refuses, named by its place in the data (its dataset
+    index, or its folder, shard and key) rather than by its position in a batch."""
+
+
+def in_the_data(error: Exception, indices: list, describe: Callable[[object], str] | None = None) -> SampleError | None:
+    """`error`, raised by the model's input checks about `modalities[i]` of a batch whose
+    samples are `indices` in the data, retold about that sample (`describe(index)`: how the
+    loader names it, its `sample_name`); None for an error that is not about one sample."""
+    position = getattr(error, 'sample_index', None)
+    if position is None:
+        return None
+    index = indices[position]
+    name = describe(index) if describe is not None else f'sample {index!r}'
+    return SampleError(f"{name}: {str(error).replace(f'`modalities[{position}]', '`sample')}")
+
+
 def plan_batches(lengths: Sequence[int], order: Sequence[int], max_tokens: int) -> list[list[int]]:
     """Greedy batches of consecutive indices of `order` whose lengths sum to at most `max_tokens`
     (each length is at most `max_tokens`; the loader checks)."""
@@ -103,7 +120,7 @@ class TokenBudgetLoader:
         if hasattr(dataset, 'num_tokens'):
             self.lengths = [int(dataset.num_tokens(i)) for i in range(len(dataset))]
         elif num_tokens is not None:
-            self.lengths = [int(num_tokens(dataset[i])) for i in range(len(dataset))]
+            self.lengths = [self.measure(num_tokens, i) for i in range(len(dataset))]
         else:
             raise ValueError('give `num_tokens` (e.g. `packed_num_tokens(model)`) or a dataset with a `num_tokens(index)` method')
 
@@ -113,6 +130,21 @@ class TokenBudgetLoader:
 
         self.epoch, self.position = 0, 0
         self._plan_epoch = None
+
+    def measure(self, num_tokens: Callable[[list], int], index: int) -> int:
+        """The length of sample `index`, packed alone; a sample the model refuses is named by its index."""
+        try:
+            return int(num_tokens(self.dataset[index]))
+        except (TypeError, ValueError) as error:
+            retold = in_the_data(error, [index], self.sample_name)
+            if retold is None:
+                raise
+            raise retold from None
+
+    @staticmethod
+    def sample_name(index: int) -> str:
+        """How errors name the sample at `index` of the dataset."""
+        return f'sample {index} of the dataset'
 
     def global_batches(self, epoch: int) -> list[list[int]]:
         """All ranks' batches of an epoch, as dataset indices."""

@@ -42,7 +42,7 @@ from tqdm import tqdm
 from ..residual import ResidualMix
 from ..transformer import Transformer
 from . import checkpoint, distributed
-from .data import SampleDataset, TokenBudgetLoader, packed_num_tokens
+from .data import SampleDataset, TokenBudgetLoader, in_the_data, packed_num_tokens
 from .parallelize import CHECKPOINTING, STRATEGIES, gradient_sync, parallelize
 
 
@@ -223,7 +223,13 @@ class Trainer:
         with torch.random.fork_rng(devices = devices, device_type = self.dist.device.type):
             torch.manual_seed(batch_seed(self.config.seed, batch.epoch, batch.global_index))
             with self.autocast:
-                loss, breakdown = self.wrapped(batch.samples, return_breakdown = True)
+                try:
+                    loss, breakdown = self.wrapped(batch.samples, return_breakdown = True)
+                except (TypeError, ValueError) as error:         # a sample the model refuses, named by its place in the data
+                    retold = in_the_data(error, batch.indices, getattr(self.loader, 'sample_name', None))
+                    if retold is None:
+                        raise
+                    raise retold from None
             (loss * scale).backward()
         return loss.detach(), (breakdown.per_sample_text, breakdown.per_sample_flow)
 
