@@ -315,3 +315,8 @@ def test_a_long_caption_skipped_or_an_error_naming_it(tmp_path, capsys):
     assert rerun().num_samples == 12
     with pytest.raises(ValueError, match = r'they differ in long_captions'):     # but once one does, the policy is part of the bytes
         rerun(long_captions = 'skip')
+    # and a lower limit than a stored caption's is refused too (the walk-through's captions are 25 to 40 bytes)
+    plain = prepared_set(tmp_path / 'plain', num = 4)
+    with pytest.raises(ValueError, match = r'they differ in max_caption_tokens'):
+        prepared_set(tmp_path / 'plain', num = 4, max_caption_tokens = 20)
+    assert prepared_set(tmp_path / 'plain', num = 4, max_caption_tokens = 100).num_samples == plain.num_samples == 4

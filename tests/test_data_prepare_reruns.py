@@ -248,9 +248,14 @@ def test_a_full_disk_is_a_one_line_error_and_leaves_no_partial_file(tmp_path, ca
 def test_a_read_only_folder_is_a_one_line_error(tmp_path, capsys, monkeypatch):
     """Tests run as root, whom a read-only mode does not stop: the folder's refusal is simulated."""
     source = shapes.write_set(tmp_path / 'set', 4, 16)
+    done = tmp_path / 'done'
+    cli.main(['prepare', str(source), '--out', str(done), '--image-size', '16'])
     out = tmp_path / 'out'
     out.mkdir()
     monkeypatch.setattr(builtins, 'open', failing_open(out, PermissionError(errno.EACCES, 'Permission denied')))
     message = cli_error(['prepare', str(source), '--out', str(out), '--image-size', '16'], capsys)
     assert message == f'transfusion: error: {out}/prepare.json: Permission denied; --out must be a folder you can write to, got {out}'
     assert list(out.iterdir()) == []
+    # a finished folder made read-only is left as it is: the same command needs to write nothing
+    monkeypatch.setattr(builtins, 'open', failing_open(done, PermissionError(errno.EACCES, 'Permission denied')))
+    assert cli.main(['prepare', str(source), '--out', str(done), '--image-size', '16']).num_samples == 4

@@ -20,6 +20,7 @@ caption tokenized once, written as shards (see `shards.py`).
 from __future__ import annotations
 
 import itertools
+import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -241,5 +242,13 @@ def write_manifest(out: Path, settings: dict, num_shards: int) -> dict:
         # captions over the limit, truncated or skipped (the skipped ones are also under `skipped`)
         long_captions = dict(policy = settings['long_captions'], max_tokens = settings['max_caption_tokens'], count = len(long), captions = long),
     )
-    shards.write_json(out / shards.MANIFEST, manifest)
+    if not holds(out / shards.MANIFEST, manifest):       # a finished folder is left untouched (it may be read-only)
+        shards.write_json(out / shards.MANIFEST, manifest)
     return manifest
+
+
+def holds(path: Path, value) -> bool:
+    try:
+        return json.loads(path.read_text()) == value
+    except (OSError, ValueError):
+        return False

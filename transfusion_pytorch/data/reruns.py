@@ -44,7 +44,7 @@ def check_settings(out: Path, settings: dict):
         changed = sorted(k for k in before.keys() | settings.keys() if before.get(k) != settings.get(k))
         if not changed:
             return
-        if written and not (set(changed) <= CAPTION_SETTINGS and not any(long_captions(p) for p in written)):
+        if written and not (set(changed) <= CAPTION_SETTINGS and not any(has_long_captions(p, settings) for p in written)):
             raise ValueError(f'{out} holds data prepared with other settings (they differ in {", ".join(changed)}); '
                              f'use another --out, or delete {out} to start over')
     elif written:
@@ -52,9 +52,12 @@ def check_settings(out: Path, settings: dict):
     shards.write_json(path, settings)
 
 
-def long_captions(path: Path) -> list:
+def has_long_captions(path: Path, settings: dict) -> bool:
+    """Whether the shard at `path` holds a caption the caption settings act on: one over the
+    limit it was written with, or over the limit of `settings`."""
     with shards.Shard(path) as shard:
-        return shard.long_captions
+        return bool(shard.long_captions) or any(e['shape'] is not None and e['text_tokens'] > settings['max_caption_tokens']
+                                                for e in shard.samples)
 
 
 # what a shard was made from
@@ -123,11 +126,12 @@ def holding(out: Path):
     (Windows, some network filesystems) the run goes on unlocked and removes no files."""
     try:
         import fcntl
-    except ImportError:
-        fcntl = None
+    except ImportError:             # Windows
+        yield
+        return
     fd = os.open(out, os.O_RDONLY)
     try:
-        if fcntl is not None and lock(fcntl, fd, out):
+        if lock(fcntl, fd, out):
             remove_temporaries(out)
         yield
     finally:
