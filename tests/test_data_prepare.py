@@ -152,6 +152,7 @@ def test_prepare_killed_and_rerun_gives_the_same_shards(tmp_path):
 
     rerun = prepare(PrepareConfig(source = str(source), out = str(out), image_size = 16, shard_size = 8, progress = False))
     assert rerun.manifest['shards'] == whole.manifest['shards']             # names, sizes and SHA-256 of every shard
+    assert not list(out.glob('.*.tmp-*'))                                    # the killed run's temporary file removed
     for name, data in folder_bytes(whole.folder).items():
         if name.startswith('shard-'):
             assert (out / name).read_bytes() == data
@@ -264,3 +265,58 @@ def test_a_damaged_shard_is_found_before_training(tmp_path):
     shard.write_bytes(shard.read_bytes()[:-8])
     with pytest.raises(ShardError, match = r'shard-00001.safetensors has \d+ bytes, manifest.json says \d+ \(damaged or replaced\)'):
         Prepared(prepared.folder)
+
+
+def long_caption_set(root: Path) -> Path:
+    """12 drawings, the caption of the sixth 2,000 characters long."""
+    source = shapes.write_set(root, 12, 16)
+    rows = [json.loads(line) for line in (source / 'metadata.jsonl').read_text().splitlines()]
+    rows[5]['text'] = 'a red circle ' * 153 + 'x' * 11           # 2,000 characters: 2,000 byte tokens
+    (source / 'metadata.jsonl').write_text(''.join(json.dumps(row) + '\n' for row in rows))
+    return source
+
+
+def test_a_long_caption_is_truncated_by_default_counted_and_reported(tmp_path, capsys):
+    """A 2,000-character caption was stored whole, and training refused the folder (its texts
+    are limited by --max-text-tokens only for text rows)."""
+    from transfusion_pytorch import cli
+    source = long_caption_set(tmp_path / 'set')
+    prepared = cli.main(['prepare', str(source), '--out', str(tmp_path / 'out'), '--image-size', '16'])
+    assert f"12 samples in 1 shards (1 written now, 0 already there); 0 records skipped; 1 caption over 1,024 tokens truncated " \
+           f"(listed under 'long_captions' in {tmp_path / 'out' / 'manifest.json'})" in capsys.readouterr().out
+    assert prepared.manifest['long_captions'] == dict(policy = 'truncate', max_tokens = 1024, count = 1, captions = [['images/000005.png', 2000]])
+    assert prepared.manifest['shapes']['4x4']['max_text_tokens'] == 1024
+    texts = {key: sample['text'] for key, sample in shard_samples(prepared)}
+    assert bytes(texts['images/000005.png'].tolist()).decode() == ('a red circle ' * 153 + 'x' * 11)[:1024]
+
+
+def test_a_long_caption_skipped_or_an_error_naming_it(tmp_path, capsys):
+    from transfusion_pytorch import cli
+    source = long_caption_set(tmp_path / 'set')
+    skipped = prepare(PrepareConfig(source = str(source), out = str(tmp_path / 'skip'), image_size = 16, progress = False,
+                                    long_captions = 'skip', max_caption_tokens = 1500))
+    assert skipped.num_samples == 11 and 'images/000005.png' not in {key for key, _ in shard_samples(skipped)}
+    assert skipped.manifest['skipped'] == [['images/000005.png', 'a caption of 2,000 tokens, more than --max-caption-tokens 1500 '
+                                                                 '(--long-captions skip)']]
+    assert skipped.manifest['long_captions'] == dict(policy = 'skip', max_tokens = 1500, count = 1, captions = [['images/000005.png', 2000]])
+    assert '1 records skipped' in capsys.readouterr().out
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit:
+        cli.main(['prepare', str(source), '--out', str(tmp_path / 'error'), '--image-size', '16', '--shard-size', '4', '--long-captions', 'error'])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        'transfusion: error: the caption of images/000005.png has 2,000 tokens, more than --max-caption-tokens 1024: raise '
+        '--max-caption-tokens, or give --long-captions truncate (cut it to the limit) or skip (leave its sample out)')
+    assert [p.name for p in (tmp_path / 'error').glob('shard-*')] == ['shard-00000.safetensors']     # records 0-3
+    # another policy then goes on in the same folder, as no shard holds a long caption yet
+    def rerun(**options):
+        return prepare(PrepareConfig(source = str(source), out = str(tmp_path / 'error'), image_size = 16, shard_size = 4, progress = False, **options))
+    assert rerun().num_samples == 12
+    with pytest.raises(ValueError, match = r'they differ in long_captions'):     # but once one does, the policy is part of the bytes
+        rerun(long_captions = 'skip')
+    # and a lower limit than a stored caption's is refused too (the walk-through's captions are 25 to 40 bytes)
+    plain = prepared_set(tmp_path / 'plain', num = 4)
+    with pytest.raises(ValueError, match = r'they differ in max_caption_tokens'):
+        prepared_set(tmp_path / 'plain', num = 4, max_caption_tokens = 20)
+    assert prepared_set(tmp_path / 'plain', num = 4, max_caption_tokens = 100).num_samples == plain.num_samples == 4

@@ -235,6 +235,19 @@ def test_bad_job_settings_are_errors_naming_the_key(trained, tmp_path):
         image_text.train(config(tmp_path, [prepared.folder], text_data = (str(prepared.folder),)))
 
 
+def test_more_workers_than_samples_is_a_one_line_error(trained, tmp_path, capsys):
+    """`--workers` are the DataLoader workers of each rank; each reads its own part of every
+    folder, so a folder needs a sample per reader. More was a ValueError traceback."""
+    _, prepared = trained
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit:
+        cli.main(['train', '--job', 'image_text', '--data', str(prepared.folder), '--workers', '25', '--out-root', str(tmp_path)])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f'transfusion: error: {prepared.folder} has 24 samples, fewer than the 25 readers (1 ranks x 25 workers): use fewer workers']
+    assert not list(tmp_path.iterdir())                     # refused before the run folder is made
+
+
 def test_sample_draws_a_row_for_each_prompt(trained, tmp_path, capsys):
     run, _ = trained
     out = tmp_path / 'rows.png'

@@ -1,7 +1,8 @@
 """Images in: decoding, resizing and centre-cropping, aspect-ratio buckets.
 
-- Decoding with Pillow, converted to RGB (as `datasets`' `Image` feature and the diffusers
-  training scripts do). A file Pillow cannot read raises `UnreadableImage`, which `prepare`
+- Decoding with Pillow, turned upright by its EXIF orientation (`ImageOps.exif_transpose`, as
+  `datasets`' `Image` feature does) and converted to RGB (as the diffusers training scripts
+  do); 16-bit and float greys are scaled to 8 bits, not clipped at 255. A file Pillow cannot read raises `UnreadableImage`, which `prepare`
   counts and reports instead of stopping.
 - Square images: the shorter side is resized to the target size (bicubic, antialiased) and
   the centre cropped, the `Resize` + `CenterCrop` of diffusers' `train_text_to_image.py`.
@@ -31,18 +32,41 @@ class UnreadableImage(Exception):
 
 
 def decode(load: Callable[[], bytes | str | Path]) -> 'PIL.Image.Image':
-    """The RGB image behind `load()` (bytes or a path). Any failure becomes `UnreadableImage`."""
+    """The upright RGB image behind `load()` (bytes or a path). Any failure becomes `UnreadableImage`,
+    whose message is the same from run to run (an image given as bytes is named by its size,
+    not by the repr of a buffer, which holds a memory address)."""
     Image = require('PIL.Image', 'reading images')
+    from PIL import ImageOps
+    file = None
     try:
         source = load()
         file = io.BytesIO(source) if isinstance(source, bytes) else source
         with Image.open(file) as image:
             image.load()                # decode now, so that a truncated file fails here
-            return image.convert('RGB')
+            # the EXIF orientation of phone photos, applied as `datasets`' Image feature does
+            return to_rgb(ImageOps.exif_transpose(image))
     except UnreadableImage:
         raise
     except Exception as error:         # Pillow raises many kinds (OSError, SyntaxError, DecompressionBombError, ...)
-        raise UnreadableImage(f'{type(error).__name__}: {error}') from None
+        message = str(error)
+        if isinstance(file, io.BytesIO):
+            message = message.replace(repr(file), f'of {len(file.getbuffer()):,} bytes')
+        raise UnreadableImage(f'{type(error).__name__}: {message}') from None
+
+
+# full scale of the modes Pillow's convert('RGB') would clip at 255 instead of scaling: 16-bit
+# greys (PNG, TIFF; Pillow opens a 16-bit PNG as I;16 or, in older versions, I) and float greys,
+# taken to lie in [0, 1] as in TIFF and in torchvision's float images
+FULL_SCALE = {'I;16': 65535, 'I;16L': 65535, 'I;16B': 65535, 'I;16N': 65535, 'I': 65535, 'F': 1.}
+
+
+def to_rgb(image) -> 'PIL.Image.Image':
+    """`image` as 8-bit RGB; greys of more than 8 bits scaled to 8 bits, not clipped."""
+    if image.mode in FULL_SCALE:
+        scale = 255. / FULL_SCALE[image.mode]
+        # through 32-bit floats; the conversion to L clips to [0, 255] and truncates, so + 0.5 rounds
+        image = image.convert('F').point(lambda value: value * scale + 0.5).convert('L')
+    return image.convert('RGB')
 
 
 def cover_and_crop(image, height: int, width: int):

@@ -4,11 +4,15 @@ caption tokenized once, written as shards (see `shards.py`).
 - Shard k holds records k * shard_size ... (k + 1) * shard_size - 1 of the source, in the
   source's order. A rerun skips each shard already on disk (so a killed run resumes where it
   stopped) and writes the manifest last; the same source and settings give the same bytes.
+  What makes a rerun safe (the settings, the source unchanged, one writer) is `reruns.py`.
 - Images of a shard are decoded and resized on a pool of threads (Pillow releases the GIL)
   in record order, then encoded in batches of `batch_size` images of one size, on the GPU
   when there is one.
 - A record whose image cannot be read is skipped: named as it happens, listed with its
   reason in its shard and the manifest, and counted at the end. It never stops the run.
+- A caption longer than `max_caption_tokens` is cut to it (`long_captions = 'truncate'`, the
+  default, as the diffusers training scripts tokenize captions with truncation), its sample
+  skipped ('skip') or the run stopped naming it ('error'); counted and listed in the manifest.
 - Text sources give text-only rows, a row longer than `max_text_tokens` continued in the next
   row (no token is lost).
 """
@@ -16,6 +20,7 @@ caption tokenized once, written as shards (see `shards.py`).
 from __future__ import annotations
 
 import itertools
+import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -24,7 +29,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import codecs, images, shards, sources, tokenizers
+from . import codecs, images, reruns, shards, sources, tokenizers
+
+LONG_CAPTIONS = ('truncate', 'skip', 'error')
 
 
 @dataclass(kw_only = True)
@@ -44,38 +51,33 @@ class PrepareConfig:
     shard_size: int = 1000              # records per shard
     batch_size: int = 32                # images per encoder call
     max_text_tokens: int = 1024         # text rows longer than this are continued in the next row
+    max_caption_tokens: int = 1024      # the longest caption of an image
+    long_captions: str = 'truncate'     # a longer one: LONG_CAPTIONS
     device: str | None = None           # None: cuda when available
     threads: int = 0                    # image decoding threads; 0: up to 8, one per CPU
     progress: bool = True
 
     def __post_init__(self):
-        for name in ('image_size', 'shard_size', 'batch_size', 'max_text_tokens'):
+        for name in ('image_size', 'shard_size', 'batch_size', 'max_text_tokens', 'max_caption_tokens'):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise ValueError(f'{name} must be a positive int, got {getattr(self, name)!r}')
         if self.kind is not None and self.kind not in sources.KINDS:
             raise ValueError(f'kind must be one of {sources.KINDS}, got {self.kind!r}')
+        if self.long_captions not in LONG_CAPTIONS:
+            raise ValueError(f'long_captions must be one of {LONG_CAPTIONS}, got {self.long_captions!r}')
+
+
+class CaptionTooLong(ValueError):
+    """A caption over `max_caption_tokens` with `long_captions = 'error'`."""
 
 
 def settings_of(config: PrepareConfig, kind: str, codec, tokenizer) -> dict:
     """What the bytes of the output depend on; a rerun into the same folder must match it."""
-    keep = ('image_size', 'buckets', 'caption_column', 'image_column', 'text_column', 'split', 'shard_size', 'max_text_tokens')
+    keep = ('image_size', 'buckets', 'caption_column', 'image_column', 'text_column', 'split', 'shard_size', 'max_text_tokens',
+            'max_caption_tokens', 'long_captions')
     settings = {k: v for k, v in asdict(config).items() if k in keep}
     return dict(format = shards.FORMAT, version = shards.VERSION, source = str(Path(config.source).resolve()), kind = kind,
                 codec = codec.describe() if codec is not None else None, tokenizer = tokenizer.describe(), **settings)
-
-
-def check_settings(out: Path, settings: dict):
-    import json
-    path = out / shards.SETTINGS
-    if path.exists():
-        before = json.loads(path.read_text())
-        if before != settings:
-            changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
-            raise ValueError(f'{out} holds data prepared with other settings (they differ in {", ".join(changed)}); '
-                             f'use another --out, or delete {out} to start over')
-    elif any(out.glob('shard-*.safetensors')):
-        raise ValueError(f'{out} holds shards but no {shards.SETTINGS}: not a folder prepare wrote; use another --out')
-    shards.write_json(path, settings)
 
 
 def prepare(config: PrepareConfig, on_shard = None) -> shards.Prepared:
@@ -93,69 +95,110 @@ def prepare(config: PrepareConfig, on_shard = None) -> shards.Prepared:
     out = Path(config.out)
     out.mkdir(parents = True, exist_ok = True)
     settings = settings_of(config, kind, codec, tokenizer)
-    check_settings(out, settings)
+    with reruns.holding(out):
+        reruns.check_settings(out, settings)
+        num_shards, written, skipped_now = write_shards(config, kind, out, tokenizer, codec, buckets, on_shard)
+        manifest = write_manifest(out, settings, num_shards)
+    print(summary(out, manifest, written, skipped_now))
+    return shards.Prepared(out)
 
+
+def summary(out: Path, manifest: dict, written: int, skipped_now: int) -> str:
+    counts, long = manifest['counts'], manifest['long_captions']
+    line = (f"{out}: {counts['samples']:,} samples in {counts['shards']} shards ({written} written now, "
+            f"{counts['shards'] - written} already there); {counts['skipped']} records skipped")
+    if counts['skipped']:
+        line += f" ({skipped_now} this run; all listed under 'skipped' in {out / shards.MANIFEST})"
+    if long['count']:
+        done = dict(truncate = 'truncated', skip = 'skipped')[long['policy']]
+        line += (f"; {long['count']:,} caption{'s' if long['count'] > 1 else ''} over {long['max_tokens']:,} tokens {done} "
+                 f"(listed under 'long_captions' in {out / shards.MANIFEST})")
+    return line
+
+
+def write_shards(config: PrepareConfig, kind: str, out: Path, tokenizer, codec, buckets, on_shard) -> tuple[int, int, int]:
+    """Writes the shards not on disk yet (and the last one again when the source gained records
+    after it); returns the number of shards, the number written now and the records skipped now."""
     records = sources.records(config.source, kind, caption_column = config.caption_column, image_column = config.image_column,
                               split = config.split, text_column = config.text_column)
     threads = config.threads or min(8, os.cpu_count() or 1)
-    progress = tqdm(desc = f'preparing {Path(config.source).name}', unit = 'record', disable = not config.progress)
-    written, skipped_now = 0, 0
-    with ThreadPoolExecutor(threads) as pool:
+    written, skipped_now, num_records = 0, 0, 0
+    with ThreadPoolExecutor(threads) as pool, tqdm(desc = f'preparing {Path(config.source).name}', unit = 'record',
+                                                   disable = not config.progress) as progress:
         for index in itertools.count():
             chunk = list(itertools.islice(records, config.shard_size))
             if not chunk:
                 break
             path = out / shards.shard_name(index)
-            if not path.exists():
+            if not path.exists() or not reruns.keep_shard(path, chunk, kind):
                 if kind == 'text':
-                    samples, skipped = text_samples(chunk, tokenizer, config.max_text_tokens), []
+                    samples, skipped, long = text_samples(chunk, tokenizer, config.max_text_tokens), [], []
                 else:
-                    samples, skipped = image_samples(chunk, tokenizer, codec, config, buckets, pool)
+                    samples, skipped, long = image_samples(chunk, tokenizer, codec, config, buckets, pool)
                 for key, reason in skipped:
                     progress.write(f'skipped {key}: {reason}')
-                shards.write_shard(path, samples, skipped)
+                shards.write_shard(path, samples, skipped, reruns.made_from(chunk), long)
                 written, skipped_now = written + 1, skipped_now + len(skipped)
                 if on_shard is not None:
                     on_shard(index)
+            num_records += len(chunk)
             progress.update(len(chunk))
-    progress.close()
-
-    manifest = write_manifest(out, settings, index)
-    counts = manifest['counts']
-    print(f"{out}: {counts['samples']:,} samples in {counts['shards']} shards ({written} written now, "
-          f"{counts['shards'] - written} already there); {counts['skipped']} records skipped"
-          + (f" ({skipped_now} this run; all listed under 'skipped' in {out / shards.MANIFEST})" if counts['skipped'] else ''))
-    return shards.Prepared(out)
+    reruns.check_no_more_shards(out, index, num_records)
+    return index, written, skipped_now
 
 
-def image_samples(chunk: list[sources.Record], tokenizer, codec, config: PrepareConfig, buckets, pool) -> tuple[list[dict], list]:
-    def load(record: sources.Record):
-        if record.problem is not None:
-            return None, record.problem
+def image_samples(chunk: list[sources.Record], tokenizer, codec, config: PrepareConfig, buckets, pool) -> tuple[list[dict], list, list]:
+    """The samples of `chunk`, the (key, reason) of the records skipped and the (key, tokens) of
+    the captions over `max_caption_tokens`, each in record order."""
+    texts, reasons, long = fit_captions(chunk, tokenizer.encode([record.caption or '' for record in chunk]), config)
+
+    def load(i: int):
+        record = chunk[i]
+        if record.problem is not None or reasons[i] is not None:
+            return None, record.problem or reasons[i]
         try:
             return images.to_tensor(images.resize_for(images.decode(record.load), config.image_size, buckets)), None
         except images.UnreadableImage as error:
             return None, f'unreadable image: {error}'
 
-    loaded = list(pool.map(load, chunk))
-    keep = [(record, pixels) for record, (pixels, _) in zip(chunk, loaded) if pixels is not None]
-    skipped = [(record.key, problem) for record, (_, problem) in zip(chunk, loaded) if problem is not None]
-    ids = tokenizer.encode([record.caption or '' for record, _ in keep])
+    loaded = list(pool.map(load, range(len(chunk))))
+    keep = [(chunk[i], texts[i], pixels) for i, (pixels, _) in enumerate(loaded) if pixels is not None]
+    skipped = [(chunk[i].key, problem) for i, (_, problem) in enumerate(loaded) if problem is not None]
 
     # encode in batches of one image size, each batch in record order
     latents = [None] * len(keep)
     by_size = {}
-    for position, (_, pixels) in enumerate(keep):
+    for position, (_, _, pixels) in enumerate(keep):
         by_size.setdefault(tuple(pixels.shape), []).append(position)
     for positions in by_size.values():
         for start in range(0, len(positions), config.batch_size):
             batch = positions[start:start + config.batch_size]
-            mean, std = codec.encode(torch.stack([keep[p][1] for p in batch]))
+            mean, std = codec.encode(torch.stack([keep[p][2] for p in batch]))
             for row, p in enumerate(batch):
                 latents[p] = (mean[row].clone(), std[row].clone() if std is not None else None)
     samples = [dict(key = record.key, text = torch.tensor(text, dtype = torch.long), mean = mean, std = std)
-               for (record, _), text, (mean, std) in zip(keep, ids, latents)]
-    return samples, skipped
+               for (record, text, _), (mean, std) in zip(keep, latents)]
+    return samples, skipped, long
+
+
+def fit_captions(chunk: list[sources.Record], ids: list[list[int]], config: PrepareConfig) -> tuple[list, list, list]:
+    """The caption policy: each caption's ids, cut to `max_caption_tokens` ('truncate') or left
+    out with a reason ('skip'); with 'error', a long caption stops the run, naming its sample."""
+    limit, texts, reasons, long = config.max_caption_tokens, [], [], []
+    for record, text in zip(chunk, ids):
+        reason = None
+        if len(text) > limit:
+            long.append((record.key, len(text)))
+            if config.long_captions == 'error':
+                raise CaptionTooLong(f'the caption of {record.key} has {len(text):,} tokens, more than --max-caption-tokens {limit}: '
+                                     f'raise --max-caption-tokens, or give --long-captions truncate (cut it to the limit) '
+                                     f'or skip (leave its sample out)')
+            if config.long_captions == 'skip':
+                reason = f'a caption of {len(text):,} tokens, more than --max-caption-tokens {limit} (--long-captions skip)'
+            text = text[:limit]
+        texts.append(text)
+        reasons.append(reason)
+    return texts, reasons, long
 
 
 def text_samples(chunk: list[sources.Record], tokenizer, max_text_tokens: int) -> list[dict]:
@@ -170,12 +213,13 @@ def text_samples(chunk: list[sources.Record], tokenizer, max_text_tokens: int) -
 
 def write_manifest(out: Path, settings: dict, num_shards: int) -> dict:
     """The manifest of shards 0 .. num_shards - 1, from their headers; written last, atomically."""
-    entries, skipped, shapes = [], [], {}
+    entries, skipped, long, shapes = [], [], [], {}
     samples = text_tokens = latent_tokens = 0
     for index in range(num_shards):
         path = out / shards.shard_name(index)
         with shards.Shard(path) as shard:
             index_entries, shard_skipped = shard.samples, shard.skipped
+            long.extend(shard.long_captions)
         for entry in index_entries:
             shape = 'x'.join(map(str, entry['shape'])) if entry['shape'] is not None else 'text'
             stats = shapes.setdefault(shape, dict(count = 0, max_text_tokens = 0, longest = None))
@@ -195,6 +239,16 @@ def write_manifest(out: Path, settings: dict, num_shards: int) -> dict:
         codec = settings['codec'], tokenizer = settings['tokenizer'],
         counts = dict(samples = samples, skipped = len(skipped), shards = len(entries)),
         tokens = dict(text = text_tokens, latent = latent_tokens), shapes = shapes, skipped = skipped, shards = entries,
+        # captions over the limit, truncated or skipped (the skipped ones are also under `skipped`)
+        long_captions = dict(policy = settings['long_captions'], max_tokens = settings['max_caption_tokens'], count = len(long), captions = long),
     )
-    shards.write_json(out / shards.MANIFEST, manifest)
+    if not holds(out / shards.MANIFEST, manifest):       # a finished folder is left untouched (it may be read-only)
+        shards.write_json(out / shards.MANIFEST, manifest)
     return manifest
+
+
+def holds(path: Path, value) -> bool:
+    try:
+        return json.loads(path.read_text()) == value
+    except (OSError, ValueError):
+        return False

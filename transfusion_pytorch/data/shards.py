@@ -18,7 +18,9 @@ ranks and workers, resumable position) the loader here does in a few lines over 
 Inside a shard, sample i is `{i:05d}.text` (int32 token ids), `{i:05d}.mean` (float32 latents,
 (h, w, dim) channels last) and, for a stochastic VAE, `{i:05d}.std`. The safetensors metadata
 holds, as one JSON entry, each sample's key, token count and latent shape (so the loader plans batches
-from headers alone) and the records skipped in this shard with the reason.
+from headers alone), the records skipped in this shard with the reason, the captions over the
+caption limit, and a fingerprint of the source records the shard was made from (`made_from`;
+absent in older shards).
 
 Reading checks the folder against its manifest: `Prepared` checks the manifest's form and each
 shard's size on opening the folder; a `Shard` given its manifest entry checks, before any sample
@@ -33,6 +35,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from contextlib import suppress
 from pathlib import Path
 
 import torch
@@ -57,21 +60,38 @@ def shard_name(index: int) -> str:
 def atomic_write(path: Path, data: bytes):
     """Writes `data` to `path` through a temporary file and a rename, so that `path` is
     either absent or complete, even if the process is killed."""
-    tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
-    with open(tmp, 'wb') as file:
-        file.write(data)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(tmp, path)
+    tmp = temporary_name(path)
+    try:
+        with open(tmp, 'wb') as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException as error:
+        with suppress(OSError):
+            tmp.unlink(missing_ok = True)   # a full disk or a read-only folder leaves no partial file behind
+        if isinstance(error, OSError) and error.errno is not None:
+            raise OSError(error.errno, error.strerror, str(path)) from None      # named by the file meant, not its temporary name
+        raise
+
+
+def temporary_name(path: Path) -> Path:
+    """Where `atomic_write` writes `path` first. A killed process leaves it behind; `prepare`
+    removes those it finds while it holds the folder."""
+    return path.with_name(f'.{path.name}.tmp-{os.getpid()}')
 
 
 def write_json(path: Path, value):
     atomic_write(path, (json.dumps(value, indent = 1, sort_keys = True) + '\n').encode())
 
 
-def write_shard(path: Path, samples: list[dict], skipped: list[tuple[str, str]]):
+def write_shard(path: Path, samples: list[dict], skipped: list[tuple[str, str]], made_from: dict | None = None,
+                long_captions: list[tuple[str, int]] = ()):
     """`samples`: dicts with key, text (1-d int ids), and for images mean (h, w, d) and
-    optionally std. The same samples give the same bytes."""
+    optionally std. `made_from`: the fingerprint of the source records the shard was made from
+    (`prepare.made_from`), so that a rerun can tell whether the source changed; `long_captions`:
+    the (key, tokens) of captions over the limit, truncated or skipped. The same samples give
+    the same bytes."""
     tensors, index = {}, []
     for i, sample in enumerate(samples):
         tensors[f'{i:05d}.text'] = sample['text'].to(torch.int32).contiguous()
@@ -84,7 +104,8 @@ def write_shard(path: Path, samples: list[dict], skipped: list[tuple[str, str]])
         index.append(entry)
     # one metadata entry: safetensors keeps the metadata in a hash map, whose order (and so the
     # bytes written) would change from process to process with several
-    header = json.dumps(dict(format = FORMAT, version = VERSION, samples = index, skipped = [list(s) for s in skipped]))
+    header = json.dumps(dict(format = FORMAT, version = VERSION, samples = index, skipped = [list(s) for s in skipped],
+                             made_from = made_from, long_captions = [list(c) for c in long_captions]))
     atomic_write(path, safetensors_bytes(tensors, metadata = {FORMAT: header}))
 
 
@@ -152,6 +173,17 @@ class Shard:
     @property
     def skipped(self) -> list[list[str]]:
         return self.open()._meta['skipped']
+
+    @property
+    def made_from(self) -> dict | None:
+        """count, first and last key and sha256 of the source records the shard was made from;
+        None in shards written before it was recorded."""
+        return self.open()._meta.get('made_from')
+
+    @property
+    def long_captions(self) -> list[list]:
+        """(key, tokens) of the captions over the caption limit; none in older shards."""
+        return self.open()._meta.get('long_captions', [])
 
     def tensors(self, i: int) -> dict[str, Tensor]:
         self.open()

@@ -74,6 +74,10 @@ def add_parsers(commands):
     prepare.add_argument('--shard-size', type = int, default = 1000, help = 'records per shard (default 1000)')
     prepare.add_argument('--batch-size', type = int, default = 32, help = 'images per encoder call (default 32)')
     prepare.add_argument('--max-text-tokens', type = int, default = 1024, help = 'text rows longer than this continue in the next row (default 1024)')
+    prepare.add_argument('--max-caption-tokens', type = int, default = 1024, help = 'the longest caption of an image, in tokens (default 1024)')
+    prepare.add_argument('--long-captions', choices = ('truncate', 'skip', 'error'), default = 'truncate',
+                         help = 'a longer caption: cut to --max-caption-tokens (default), its sample left out, or an error naming it; '
+                                'counted in the manifest and the summary line')
     prepare.add_argument('--device', help = 'where the encoder runs (default cuda when available)')
 
     walk = commands.add_parser('shapes', help = 'write the walk-through set: captioned drawings of coloured shapes',
@@ -100,11 +104,30 @@ def command_prepare(args):
             source = args.source, out = args.out, kind = args.kind, image_size = args.image_size, buckets = args.buckets, vae = args.vae,
             patch = args.patch, tokenizer = args.tokenizer, caption_column = args.caption_column, image_column = args.image_column,
             text_column = args.text_column, split = args.split, shard_size = args.shard_size, batch_size = args.batch_size,
-            max_text_tokens = args.max_text_tokens, device = args.device,
+            max_text_tokens = args.max_text_tokens, max_caption_tokens = args.max_caption_tokens, long_captions = args.long_captions,
+            device = args.device,
         )
         return prepare(config)
-    except (ValueError, FileNotFoundError) as error:
+    except OSError as error:
+        if error.errno is None:         # ours, e.g. a --vae folder without config.json: the message says it all
+            raise ConfigError(str(error)) from None
+        raise ConfigError(os_error_message(error, Path(args.out))) from None
+    except ValueError as error:
         raise ConfigError(str(error)) from None
+
+
+def os_error_message(error: OSError, out: Path) -> str:
+    """A file that cannot be read or written, in one line, with what to do when it is --out that
+    cannot be written (a partly written shard is never left: see shards.atomic_write)."""
+    import errno
+    where = Path(error.filename) if error.filename is not None else None
+    message = f'{where}: {error.strerror}' if where is not None else error.strerror or str(error)
+    inside = where is not None and (where.resolve() == out.resolve() or out.resolve() in where.resolve().parents)
+    if inside and error.errno == errno.ENOSPC:
+        message += '; free some space (or give --out on another disk), then run the same command again to go on'
+    elif inside and error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        message += f'; --out must be a folder you can write to, got {out}'
+    return message
 
 
 def command_shapes(args):

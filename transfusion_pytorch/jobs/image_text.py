@@ -304,6 +304,26 @@ def train(config: ImageTextConfig) -> Path:
         torch.set_num_threads(threads)
 
 
+def open_loader(config: ImageTextConfig, folders: list[Prepared], model, record: dict, dist) -> StreamingLoader:
+    """The run's loader. What the loader refuses in this run's settings (more readers, ranks x
+    --workers, than a folder has samples; a sample over --max-tokens) is a ConfigError: one
+    line and exit status 2 from the CLI."""
+    from ..data.codecs import CodecMismatch
+    from ..data.shards import ShardError
+    from ..data.tokenizers import TokenizerMismatch
+    try:
+        return StreamingLoader(
+            folders, modality_tokens_of(model),
+            LoaderConfig(max_tokens = config.max_tokens, seed = config.seed, caption_fraction = config.caption_fraction,
+                         shuffle_buffer = config.shuffle_buffer, num_workers = config.workers, weights = tuple(record['weights'])),
+            rank = dist.rank, world_size = dist.world_size, tokenizer = record['tokenizer'], codec = record['codec'],
+        )
+    except (TokenizerMismatch, CodecMismatch, ShardError):
+        raise                           # the data's own errors, reported as such
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
 def run_job(config: ImageTextConfig, callbacks = ()) -> Path:
     lm = language_model.describe(config.language_model) if config.language_model is not None else None
     language_model.check_rerun(lm, config.run_dir)
@@ -318,12 +338,7 @@ def run_job(config: ImageTextConfig, callbacks = ()) -> Path:
         if moved is not None:                       # where sample and caption find it from now on
             record[key] = dict(record[key], path = str(Path(moved).resolve()))
     model = build_model(config, record)
-    loader = StreamingLoader(
-        folders, modality_tokens_of(model),
-        LoaderConfig(max_tokens = config.max_tokens, seed = config.seed, caption_fraction = config.caption_fraction,
-                     shuffle_buffer = config.shuffle_buffer, num_workers = config.workers, weights = tuple(record['weights'])),
-        rank = dist.rank, world_size = dist.world_size, tokenizer = record['tokenizer'], codec = record['codec'],
-    )
+    loader = open_loader(config, folders, model, record, dist)
     prompts = list(config.prompts) or default_prompts(folders, assets.tokenizer)
     if dist.is_main:
         run_dir.mkdir(parents = True, exist_ok = True)
