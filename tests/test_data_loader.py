@@ -213,3 +213,16 @@ def test_a_position_from_other_settings_is_refused(shapes45):
     state = make([shapes45], seed = 1).state_dict()
     with pytest.raises(ValueError, match = 'saved with seed = 1; this loader has seed = 0'):
         make([shapes45]).load_state_dict(state)
+
+
+def test_a_position_of_another_rank_is_refused(shapes45):
+    """Each rank resumes from its own position (a checkpoint keeps every rank's): another rank's,
+    or one saved before positions carried their rank (rank 0's), is refused on rank 1."""
+    state = make([shapes45], rank = 0, world_size = 2).state_dict()
+    assert state['rank'] == 0
+    with pytest.raises(ValueError, match = "the data position is rank 0's, and this loader is rank 1's: each rank resumes from its own"):
+        make([shapes45], rank = 1, world_size = 2).load_state_dict(state)
+    del state['rank']
+    with pytest.raises(ValueError, match = "rank 0's, and this loader is rank 1's"):
+        make([shapes45], rank = 1, world_size = 2).load_state_dict(state)
+    make([shapes45], rank = 0, world_size = 2).load_state_dict(state)

@@ -387,11 +387,15 @@ class StreamingLoader:
         return {name: count / max(1, sum(taken)) for name, count in zip(self.names, taken)}
 
     def state_dict(self) -> dict:
-        return dict(kind = 'streaming', seed = self.config.seed, world_size = self.world_size, num_workers = self.config.num_workers,
-                    sources = self.names, weights = self.weights, consumed = self.consumed,
+        """This rank's position: each rank has its own (its slots' batches hold different numbers
+        of samples), and a checkpoint keeps every rank's."""
+        return dict(kind = 'streaming', seed = self.config.seed, rank = self.rank, world_size = self.world_size,
+                    num_workers = self.config.num_workers, sources = self.names, weights = self.weights, consumed = self.consumed,
                     slots = {local: dict(state) for local, state in self.slots.items()})
 
     def load_state_dict(self, state: dict):
+        """Resumes from a position saved by the same rank of a run with the same world size,
+        workers, seed and weights; another is refused (positions are not re-split)."""
         if state.get('kind') != 'streaming':
             raise ValueError('the data position was saved by another kind of loader (an in-memory dataset), not from prepared folders')
         mine = self.state_dict()
@@ -399,6 +403,10 @@ class StreamingLoader:
             if state[key] != mine[key]:
                 raise ValueError(f'the data position was saved with {key} = {state[key]}; this loader has {key} = {mine[key]}: '
                                  f'resume with the same setting')
+        if state.get('rank', 0) != self.rank:       # saved before positions carried their rank: rank 0's
+            raise ValueError(f"the data position is rank {state.get('rank', 0)}'s, and this loader is rank {self.rank}'s: "
+                             f'each rank resumes from its own position (one saved before each rank\'s position was kept '
+                             f'holds rank 0\'s only)')
         if len(state['sources']) != len(self.names):
             raise ValueError(f'the data position was saved over {len(state["sources"])} data folders; this loader has {len(self.names)}')
         self.close()
