@@ -104,6 +104,23 @@ def test_an_unreadable_trainer_state_falls_back_to_the_previous_checkpoint(tmp_p
     assert all(losses(resumed)[step] == losses(full)[step] for step in (4, 5, 6))
 
 
+def test_a_checkpoint_of_the_earlier_layout_resumes(tmp_path):
+    """trainer.pt as written before every rank's data position was kept (`rng`: one per rank,
+    `data`: rank 0's) still resumes a one-process run exactly."""
+    _, full = run(tmp_path / 'full', max_steps = 6, checkpoint_every = 3)
+    with pytest.raises(Interrupt):
+        run(tmp_path / 'run', max_steps = 6, checkpoint_every = 3, callbacks = [interrupt_at(4)])
+    checkpoint = list_checkpoints(tmp_path / 'run' / 'checkpoints')[-1]
+    state = torch.load(checkpoint / 'trainer.pt', weights_only = False)
+    (rank,) = state.pop('ranks')
+    torch.save(dict(state, rng = [rank['rng']], data = rank['data']), checkpoint / 'trainer.pt')
+    (checkpoint / MANIFEST).unlink()
+    write_manifest(checkpoint)
+
+    _, resumed = run(tmp_path / 'run', max_steps = 6, checkpoint_every = 3, model_seed = 123)
+    assert sorted(losses(resumed)) == [4, 5, 6] and all(losses(resumed)[step] == losses(full)[step] for step in (4, 5, 6))
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason = 'root reads a file whatever its permissions')
 def test_a_trainer_state_without_read_permission_falls_back(tmp_path):
     run(tmp_path, max_steps = 6, checkpoint_every = 3)
