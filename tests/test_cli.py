@@ -193,3 +193,22 @@ def test_the_captions_benchmark_runs_on_a_run(folders, capsys):
     figures = module.main([str(folders['run'])])
     assert 0 <= figures['ended'] <= figures['ended'] + figures['with_digit'] <= 1 and 0 <= figures['p_eos'] <= 1
     assert 'held-out image prompts answered with a digit' in capsys.readouterr().out
+
+
+def test_every_checkpoint_damaged_is_one_line(tmp_path, capsys):
+    """Issue 25, item 8: a rerun whose checkpoints are all damaged (here an unreadable trainer.pt
+    in the newest, a truncated shard in the other) says so in one line, naming each fault."""
+    from transfusion_pytorch.training.checkpoint import list_checkpoints
+    from test_training_checkpoint import damage_trainer_state
+    argv = ['train', *TINY[:TINY.index('--steps')], *TINY[TINY.index('--steps') + 2:], '--steps', '4', '--name', 'run', '--out-root', str(tmp_path)]
+    run = cli.main(argv)
+    older, newest = list_checkpoints(run / 'checkpoints')
+    damage_trainer_state(newest)
+    shard = next((older / 'state').glob('*.distcp'))
+    shard.write_bytes(shard.read_bytes()[:-10])
+
+    message = cli_error(argv, capsys)
+    assert message.startswith(f'transfusion: error: no usable checkpoint in {run / "checkpoints"}, all 2 are damaged (')
+    assert 'step_00000004: trainer.pt cannot be read (RuntimeError: PytorchStreamReader failed' in message
+    assert 'step_00000002: state/__0_0.distcp has' in message and 'the manifest says' in message
+    assert message.endswith('): move them away (or delete them) to start the run over')

@@ -2,6 +2,10 @@
 exact resume, fresh latents each epoch, layouts, mixing, and refusing mismatched data."""
 
 import math
+import multiprocessing
+import os
+import signal
+import time
 
 import pytest
 import torch
@@ -10,7 +14,7 @@ pytest.importorskip('PIL')          # the data extra
 
 from transfusion_pytorch.data import loader as loader_module
 from transfusion_pytorch.data.codecs import CodecMismatch
-from transfusion_pytorch.data.loader import LoaderConfig, StreamingLoader, epoch_references, modality_tokens_of, slot_runs
+from transfusion_pytorch.data.loader import LoaderConfig, LoaderTimeout, StreamingLoader, epoch_references, modality_tokens_of, slot_runs
 from transfusion_pytorch.data.prepare import PrepareConfig, prepare
 from transfusion_pytorch.data.shards import Shard
 from transfusion_pytorch.data.tokenizers import TokenizerMismatch
@@ -213,3 +217,49 @@ def test_a_position_from_other_settings_is_refused(shapes45):
     state = make([shapes45], seed = 1).state_dict()
     with pytest.raises(ValueError, match = 'saved with seed = 1; this loader has seed = 0'):
         make([shapes45]).load_state_dict(state)
+
+
+def test_a_position_of_another_rank_is_refused(shapes45):
+    """Each rank resumes from its own position (a checkpoint keeps every rank's): another rank's,
+    or one saved before positions carried their rank (rank 0's), is refused on rank 1."""
+    state = make([shapes45], rank = 0, world_size = 2).state_dict()
+    assert state['rank'] == 0
+    with pytest.raises(ValueError, match = "the data position is rank 0's, and this loader is rank 1's: each rank resumes from its own"):
+        make([shapes45], rank = 1, world_size = 2).load_state_dict(state)
+    del state['rank']
+    with pytest.raises(ValueError, match = "rank 0's, and this loader is rank 1's"):
+        make([shapes45], rank = 1, world_size = 2).load_state_dict(state)
+    make([shapes45], rank = 0, world_size = 2).load_state_dict(state)
+
+
+def test_a_stopped_worker_is_an_error_naming_it_after_the_timeout(shapes45):
+    """Issue 25, item 12: a worker stopped with SIGSTOP (as a hung file system would) used to
+    hang training forever; after `timeout` seconds without a batch the loader names it."""
+    before = set(multiprocessing.active_children())
+    loader = make([shapes45], num_workers = 2, prefetch_factor = 1, timeout = 2)
+    loader.next_batch()                                         # the workers are up
+    workers = [p for p in multiprocessing.active_children() if p not in before]
+    assert len(workers) == 2
+    stopped = workers[0]
+    os.kill(stopped.pid, signal.SIGSTOP)
+    try:
+        start = time.perf_counter()
+        with pytest.raises(LoaderTimeout, match = rf'DataLoader worker \d, pid {stopped.pid} gave no batch in 2 s \(the loader timeout\): '
+                                                  r'it is stuck .* raise the timeout \(LoaderConfig\.timeout'):
+            for _ in range(10):                                 # the batches the workers had ready come first
+                loader.next_batch()
+        assert time.perf_counter() - start < 10
+    finally:
+        os.kill(stopped.pid, signal.SIGCONT)
+        loader.close()
+    for worker in workers:
+        worker.join(timeout = 10)
+    assert not any(worker.is_alive() for worker in workers)
+
+
+def test_a_bad_timeout_is_refused():
+    from transfusion_pytorch.jobs.image_text import ImageTextConfig
+    with pytest.raises(ValueError, match = r'timeout must be a number of seconds >= 0 \(0: wait forever\), got -1'):
+        LoaderConfig(max_tokens = 100, timeout = -1)
+    with pytest.raises(ValueError, match = r"'loader_timeout' must be a number of seconds >= 0 \(0: wait forever\), got nan"):
+        ImageTextConfig(data = 'prepared', loader_timeout = float('nan'))

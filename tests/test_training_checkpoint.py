@@ -1,3 +1,4 @@
+import os
 import random
 
 import pytest
@@ -5,7 +6,7 @@ import torch
 
 from transfusion_pytorch import Transfusion
 from transfusion_pytorch.training import CorruptCheckpoint, Every, TrainConfig, Trainer
-from transfusion_pytorch.training.checkpoint import list_checkpoints, verify
+from transfusion_pytorch.training.checkpoint import MANIFEST, list_checkpoints, verify, write_manifest
 
 from conftest import random_sample, tiny_model
 from test_training_data import ListDataset
@@ -81,13 +82,64 @@ def test_a_truncated_checkpoint_is_detected_and_the_previous_one_used(tmp_path):
     assert min(losses(history)) == 4                           # resumed from step 3, not 6
 
 
+def damage_trainer_state(directory):
+    """trainer.pt written damaged: not a pickle, though the manifest agrees with it."""
+    (directory / 'trainer.pt').write_bytes(b'PK\x03\x04 not a whole zip archive' * 10)
+    (directory / MANIFEST).unlink()
+    write_manifest(directory)
+
+
+def test_an_unreadable_trainer_state_falls_back_to_the_previous_checkpoint(tmp_path):
+    """Issue 25, item 8: a trainer.pt that torch.load cannot read is a damaged checkpoint, like
+    any other file: the run resumes from the one before, and exactly."""
+    _, full = run(tmp_path / 'full', max_steps = 6, checkpoint_every = 3)
+    run(tmp_path / 'run', max_steps = 6, checkpoint_every = 3)
+    newest = list_checkpoints(tmp_path / 'run' / 'checkpoints')[-1]
+    damage_trainer_state(newest)
+    verify(newest)                                              # the manifest agrees: only reading it tells
+
+    with pytest.warns(UserWarning, match = r'step_00000006: trainer\.pt cannot be read \(.*\); falling back to the previous checkpoint'):
+        trainer, resumed = run(tmp_path / 'run', max_steps = 6, checkpoint_every = 3, model_seed = 123)
+    assert sorted(losses(resumed)) == [4, 5, 6]                  # from step 3, not 6
+    assert all(losses(resumed)[step] == losses(full)[step] for step in (4, 5, 6))
+
+
+def test_a_checkpoint_of_the_earlier_layout_resumes(tmp_path):
+    """trainer.pt as written before every rank's data position was kept (`rng`: one per rank,
+    `data`: rank 0's) still resumes a one-process run exactly."""
+    _, full = run(tmp_path / 'full', max_steps = 6, checkpoint_every = 3)
+    with pytest.raises(Interrupt):
+        run(tmp_path / 'run', max_steps = 6, checkpoint_every = 3, callbacks = [interrupt_at(4)])
+    checkpoint = list_checkpoints(tmp_path / 'run' / 'checkpoints')[-1]
+    state = torch.load(checkpoint / 'trainer.pt', weights_only = False)
+    (rank,) = state.pop('ranks')
+    torch.save(dict(state, rng = [rank['rng']], data = rank['data']), checkpoint / 'trainer.pt')
+    (checkpoint / MANIFEST).unlink()
+    write_manifest(checkpoint)
+
+    _, resumed = run(tmp_path / 'run', max_steps = 6, checkpoint_every = 3, model_seed = 123)
+    assert sorted(losses(resumed)) == [4, 5, 6] and all(losses(resumed)[step] == losses(full)[step] for step in (4, 5, 6))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason = 'root reads a file whatever its permissions')
+def test_a_trainer_state_without_read_permission_falls_back(tmp_path):
+    run(tmp_path, max_steps = 6, checkpoint_every = 3)
+    newest = list_checkpoints(tmp_path / 'checkpoints')[-1]
+    (newest / 'trainer.pt').chmod(0)
+    with pytest.raises(CorruptCheckpoint, match = r'trainer\.pt cannot be read \(Permission denied\)'):
+        verify(newest)
+    with pytest.warns(UserWarning, match = 'falling back to the previous checkpoint'):
+        _, history = run(tmp_path, max_steps = 6)
+    assert min(losses(history)) == 4
+
+
 def test_an_unfinished_checkpoint_is_detected(tmp_path):
     run(tmp_path, max_steps = 3, checkpoint_every = 3)
     newest = list_checkpoints(tmp_path / 'checkpoints')[-1]
     (newest / 'manifest.json').unlink()
     with pytest.raises(CorruptCheckpoint, match = 'no manifest.json'):
         verify(newest)
-    with pytest.warns(UserWarning), pytest.raises(CorruptCheckpoint, match = 'no usable checkpoint'):
+    with pytest.raises(CorruptCheckpoint, match = r'no usable checkpoint in .*, all 1 are damaged \(.*no manifest\.json.*\): move them away'):
         run(tmp_path, max_steps = 3)
 
 

@@ -78,7 +78,8 @@ def test_a_sample_longer_than_the_budget_is_an_error_naming_it():
 def test_position_resumes_exactly():
     data, count = dataset(), packed_num_tokens(tiny_model())
     loader = TokenBudgetLoader(data, 60, count, seed = 5, rank = 1, world_size = 2)
-    for _ in range(len(loader) + 3):                # into the second epoch
+    first = len(loader) + 3
+    for _ in range(first):                          # into the second epoch
         loader.next_batch()
     state = loader.state_dict()
     expected = [loader.next_batch().indices for _ in range(len(loader) + 2)]
@@ -89,6 +90,13 @@ def test_position_resumes_exactly():
 
     with pytest.raises(ValueError, match = 'world_size'):
         TokenBudgetLoader(data, 60, count, seed = 5).load_state_dict(state)
+    # every rank is at the same position (the ranks take the same number of batches), and each resumes from its own
+    other = TokenBudgetLoader(data, 60, count, seed = 5, rank = 0, world_size = 2)
+    for _ in range(first + len(expected)):          # as far as `resumed`
+        other.next_batch()
+    assert dict(other.state_dict(), rank = 1) == resumed.state_dict()
+    with pytest.raises(ValueError, match = "the data position is rank 1's, and this loader is rank 0's"):
+        TokenBudgetLoader(data, 60, count, seed = 5, rank = 0, world_size = 2).load_state_dict(state)
 
 
 # a bad value in the data is named by its place in the data, not in a batch

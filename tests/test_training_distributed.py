@@ -71,3 +71,18 @@ def test_fsdp_bf16_gathers_bf16_weights_and_keeps_fp32_shards(single, tmp_path):
     assert single['forward_dtypes'] == {torch.float32}
     assert all(value.dtype == torch.float32 for value in double['model'].values() if value.is_floating_point())
     torch.testing.assert_close(torch.tensor(double['losses']), torch.tensor(single['losses']), rtol = 1e-2, atol = 0)
+
+
+def test_fsdp_resumes_the_ema_of_a_frozen_model_from_weights_saved_once(tmp_path):
+    """Issue 25, item 18 under FSDP2, where the EMA's frozen weights are shards of their own: the
+    checkpoint holds them once (under the model), and a run from other initial weights resumes
+    the EMA's from there, exactly."""
+    env = dict(os.environ, OMP_NUM_THREADS = '1')
+    command = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--standalone',
+               str(Path(__file__).parent / 'fsdp_resume_run.py'), str(tmp_path / 'run'), str(tmp_path / 'result.pt')]
+    result = subprocess.run(command, env = env, capture_output = True, text = True, timeout = 240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = torch.load(tmp_path / 'result.pt', weights_only = False)
+    assert out['step'] == 3 and out['equal'] == dict(model = True, ema = True)
+    assert len(out['shared']) > 10
+    assert all(f'model.{name}' in out['keys'] and f'ema.module.{name}' not in out['keys'] for name in out['shared'])

@@ -165,9 +165,13 @@ def command_train(args, extra: list[str]):
     if commands.job_of(args.config, extra) == 'image_text':
         return commands.train_image_text(args.config, extra)
     from .demos import digits_job
+    from .training.checkpoint import CheckpointError
     overrides = parse_overrides(digits_job.DigitsConfig, extra)
     config = digits_job.load_config(args.config, overrides)
-    return digits_job.train(config)
+    try:
+        return digits_job.train(config)
+    except CheckpointError as error:        # no usable checkpoint, or one of another number of processes
+        raise ConfigError(str(error)) from None
 
 
 def command_sample(args):

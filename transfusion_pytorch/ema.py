@@ -11,7 +11,8 @@ never change, so their average is themselves: the averaged model shares them wit
 model instead of holding a copy, which for a frozen 8B LM saves 16 GB or more. The averaged
 model is still complete (its `state_dict()` and `save_pretrained` hold every weight). Under
 FSDP each model shards its own reference to them, so there the EMA does hold its 1 / world
-share. A shared parameter that is unfrozen later would no longer be averaged: `update()`
+share. A training checkpoint saves the shared ones once, under the model (`EMA.shared` names
+them; `training/checkpoint.py`). A shared parameter that is unfrozen later would no longer be averaged: `update()`
 refuses that (make a new EMA after unfreezing).
 """
 
@@ -31,6 +32,8 @@ class EMA(nn.Module):
         self.beta = beta
         frozen = {id(p): p for p in model.parameters() if not p.requires_grad}
         self.module = copy.deepcopy(model, memo = frozen).eval().requires_grad_(False)     # frozen ones: the same objects
+        # their names in `module` (and in the model): saved once, under the model, in a checkpoint
+        self.shared = tuple(name for name, p in self.module.named_parameters(remove_duplicate = False) if id(p) in frozen)
         self.register_buffer('num_updates', torch.zeros((), dtype = torch.long))
         self.__dict__['online'] = model        # not a submodule: its weights are not the EMA's state
 

@@ -34,6 +34,9 @@ How a rank's batches are made:
   hashed once per process, and its header's sample count, before any of its samples is read.
   A ShardError found in a worker is handed to the training process as a value and raised
   there, with its own one-line message.
+- A stuck worker. A worker that gives no batch within `timeout` seconds (stopped, deadlocked,
+  or waiting on a file system that does not answer) is `LoaderTimeout`, naming it; a worker
+  that dies is reported by the DataLoader at once.
 """
 
 from __future__ import annotations
@@ -73,10 +76,13 @@ class LoaderConfig:
     prefetch_factor: int = 4                # batches each worker keeps ready
     weights: tuple[float, ...] | None = None   # per source; None: proportional to their sizes
     open_shards: int = 4                    # shards a slot keeps open
+    timeout: float = 300.                   # seconds to wait for a worker's batch before LoaderTimeout (0: forever; no workers: none)
 
     def __post_init__(self):
         if not 0. <= self.caption_fraction <= 1.:
             raise ValueError(f'caption_fraction must lie in [0, 1], got {self.caption_fraction}')
+        if not (self.timeout >= 0 and math.isfinite(self.timeout)):
+            raise ValueError(f'timeout must be a number of seconds >= 0 (0: wait forever), got {self.timeout}')
         for name in ('max_tokens', 'shuffle_buffer', 'prefetch_factor', 'open_shards'):
             if getattr(self, name) <= 0:
                 raise ValueError(f'{name} must be positive, got {getattr(self, name)}')
@@ -348,6 +354,10 @@ def check_sources(prepared: list[Prepared], tokenizer: dict | None = None, codec
     return tokenizer, codec
 
 
+class LoaderTimeout(RuntimeError):
+    """A DataLoader worker gave no batch within `LoaderConfig.timeout`: it is stuck."""
+
+
 class StreamingLoader:
     """The trainer's loader over prepared folders (see the module docstring). `modality_tokens`
     maps a latent shape to its tokens in the packed sequence (`modality_tokens_of(model)`)."""
@@ -379,22 +389,28 @@ class StreamingLoader:
                     raise SampleTooLong(f"sample {stats['longest']} of {p.folder} has {longest} tokens, more than the budget of "
                                      f'max_tokens = {config.max_tokens}: raise max_tokens, or prepare with a smaller image size or shorter texts')
         self.stream = SlotStream([Source.of(p) for p in prepared], weights, shapes, config, rank, world_size)
-        self.slots, self.consumed, self.iterator = {}, 0, None
+        self.slots, self.consumed, self.iterator, self.started = {}, 0, None, 0
 
     def batches(self):
         if self.iterator is None:
             self.stream.states = {local: SlotState.from_dict(state) for local, state in self.slots.items()}
             self.stream.rotation = self.consumed % self.stream.workers
+            self.started = self.consumed
             if self.config.num_workers == 0:
                 self.iterator = iter(self.stream)
             else:
                 self.iterator = iter(torch.utils.data.DataLoader(
                     self.stream, batch_size = None, collate_fn = identity, num_workers = self.config.num_workers,
-                    prefetch_factor = self.config.prefetch_factor))
+                    prefetch_factor = self.config.prefetch_factor, timeout = self.config.timeout))
         return self.iterator
 
     def next_batch(self) -> Batch:
-        batch, local, state = next(self.batches())
+        try:
+            batch, local, state = next(self.batches())
+        except RuntimeError as error:
+            if 'DataLoader timed out' not in str(error):
+                raise
+            raise LoaderTimeout(self.timeout_message()) from None
         if isinstance(batch, ShardError):               # a damaged shard, found in a worker
             self.close()
             raise batch
@@ -417,17 +433,32 @@ class StreamingLoader:
                     return f'sample {key!r} of {source.name} (in {path.name})'
         return f'sample {key!r} of {source.name}'
 
+    def timeout_message(self) -> str:
+        """Which worker was waited for: the DataLoader takes batches from its workers in turn."""
+        worker = (self.consumed - self.started) % self.config.num_workers
+        processes = getattr(self.iterator, '_workers', None)        # the DataLoader's worker processes, for their pids
+        pid = f', pid {processes[worker].pid}' if processes else ''
+        rank = f'rank {self.rank}: ' if self.world_size > 1 else ''
+        return (f'{rank}DataLoader worker {worker}{pid} gave no batch in {self.config.timeout:g} s (the loader timeout): it is stuck '
+                f'(stopped, deadlocked, or waiting on a file system that does not answer). Look at that process and the storage of '
+                f'{", ".join(self.names)}, then rerun to resume from the last checkpoint; if reading is only slow, raise the timeout '
+                f'(LoaderConfig.timeout; the image_text job\'s loader_timeout)')
+
     def mix(self) -> dict[str, float]:
         """The share of samples each folder has given so far (this rank)."""
         taken = [sum(slot['sources'][i]['taken'] for slot in self.slots.values()) for i in range(len(self.names))]
         return {name: count / max(1, sum(taken)) for name, count in zip(self.names, taken)}
 
     def state_dict(self) -> dict:
-        return dict(kind = 'streaming', seed = self.config.seed, world_size = self.world_size, num_workers = self.config.num_workers,
-                    sources = self.names, weights = self.weights, consumed = self.consumed,
+        """This rank's position: each rank has its own (its slots' batches hold different numbers
+        of samples), and a checkpoint keeps every rank's."""
+        return dict(kind = 'streaming', seed = self.config.seed, rank = self.rank, world_size = self.world_size,
+                    num_workers = self.config.num_workers, sources = self.names, weights = self.weights, consumed = self.consumed,
                     slots = {local: dict(state) for local, state in self.slots.items()})
 
     def load_state_dict(self, state: dict):
+        """Resumes from a position saved by the same rank of a run with the same world size,
+        workers, seed and weights; another is refused (positions are not re-split)."""
         if state.get('kind') != 'streaming':
             raise ValueError('the data position was saved by another kind of loader (an in-memory dataset), not from prepared folders')
         mine = self.state_dict()
@@ -435,6 +466,10 @@ class StreamingLoader:
             if state[key] != mine[key]:
                 raise ValueError(f'the data position was saved with {key} = {state[key]}; this loader has {key} = {mine[key]}: '
                                  f'resume with the same setting')
+        if state.get('rank', 0) != self.rank:       # saved before positions carried their rank: rank 0's
+            raise ValueError(f"the data position is rank {state.get('rank', 0)}'s, and this loader is rank {self.rank}'s: "
+                             f'each rank resumes from its own position (one saved before each rank\'s position was kept '
+                             f'holds rank 0\'s only)')
         if len(state['sources']) != len(self.names):
             raise ValueError(f'the data position was saved over {len(state["sources"])} data folders; this loader has {len(self.names)}')
         self.close()

@@ -35,18 +35,20 @@ def train_image_text(config_path: str | None, extra: list[str]):
     """Data that does not fit the run (another tokenizer or codec than the run's or the language
     model's, an unfinished prepared folder, a sample over max_tokens) is found before training
     starts, and reported as an error in what was asked: one line, exit status 2; so is a sample
-    the model refuses in training (a NaN), named by its folder, key and shard."""
+    the model refuses in training (a NaN), named by its folder, key and shard, and so are
+    checkpoints that cannot be resumed (all damaged, or written by another number of processes).
     from ..data.codecs import CodecMismatch
     from ..data.loader import SampleTooLong
     from ..data.shards import ShardError
     from ..data.tokenizers import TokenizerMismatch
     from ..training.data import SampleError
+    from ..training.checkpoint import CheckpointError
     from . import image_text
     overrides = parse_overrides(image_text.ImageTextConfig, extra)
     config = image_text.load_config(config_path, overrides)
     try:
         return image_text.train(config)
-    except (TokenizerMismatch, CodecMismatch, ShardError, SampleTooLong, SampleError) as error:
+    except (TokenizerMismatch, CodecMismatch, ShardError, SampleTooLong, SampleError, CheckpointError) as error:
         raise ConfigError(str(error)) from None
 
 

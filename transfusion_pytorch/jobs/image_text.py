@@ -20,6 +20,7 @@ language model other than the one the run started from (`language_model.py`).
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field, fields
@@ -71,6 +72,7 @@ class ImageTextConfig:
     tokenizer: str | None = option(None, 'the tokenizer folder, if it moved since prepare (default: the recorded path)')
     workers: int = option(2, 'DataLoader workers per process')
     shuffle_buffer: int = option(1000, 'samples in each reader\'s shuffle buffer')
+    loader_timeout: float = option(300., 'seconds to wait for a DataLoader worker\'s batch before stopping with an error naming it (0: forever)')
     # model
     language_model: str | None = option(None, 'a local Hugging Face causal LM folder (save_pretrained: config.json and safetensors; '
                                               'Llama, Mistral, Qwen2, Qwen3) that the model starts from: dim, depth, heads and dim_head '
@@ -133,6 +135,8 @@ class ImageTextConfig:
             raise ValueError(f"'text_weight' must lie in [0, 1), got {self.text_weight}")
         if self.workers < 0:
             raise ValueError(f"'workers' must be >= 0, got {self.workers}")
+        if not (self.loader_timeout >= 0 and math.isfinite(self.loader_timeout)):
+            raise ValueError(f"'loader_timeout' must be a number of seconds >= 0 (0: wait forever), got {self.loader_timeout}")
         if self.activation_checkpointing not in CHECKPOINTING:
             raise ValueError(f"'activation_checkpointing' must be one of {CHECKPOINTING}, got {self.activation_checkpointing!r}")
         if self.time_distribution not in TIME_DISTRIBUTIONS:
@@ -174,7 +178,7 @@ def load_config(path = None, overrides: dict | None = None) -> ImageTextConfig:
 # the same gradients, to float rounding), and where its VAE, tokenizer and language model are
 # (each checked by its fingerprint instead): none changes the model, the data or the updates so far
 RERUN_KEYS = ('steps', 'threads', 'checkpoint_every', 'log_every', 'sample_every', 'prompts', 'samples_per_prompt', 'modality_steps',
-              'cfg_scale', 'vae', 'tokenizer', 'language_model', 'compile', 'activation_checkpointing')
+              'cfg_scale', 'vae', 'tokenizer', 'language_model', 'compile', 'activation_checkpointing', 'loader_timeout')
 
 
 def check_rerun(config: ImageTextConfig):
@@ -315,7 +319,8 @@ def open_loader(config: ImageTextConfig, folders: list[Prepared], model, record:
         return StreamingLoader(
             folders, modality_tokens_of(model),
             LoaderConfig(max_tokens = config.max_tokens, seed = config.seed, caption_fraction = config.caption_fraction,
-                         shuffle_buffer = config.shuffle_buffer, num_workers = config.workers, weights = tuple(record['weights'])),
+                         shuffle_buffer = config.shuffle_buffer, num_workers = config.workers, weights = tuple(record['weights']),
+                         timeout = config.loader_timeout),
             rank = dist.rank, world_size = dist.world_size, tokenizer = record['tokenizer'], codec = record['codec'],
         )
     except (TokenizerMismatch, CodecMismatch, ShardError):

@@ -8,7 +8,7 @@
     __main__.py     `python -m transfusion_pytorch.training`: a small working run on toy data
 """
 
-from .checkpoint import CorruptCheckpoint
+from .checkpoint import CheckpointError, CheckpointMismatch, CorruptCheckpoint
 from .data import SampleDataset, TokenBudgetLoader, packed_num_tokens
 from .trainer import Every, TrainConfig, Trainer
 
@@ -19,4 +19,5 @@ def train(model, dataset, config: TrainConfig, **kwargs) -> list[dict]:
     return Trainer(model, dataset, config, **kwargs).train()
 
 
-__all__ = ['Trainer', 'TrainConfig', 'Every', 'train', 'TokenBudgetLoader', 'SampleDataset', 'packed_num_tokens', 'CorruptCheckpoint']
+__all__ = ['Trainer', 'TrainConfig', 'Every', 'train', 'TokenBudgetLoader', 'SampleDataset', 'packed_num_tokens', 'CheckpointError', 'CheckpointMismatch',
+           'CorruptCheckpoint']

@@ -5,13 +5,23 @@ A checkpoint is a directory `step_00001000/` under the run's checkpoint folder:
     state/          model, optimizer and EMA, written by `torch.distributed.checkpoint` (DCP):
                     each rank writes its own shards under FSDP; DDP and single-process runs
                     go through the same path
-    trainer.pt      step, scheduler, data position and every rank's RNG states (rank 0)
+    trainer.pt      step and scheduler, and every rank's own state: its data position and RNG
+                    states, gathered to rank 0, which writes the file
     manifest.json   size and SHA-256 of every other file, written last
+
+Each rank resumes from its own data position: the ranks' positions drift apart (a streaming
+loader's batches hold different numbers of samples), so one rank's position would make the
+others skip or repeat samples. A checkpoint resumes only with as many processes as wrote it.
+
+Parameters that the EMA shares with the model (frozen ones, see `ema.py`) are saved once, under
+the model, and restored into the EMA from there.
 
 It is written under a temporary name and renamed into place once complete, so a crash
 mid-write leaves no directory that looks finished. On loading, the manifest is checked
-first; a checkpoint without one, or with a file of the wrong size or checksum, raises
-`CorruptCheckpoint`, and `load_latest` falls back to the one before.
+first; a checkpoint without one, with a file of the wrong size or checksum or one that cannot
+be read, raises `CorruptCheckpoint`, and `load_latest` falls back to the one before. With no
+usable checkpoint left it raises `CorruptCheckpoint` naming what was wrong with each (the
+command line reports it as one line).
 """
 
 from __future__ import annotations
@@ -35,10 +45,20 @@ from . import distributed
 
 MANIFEST = 'manifest.json'
 STEP_DIR = re.compile(r'^step_(\d+)$')
+REQUIRED = ('trainer.pt', 'state/.metadata')
 
 
-class CorruptCheckpoint(RuntimeError):
-    pass
+class CheckpointError(RuntimeError):
+    """A run's checkpoints cannot be resumed; the message says why and what to do. The command
+    line reports it as one line."""
+
+
+class CorruptCheckpoint(CheckpointError):
+    """A checkpoint that is unfinished, damaged or unreadable."""
+
+
+class CheckpointMismatch(CheckpointError, ValueError):
+    """A good checkpoint that this run cannot resume (another number of processes)."""
 
 
 def sha256(path: Path) -> str:
@@ -67,6 +87,9 @@ def verify(directory: Path):
         manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError as error:
         raise CorruptCheckpoint(f'checkpoint {directory}: {MANIFEST} is not valid JSON ({error})') from None
+    for name in REQUIRED:
+        if name not in manifest:
+            raise CorruptCheckpoint(f'checkpoint {directory}: {MANIFEST} does not list {name}')
     for name, expected in manifest.items():
         path = directory / name
         if not path.exists():
@@ -74,7 +97,11 @@ def verify(directory: Path):
         size = path.stat().st_size
         if size != expected['bytes']:
             raise CorruptCheckpoint(f'checkpoint {directory}: {name} has {size} bytes, the manifest says {expected["bytes"]} (truncated?)')
-        if sha256(path) != expected['sha256']:
+        try:
+            digest = sha256(path)
+        except OSError as error:
+            raise CorruptCheckpoint(f'checkpoint {directory}: {name} cannot be read ({error.strerror or error})') from None
+        if digest != expected['sha256']:
             raise CorruptCheckpoint(f'checkpoint {directory}: {name} does not match its SHA-256 in the manifest (corrupted)')
 
 
@@ -96,10 +123,12 @@ def single_process_quiet():
 
 def app_state(model, optimizer, ema) -> dict:
     """Model, optimizer and EMA state with FQN keys, sharded as the modules are (DDP's
-    `module.` prefix removed), for DCP."""
+    `module.` prefix removed), for DCP. The EMA's state leaves out the parameters it shares
+    with the model (`EMA.shared`): they are saved once, under the model."""
     state = dict(model = get_model_state_dict(model), optimizer = get_optimizer_state_dict(model, optimizer))
     if ema is not None:
-        state['ema'] = get_model_state_dict(ema)
+        shared = {f'module.{name}' for name in ema.shared}
+        state['ema'] = {key: value for key, value in get_model_state_dict(ema).items() if key not in shared}
     return state
 
 
@@ -127,8 +156,9 @@ def set_rng_states(states: dict):
         numpy.random.set_state(states['numpy'])
 
 
-def save(root: Path, step: int, model, optimizer, ema, trainer_state: dict, keep_last: int) -> Path:
-    """Called on every rank. `model` is the module trained (DDP wrapper, FSDP-sharded or plain)."""
+def save(root: Path, step: int, model, optimizer, ema, trainer_state: dict, keep_last: int, rank_state: dict | None = None) -> Path:
+    """Called on every rank. `model` is the module trained (DDP wrapper, FSDP-sharded or plain);
+    `trainer_state` is the same on every rank, `rank_state` (the data position) this rank's own."""
     root = Path(root)
     final, tmp = root / f'step_{step:08d}', root / f'.tmp_step_{step:08d}'
     rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
@@ -140,10 +170,10 @@ def save(root: Path, step: int, model, optimizer, ema, trainer_state: dict, keep
 
     with single_process_quiet():
         dcp.save(app_state(model, optimizer, ema), checkpoint_id = tmp / 'state', no_dist = not torch.distributed.is_initialized())
-    rngs = distributed.all_gather_object(rng_states())
+    ranks = distributed.all_gather_object(dict(rank_state or {}, rng = rng_states()))
 
     if rank0:
-        torch.save(dict(trainer_state, step = step, rng = rngs), tmp / 'trainer.pt')
+        torch.save(dict(trainer_state, step = step, ranks = ranks), tmp / 'trainer.pt')
         write_manifest(tmp)
         if final.exists():
             shutil.rmtree(final)
@@ -154,35 +184,61 @@ def save(root: Path, step: int, model, optimizer, ema, trainer_state: dict, keep
     return final
 
 
+def read_trainer_state(directory: Path) -> dict:
+    """trainer.pt, with `ranks`: one dict per rank (its RNG states, its data position)."""
+    try:
+        state = torch.load(directory / 'trainer.pt', weights_only = False)
+    except Exception as error:      # whatever a damaged pickle raises (zip, unpickling, EOF, OS errors): the file is unusable
+        raise CorruptCheckpoint(f'checkpoint {directory}: trainer.pt cannot be read ({type(error).__name__}: {error})') from None
+    if not isinstance(state, dict) or 'step' not in state or not ('ranks' in state or 'rng' in state):
+        raise CorruptCheckpoint(f'checkpoint {directory}: trainer.pt does not hold a trainer state')
+    if 'ranks' not in state:        # written before each rank's data position was saved: rank 0's, given to all
+        data = state.pop('data', None)
+        state['ranks'] = [dict(rng = rng, data = data) for rng in state.pop('rng')]
+    return state
+
+
 def load(directory: Path, model, optimizer, ema) -> dict:
     """Restores model, optimizer and EMA in place and this rank's RNG states; returns the trainer
-    state (step, scheduler, data position)."""
+    state (step, scheduler) with this rank's own entries (its data position). Nothing is
+    restored from a checkpoint that fails verification."""
     verify(directory)
+    trainer_state = read_trainer_state(directory)
+    ranks = trainer_state.pop('ranks')
+    world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if len(ranks) != world_size:
+        raise CheckpointMismatch(f'checkpoint {directory} was written by {len(ranks)} processes and this run has {world_size}: '
+                                 f'resume with {len(ranks)} (each process resumes from its own data position)')
+
     state = app_state(model, optimizer, ema)
     with single_process_quiet():
         dcp.load(state, checkpoint_id = directory / 'state', no_dist = not torch.distributed.is_initialized())
     set_model_state_dict(model, state['model'])
     set_optimizer_state_dict(model, optimizer, state['optimizer'])
     if ema is not None:
-        set_model_state_dict(ema, state['ema'])
+        shared = {f'module.{name}': state['model'][name] for name in ema.shared if name in state['model']}
+        set_model_state_dict(ema, dict(state['ema'], **shared))
 
-    trainer_state = torch.load(directory / 'trainer.pt', weights_only = False)
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    if len(trainer_state['rng']) != (torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1):
-        raise ValueError(f'checkpoint {directory} was written by {len(trainer_state["rng"])} processes; resume with as many')
-    set_rng_states(trainer_state['rng'][rank])
-    return trainer_state
+    own = dict(ranks[torch.distributed.get_rank() if torch.distributed.is_initialized() else 0])
+    set_rng_states(own.pop('rng'))
+    return dict(trainer_state, **own)
 
 
 def load_latest(root: Path, model, optimizer, ema) -> dict | None:
     """Loads the newest checkpoint that verifies, warning about each newer one that does not.
-    None when there is no checkpoint at all."""
-    candidates = list_checkpoints(Path(root))
+    None when there is no checkpoint at all; `CorruptCheckpoint` naming each one's fault when
+    none is usable."""
+    candidates, faults = list_checkpoints(Path(root)), []
     for directory in reversed(candidates):
         try:
-            return load(directory, model, optimizer, ema)
+            state = load(directory, model, optimizer, ema)
         except CorruptCheckpoint as error:
-            warnings.warn(f'{error}; falling back to the previous checkpoint')
+            faults.append(str(error))
+            continue
+        for fault in faults:
+            warnings.warn(f'{fault}; falling back to the previous checkpoint')
+        return state
     if candidates:
-        raise CorruptCheckpoint(f'no usable checkpoint in {root}: all {len(candidates)} failed verification')
+        raise CorruptCheckpoint(f'no usable checkpoint in {root}, all {len(candidates)} are damaged ({"; ".join(faults)}): '
+                                f'move them away (or delete them) to start the run over')
     return None

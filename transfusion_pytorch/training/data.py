@@ -181,10 +181,14 @@ class TokenBudgetLoader:
         return batch
 
     def state_dict(self) -> dict:
-        return dict(epoch = self.epoch, position = self.position, seed = self.seed, world_size = self.world_size)
+        return dict(epoch = self.epoch, position = self.position, seed = self.seed, rank = self.rank, world_size = self.world_size)
 
     def load_state_dict(self, state: dict):
+        """Every rank is at the same (epoch, position): each epoch's batches are split into a
+        multiple of `world_size`. A position of another world size or seed is refused."""
         if state['world_size'] != self.world_size or state['seed'] != self.seed:
             raise ValueError(f'the data position was saved with world_size {state["world_size"]} and seed {state["seed"]}; '
                              f'this loader has world_size {self.world_size} and seed {self.seed}')
+        if state.get('rank', self.rank) != self.rank:
+            raise ValueError(f"the data position is rank {state['rank']}'s, and this loader is rank {self.rank}'s")
         self.epoch, self.position = state['epoch'], state['position']

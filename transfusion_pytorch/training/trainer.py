@@ -375,11 +375,14 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         self.assert_finite_weights('checkpoint')
-        state = dict(scheduler = self.scheduler.state_dict(), data = self.loader.state_dict(), config = asdict(self.config))
-        return checkpoint.save(self.checkpoint_dir, self.step, self.wrapped, self.optimizer, self.ema, state, self.config.keep_last)
+        state = dict(scheduler = self.scheduler.state_dict(), config = asdict(self.config))
+        # each rank's own data position: a streaming loader's ranks are at different ones
+        return checkpoint.save(self.checkpoint_dir, self.step, self.wrapped, self.optimizer, self.ema, state, self.config.keep_last,
+                               rank_state = dict(data = self.loader.state_dict()))
 
     def resume(self) -> bool:
-        """Restores the newest good checkpoint (if any) and drops the metrics logged after it."""
+        """Restores the newest good checkpoint (if any), each rank its own data position, and
+        drops the metrics logged after it."""
         state = checkpoint.load_latest(self.checkpoint_dir, self.wrapped, self.optimizer, self.ema)
         if state is not None:
             self.step = state['step']
