@@ -36,7 +36,7 @@ def train_image_text(config_path: str | None, extra: list[str]):
     model's, an unfinished prepared folder, a sample over max_tokens) is found before training
     starts, and reported as an error in what was asked: one line, exit status 2; so is a sample
     the model refuses in training (a NaN), named by its folder, key and shard, and so are
-    checkpoints that cannot be resumed (all damaged, or written by another number of processes).
+    checkpoints that cannot be resumed (all damaged, or written by another number of processes)."""
     from ..data.codecs import CodecMismatch
     from ..data.loader import SampleTooLong
     from ..data.shards import ShardError
