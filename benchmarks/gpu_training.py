@@ -1,13 +1,12 @@
-"""The GPU training path, checked, then measured: flex attention with block masks, compiled
-blocks on packed batches padded to the token budget, activation checkpointing, bf16 autocast.
+"""The training half of `benchmarks/gpu.py`: the image-text and Llama-shaped models on packed
+image-caption batches, the checks of the compiled GPU path against the eager one, and the
+measurement of one (model, checkpointing mode): tokens/s, MFU, peak memory, and optionally the
+profile of the measured step (`gpu_profile.py`).
 
-    python benchmarks/gpu.py                 # CUDA: checks, then the measurements (3 to 4.5 minutes on an H100 / H200, expected)
-    python benchmarks/gpu.py --dry-run       # CPU: the same code paths on tiny models, in a minute or two
-
-Two models, each on image-caption batches of about `--tokens` packed tokens (captions with
+Two models, each on image-caption batches of about `tokens` packed tokens (captions with
 32 x 32 x 16 image latents, a fifth of them image first, and text-only rows):
 
-- `image-text`: the model of the image-text job (`transfusion train --job image_text`,
+- `image_text`: the model of the image-text job (`transfusion train --job image_text`,
   `jobs.image_text.build_model`) at width 1024, depth 16, for a 50k-token vocabulary and a VAE
   of 16 latent channels;
 - `llama`: a model started from a Llama-shaped language model (Llama 3.2 1B: width 2048, 16
@@ -15,7 +14,7 @@ Two models, each on image-caption batches of about `--tokens` packed tokens (cap
   with `Transfusion.from_language_model`; the language model has random weights (nothing is
   downloaded), written in the Hugging Face layout to a temporary folder first.
 
-It checks itself first and stops at the first failed check:
+The checks (each recorded in CHECKS; a failed one makes gpu.py exit non-zero):
 
 1. flex attention, compiled, with the padded block mask the model builds, against SDPA on each
    sample of a mixed packed batch: the output and the gradients of q, k and v (on CPU the
@@ -29,27 +28,21 @@ It checks itself first and stops at the first failed check:
 5. batches of other lengths and numbers of spans compile no new graph;
 6. every measured step's loss is finite.
 
-Then, for each activation-checkpointing mode ('none', 'full', 'selective', in that order) and
-model: the median step time (forward + backward + fused AdamW, fresh noise and times each step;
-the batch is packed once, as a data loader would ahead of time), packed tokens/s, MFU and the
-peak memory allocated. MFU = model FLOPs (`train.per_token_flops`: 6 x per-token parameters x
-packed tokens + causal attention over the sum of squared sample lengths; the recomputation of
-checkpointing and the padding are not counted) / step time / the measured bf16 matmul rate.
-Each new graph costs a compile in the first step (reported): no new measurement starts once
-`--time-budget` seconds (200) have passed, so a run ends within about 4.5 minutes even where
-compiling is slow, and it lists what it skipped. The last lines are a compact summary.
+A measurement: the median step time (forward + backward + fused AdamW, fresh noise and times
+each step; the batch is packed once, as a data loader would ahead of time), packed tokens/s,
+MFU and the peak memory allocated. MFU = model FLOPs (`train.per_token_flops`: 6 x per-token
+parameters x packed tokens + causal attention over the sum of squared sample lengths; the
+recomputation of checkpointing and the padding are not counted) / step time / the measured bf16
+matmul rate.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import random
 import statistics
 import sys
-import tempfile
 import time
-import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -57,6 +50,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gpu_profile                                  # noqa: E402
+from gpu_common import gib, peak_memory_gib, reset_peak_memory, sync   # noqa: E402
 from train import per_token_flops                  # noqa: E402
 
 from transfusion_pytorch import Transfusion        # noqa: E402
@@ -158,15 +153,15 @@ def matmul_peak(device, dtype = torch.bfloat16) -> float:
     return 2 * n ** 3 * repeats / (time.perf_counter() - start)
 
 
-def sync(device):
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
+CHECKS: list[dict] = []      # every check made in this process, in order
 
 
-def check(condition: bool, message: str):
+def check(condition: bool, message: str) -> bool:
+    """Prints and records a check; a failed one does not stop the run (the other figures are
+    still worth a GPU's time), but gpu.py exits non-zero at its end."""
+    CHECKS.append(dict(ok = bool(condition), message = message))
     print(f'  [{"ok" if condition else "FAILED"}] {message}', flush = True)
-    if not condition:
-        sys.exit(1)
+    return bool(condition)
 
 
 def graphs() -> int:
@@ -272,7 +267,7 @@ def check_no_recompile(model, shape, device):
 
 
 def run_checks(shape: Shape, device, backend: str, use_flex: bool, folder: Path):
-    print(f'checks (image-text model, {backend}, {"flex attention" if use_flex else "SDPA"}):', flush = True)
+    """Checks 1 to 5 on the image-text model."""
     eager = build_model(shape, False, device, folder)
     model = build_model(shape, use_flex, device, folder)          # the same weights
     model.pad_to_multiple = padded_length(shape.tokens, TOKEN_MULTIPLE)
@@ -287,110 +282,47 @@ def run_checks(shape: Shape, device, backend: str, use_flex: bool, folder: Path)
 
 # the measurements
 
-def measure(name: str, shape: Shape, mode: str, device, backend: str, use_flex: bool, args, peak: float, folder: Path) -> dict:
+def measure(name: str, shape: Shape, mode: str, device, backend: str, use_flex: bool, steps: int, warmup: int, peak: float,
+            folder: Path, profile_steps: int = 0) -> dict:
+    """One (model, checkpointing mode): the median of `steps` steps after `warmup`, and with
+    `profile_steps`, the kernel-kind table of that many more steps and the block mask's sparsity."""
     model = build_model(shape, use_flex, device, folder)
     apply_activation_checkpointing(model, None if mode == 'none' else mode)
     apply_compile(model, backend, max_tokens = shape.tokens)
     optimizer = torch.optim.AdamW(model.parameters(), lr = 1e-4, fused = True)
     packed = model.pack(image_text_batch(shape, 0))
-    if device.type == 'cuda':
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)
 
-    before, step_times, losses = graphs(), [], []
-    for step in range(args.warmup + args.steps):
+    def step() -> torch.Tensor:
         times, noise = fresh_noise(packed, device)
-        sync(device)
-        start = time.perf_counter()
         with torch.autocast(device.type, dtype = torch.bfloat16):
             loss = model.compute_loss(packed, times, noise).total
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none = True)
+        return loss
+
+    before, step_times, losses = graphs(), [], []
+    for _ in range(warmup + steps):
+        sync(device)
+        start = time.perf_counter()
+        loss = step()
         sync(device)
         step_times.append(time.perf_counter() - start)
         losses.append(loss.item())
     check(all(map(math.isfinite, losses)), f'{name} / {mode}: every loss finite ({", ".join(f"{value:.3f}" for value in losses)})')
 
-    step_s = statistics.median(step_times[args.warmup:])
+    step_s = statistics.median(step_times[warmup:])
     flops, attention = per_token_flops(model, packed)
     row = dict(model = name, mode = mode, params = sum(p.numel() for p in model.parameters()), tokens = packed.num_tokens,
-               padded = model.pad_to_multiple, step_s = step_s, first_s = step_times[0], tokens_per_s = packed.num_tokens / step_s,
-               mfu = flops / step_s / peak, attention = attention / flops, graphs = graphs() - before,
-               peak_gib = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == 'cuda' else float('nan'))
+               padded = model.pad_to_multiple, samples = len(packed.seq_lengths), step_s = step_s, first_s = step_times[0],
+               tokens_per_s = packed.num_tokens / step_s, mfu = flops / step_s / peak, attention_share = attention / flops,
+               graphs = graphs() - before, peak_gib = peak_memory_gib(device) if device.type == 'cuda' else None)
     print(f'  {name} / {mode}: {row["params"] / 1e6:,.1f}M parameters, {row["tokens"]:,} tokens (padded to {row["padded"]:,}), '
           f'first step {row["first_s"]:.1f} s ({row["graphs"]} graph(s) compiled), median {step_s * 1e3:.1f} ms, '
           f'{row["tokens_per_s"]:,.0f} tokens/s, MFU {100 * row["mfu"]:.1f}%, peak {gib(row["peak_gib"])}', flush = True)
+    if profile_steps:
+        sparsity = gpu_profile.block_mask_sparsity(packed, model.pad_to_multiple)
+        row['profile'] = dict(gpu_profile.profile(step, device, profile_steps), block_mask = sparsity)
     del model, optimizer
     return row
-
-
-def summary(rows: list[dict], skipped: list[str], peak: float, device, elapsed: float):
-    print(f'\nsummary ({torch.cuda.get_device_name() if device.type == "cuda" else "CPU"}, torch {torch.__version__}, '
-          f'bf16 matmul peak {peak / 1e12:.1f} TFLOP/s, {elapsed:.0f} s in all):')
-    print('| model | checkpointing | params | tokens/s | MFU | peak memory | step | first step |')
-    print('|---|---|---|---|---|---|---|---|')
-    for r in rows:
-        print(f'| {r["model"]} | {r["mode"]} | {r["params"] / 1e6:,.1f}M | {r["tokens_per_s"]:,.0f} | {100 * r["mfu"]:.1f}% | '
-              f'{gib(r["peak_gib"])} | {r["step_s"] * 1e3:.0f} ms | {r["first_s"]:.0f} s |')
-    for name in dict.fromkeys(r['model'] for r in rows):
-        base = next((r for r in rows if r['model'] == name and r['mode'] == 'none'), None)
-        for r in rows:
-            if base is not None and r['model'] == name and r is not base:
-                print(f'{name} / {r["mode"]} against none: peak memory {r["peak_gib"] / base["peak_gib"]:.0%}, '
-                      f'step time {r["step_s"] / base["step_s"]:.2f}x')
-    if skipped:
-        print(f'skipped (over --time-budget): {", ".join(skipped)}')
-
-
-def gib(value: float) -> str:
-    return '-' if math.isnan(value) else f'{value:.1f} GiB'
-
-
-def main():
-    parser = argparse.ArgumentParser(description = __doc__.split('\n\n')[0])
-    parser.add_argument('--dry-run', action = 'store_true', help = 'CPU, tiny models, the aot_eager backend: the same code paths, quickly')
-    parser.add_argument('--models', nargs = '*', default = list(FULL), choices = list(FULL))
-    parser.add_argument('--modes', nargs = '*', default = list(MODES), choices = MODES, help = 'activation checkpointing modes, in this order')
-    parser.add_argument('--tokens', type = int, help = 'packed tokens per batch (default: 16384; 400 with --dry-run)')
-    parser.add_argument('--steps', type = int, default = 5)
-    parser.add_argument('--warmup', type = int, default = 2)
-    parser.add_argument('--backend', help = 'torch.compile backend (default: inductor; aot_eager with --dry-run)')
-    parser.add_argument('--time-budget', type = float, default = 200., help = 'seconds after which no new measurement starts')
-    args = parser.parse_args()
-
-    start = time.perf_counter()
-    if args.dry_run:
-        device, shapes, backend = torch.device('cpu'), TINY, args.backend or 'aot_eager'
-        args.steps, args.warmup = min(args.steps, 2), min(args.warmup, 1)
-        torch.set_num_threads(1)                        # tiny models run fastest on one thread
-    else:
-        if not torch.cuda.is_available():
-            sys.exit('benchmarks/gpu.py needs a CUDA device (or --dry-run)')
-        device, shapes, backend = torch.device('cuda'), FULL, args.backend or 'inductor'
-        torch.backends.cuda.matmul.allow_tf32 = True
-    if args.tokens is not None:
-        shapes = {name: replace(shape, tokens = args.tokens) for name, shape in shapes.items()}
-    use_flex = device.type == 'cuda'
-    # one compiled graph per model and checkpointing mode, all on `Module._call_impl`
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    warnings.filterwarnings('ignore', message = '.*flex_attention.*')
-    warnings.filterwarnings('ignore', message = 'Mismatch dtype between input and weight')     # F.rms_norm unfused under CPU autocast
-
-    with tempfile.TemporaryDirectory() as folder:
-        run_checks(shapes['image_text'], device, backend, use_flex, Path(folder))
-        peak = matmul_peak(device)
-        print(f'\nmeasurements (bf16 autocast, {backend}, {"flex attention" if use_flex else "SDPA"}; '
-              f'bf16 matmul peak {peak / 1e12:.1f} TFLOP/s):', flush = True)
-        rows, skipped = [], []
-        for mode in args.modes:
-            for name in args.models:
-                if time.perf_counter() - start > args.time_budget:
-                    skipped.append(f'{name} / {mode}')
-                    continue
-                rows.append(measure(name, shapes[name], mode, device, backend, use_flex, args, peak, Path(folder)))
-    summary(rows, skipped, peak, device, time.perf_counter() - start)
-
-
-if __name__ == '__main__':
-    main()
