@@ -152,6 +152,14 @@ def table(run: Run, shapes: dict, backend: str, use_flex: bool, folder: Path, la
     run.report['elapsed_s']['table'] = time.perf_counter() - start
 
 
+def parse_value(text: str):
+    """'False' -> False, '2' -> 2, '0.5' -> 0.5, anything else stays a string."""
+    try:
+        return json.loads(text.lower() if text.lower() in ('true', 'false', 'null') else text)
+    except ValueError:
+        return text
+
+
 def parse_args(argv = None):
     parser = argparse.ArgumentParser(description = __doc__.split('\n\n')[0])
     parser.add_argument('--dry-run', action = 'store_true', help = 'CPU, tiny sizes, the aot_eager backend: every section, quickly')
@@ -188,7 +196,7 @@ def parse_args(argv = None):
         key, sep, value = args.eager_decode_option.partition('=')
         if not sep or not key.isidentifier():
             parser.error(f'--eager-decode-option: expected KEY=VALUE, such as cuda_graphs=False, got {args.eager_decode_option!r}')
-        args.eager_decode = {key: json.loads(value.lower()) if value.lower() in ('true', 'false', 'null') or value.isdigit() else value}
+        args.eager_decode = {key: parse_value(value)}
     return args
 
 

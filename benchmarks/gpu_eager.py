@@ -15,8 +15,9 @@ Where 0.20.0 comes from (`public_python`): `--public-python`, an interpreter tha
 0.20.0 and of its pure-Python requirements, installed with `pip --no-index --target` into
 `.venv-public-site` and put on the worker's PYTHONPATH, so that it runs on this interpreter's
 torch (a GPU machine has no network, and a new virtualenv would need its own multi-GB torch);
-`--download-public-wheels DIR` writes such a folder where PyPI can be reached. Without either,
-a real run tries PyPI the same way; a dry run skips 0.20.0, with the reason printed.
+`--download-public-wheels DIR` writes such a folder where PyPI can be reached. Without either, a
+run takes the wheels in `.venv-public-wheels` when there are some; else a real run tries to
+download them from PyPI, and a dry run skips 0.20.0, with the reason printed.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_common import ROOT, peak_memory_gib, reset_peak_memory, run_worker, sync, worker_main   # noqa: E402
 
 PUBLIC = ('transfusion-pytorch', '0.20.0')
-PUBLIC_SITE = ROOT / '.venv-public-site'
+PUBLIC_SITE = ROOT / '.venv-public-site'           # 0.20.0 installed from wheels (ignored by git, as is the next)
+PUBLIC_WHEELS = ROOT / '.venv-public-wheels'       # the wheels, where a run looks for them by default
 WHEELS_ENV = 'TRANSFUSION_PUBLIC_WHEELS'
 
 MULTIMODAL = dict(
@@ -220,16 +222,16 @@ def public_python(args) -> tuple[dict | None, str]:
     """(how to run a worker under 0.20.0: python and PYTHONPATH, where it came from), or (None, why not)."""
     if args.public_python:
         return dict(python = args.public_python, pythonpath = ''), f'--public-python {args.public_python}'
-    wheels = args.public_wheels or os.environ.get(WHEELS_ENV)
+    wheels = args.public_wheels or os.environ.get(WHEELS_ENV) or (PUBLIC_WHEELS if any(PUBLIC_WHEELS.glob('transfusion_pytorch-0.20.0-*')) else None)
     try:
         if wheels:
             return dict(python = sys.executable, pythonpath = str(install_public_wheels(Path(wheels)))), f'wheels in {wheels}'
         if args.dry_run:
             return None, (f'skipped: 0.20.0 is not installed for this run (give --public-wheels DIR, ${WHEELS_ENV} or --public-python; '
-                          f'`python benchmarks/gpu.py --download-public-wheels DIR` writes DIR where PyPI can be reached)')
-        folder = ROOT / '.venv-public-wheels'
-        download_public_wheels(folder)
-        return dict(python = sys.executable, pythonpath = str(install_public_wheels(folder))), 'PyPI'
+                          f'`python benchmarks/gpu.py --download-public-wheels {PUBLIC_WHEELS.name}` writes the wheels where PyPI '
+                          f'can be reached, and a run finds them there)')
+        download_public_wheels(PUBLIC_WHEELS)
+        return dict(python = sys.executable, pythonpath = str(install_public_wheels(PUBLIC_WHEELS))), 'PyPI'
     except (OSError, subprocess.SubprocessError, StopIteration) as error:
         detail = getattr(error, 'stderr', None) or error
         return None, f'skipped: 0.20.0 could not be installed ({str(detail).strip().splitlines()[-1][:300]})'
