@@ -112,8 +112,7 @@ def multimodal_worker(spec: dict) -> dict:
         raise RuntimeError(f'{transfusion_pytorch.__file__} is not the public package')
     batch = multimodal_batch(config, device)
     torch.manual_seed(0)
-    with torch.device(device):
-        model = Transfusion(**transfusion_kwargs(config, device.type == 'cuda'))
+    model = Transfusion(**transfusion_kwargs(config, device.type == 'cuda')).to(device)    # built alike: on the CPU, then moved
     package = package_of(transfusion_pytorch)
     if spec['side'] == 'public' and package['version'] != PUBLIC[1]:
         raise RuntimeError(f'the public side imported transfusion-pytorch {package["version"]} from {package["package"]}, not {PUBLIC[1]}')
