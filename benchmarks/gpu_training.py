@@ -268,6 +268,7 @@ def check_no_recompile(model, shape, device):
 
 def run_checks(shape: Shape, device, backend: str, use_flex: bool, folder: Path):
     """Checks 1 to 5 on the image-text model."""
+    print(f'  image-text model, {backend}, {"flex attention" if use_flex else "SDPA"}, bf16 autocast', flush = True)
     eager = build_model(shape, False, device, folder)
     model = build_model(shape, use_flex, device, folder)          # the same weights
     model.pad_to_multiple = padded_length(shape.tokens, TOKEN_MULTIPLE)
@@ -323,6 +324,6 @@ def measure(name: str, shape: Shape, mode: str, device, backend: str, use_flex: 
           f'{row["tokens_per_s"]:,.0f} tokens/s, MFU {100 * row["mfu"]:.1f}%, peak {gib(row["peak_gib"])}', flush = True)
     if profile_steps:
         sparsity = gpu_profile.block_mask_sparsity(packed, model.pad_to_multiple)
-        row['profile'] = dict(gpu_profile.profile(step, device, profile_steps), block_mask = sparsity)
+        row['profile'] = dict(gpu_profile.profile(step, device, profile_steps), step_ms = step_s * 1e3, block_mask = sparsity)
     del model, optimizer
     return row

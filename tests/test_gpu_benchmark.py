@@ -72,6 +72,15 @@ def test_a_failed_check_makes_the_run_fail(tmp_path):
     assert report['failed_checks'] == [report['checks'][-1]['message']] and 'FAILED check: decoding' in done.stdout
 
 
+def test_what_does_not_fit_the_budget_is_skipped_and_listed(tmp_path):
+    """With 20 s, neither the walk-through (estimated at 45 s on a GPU) nor decoding (30 s)
+    starts: both are listed as skipped, and the run is not a failure."""
+    done, report = run_gpu_benchmark(tmp_path, '--sections', 'walkthrough', 'decoding', '--budget', '20')
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert report['skipped'] == ['walkthrough', 'decoding'] and 'walkthrough' not in report and 'decoding' not in report
+    assert 'skipped (over --budget): walkthrough' in done.stdout
+
+
 @pytest.mark.parametrize('name, kind', [
     # from the H200 profile of issue 21
     ('triton_tem_fused__to_copy_add_addcmul_flex_attention_mul_roll_split_with_sizes_transpose_unsqueeze_view_0', 'attention forward'),
