@@ -4,6 +4,7 @@ alone) and hands back one JSON line."""
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -28,7 +29,10 @@ def sync(device: torch.device):
 
 
 def reset_peak_memory(device: torch.device):
+    """Before a measurement: the previous one's model freed (a reference cycle would keep it,
+    and count it in this one's peak), then the peak reset."""
     if device.type == 'cuda':
+        gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 

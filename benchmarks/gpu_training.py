@@ -325,5 +325,4 @@ def measure(name: str, shape: Shape, mode: str, device, backend: str, use_flex: 
     if profile_steps:
         sparsity = gpu_profile.block_mask_sparsity(packed, model.pad_to_multiple)
         row['profile'] = dict(gpu_profile.profile(step, device, profile_steps), step_ms = step_s * 1e3, block_mask = sparsity)
-    del model, optimizer
     return row
