@@ -53,7 +53,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# the benchmarks' modules, and this repository's package before any installed one
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
 import gpu_eager                                     # noqa: E402
 import gpu_profile                                   # noqa: E402
 import gpu_report                                    # noqa: E402
@@ -122,6 +123,7 @@ def machine(device, args) -> dict:
         commit = ''
     return dict(device = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU ({os.cpu_count()} cores)',
                 torch = torch.__version__, cuda = torch.version.cuda, python = platform.python_version(), commit = commit or None,
+                package = str(Path(sys.modules['transfusion_pytorch'].__file__).parent),
                 date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec = 'seconds'), dry_run = args.dry_run)
 
 
