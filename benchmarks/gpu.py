@@ -27,8 +27,8 @@ The sections, in order (`--sections` picks some):
    `generate_modality_only(batch_size = 16)` images/s on the 320M side-by-side model.
 
 Time: each section and each table row has an estimated cost on an H100 / H200 (ESTIMATE_S); one
-starts only while it and the sections after it fit in `--budget` seconds (450), so the run ends
-within 8 minutes; what did not fit is listed. Every section prints its elapsed time.
+starts only while it and the required items after it (`Run`) fit in `--budget` seconds (450), so
+the run ends within 8 minutes; what did not fit is listed. Every section prints its elapsed time.
 
 A failed check or a section that raised does not stop the run; it ends with exit status 1 and
 lists them. `--out` writes every figure as JSON, with the machine, torch version and date.
