@@ -48,9 +48,7 @@ def classify(name: str) -> str:
 
 
 def self_time_us(event, device: torch.device) -> float:
-    if device.type == 'cuda':
-        return getattr(event, 'self_device_time_total', None) or getattr(event, 'self_cuda_time_total', 0.)
-    return event.self_cpu_time_total
+    return event.self_device_time_total if device.type == 'cuda' else event.self_cpu_time_total
 
 
 def is_kernel(event, device: torch.device) -> bool:
