@@ -1,396 +1,266 @@
-"""The GPU training path, checked, then measured: flex attention with block masks, compiled
-blocks on packed batches padded to the token budget, activation checkpointing, bf16 autocast.
+"""Every GPU figure of issue 21 in one command: checks, MFU table, profile, eager side by side,
+the walk-through, decoding and images.
 
-    python benchmarks/gpu.py                 # CUDA: checks, then the measurements (3 to 4.5 minutes on an H100 / H200, expected)
-    python benchmarks/gpu.py --dry-run       # CPU: the same code paths on tiny models, in a minute or two
+    python benchmarks/gpu.py --out gpu.json                       # CUDA: all of it, at most 8 minutes on an H100 / H200
+    python benchmarks/gpu.py --public-wheels DIR --out gpu.json   # the same, 0.20.0 installed from wheels (no network)
+    python benchmarks/gpu.py --profile                            # the checks, the MFU table and its kernel tables only
+    python benchmarks/gpu.py --dry-run --out dry.json             # CPU: every section at tiny sizes, in about a minute
+    python benchmarks/gpu.py --download-public-wheels DIR         # where PyPI can be reached: 0.20.0's wheels for --public-wheels
 
-Two models, each on image-caption batches of about `--tokens` packed tokens (captions with
-32 x 32 x 16 image latents, a fifth of them image first, and text-only rows):
+The sections, in order (`--sections` picks some):
 
-- `image-text`: the model of the image-text job (`transfusion train --job image_text`,
-  `jobs.image_text.build_model`) at width 1024, depth 16, for a 50k-token vocabulary and a VAE
-  of 16 latent channels;
-- `llama`: a model started from a Llama-shaped language model (Llama 3.2 1B: width 2048, 16
-  blocks, 32 query and 8 key-value heads, SwiGLU 8192, a 128k vocabulary, rotary theta 5e5)
-  with `Transfusion.from_language_model`; the language model has random weights (nothing is
-  downloaded), written in the Hugging Face layout to a temporary folder first.
+1. checks (`gpu_training.py`): compiled flex attention against SDPA, forward and backward; a
+   block traces to one graph; one block mask per forward pass; the compiled, padded model
+   against the eager one under bf16; no recompile for other batch lengths;
+2. table (`gpu_training.py`): the image-text model (dim 1024, depth 16) and the Llama-3.2-1B
+   shape on 16k-token batches, compiled, bf16 autocast, flex attention, with checkpointing
+   none / full / selective: tokens/s, MFU against the measured bf16 matmul rate, peak memory;
+3. profile (`gpu_profile.py`): for each model's first row, torch.profiler's kernels over a few
+   steps after the measured ones, by kind (matmuls, attention forward / backward, index /
+   scatter, aten elementwise & reductions, inductor-fused elementwise, other): ms per step and
+   share; and the sparsity of the block mask of the batch;
+4. eager (`gpu_eager.py`): eager training against the public package 0.20.0 (multimodal) and
+   against `transformers`' LlamaForCausalLM (text only), each side in its own process: tokens/s,
+   peak memory and their ratios;
+5. walkthrough, decoding (`gpu_small.py`): the README walk-through's steps/s;
+   `generate_text_only` steps/s (batch 8, 16-token prompt, 240 new tokens) and
+   `generate_modality_only(batch_size = 16)` images/s on the 320M side-by-side model.
 
-It checks itself first and stops at the first failed check:
+Time: each section and each table row has an estimated cost on an H100 / H200 (ESTIMATE_S); one
+starts only while it and the required items after it (`Run`) fit in `--budget` seconds (450), so
+the run ends within 8 minutes; what did not fit is listed. Every section prints its elapsed time.
 
-1. flex attention, compiled, with the padded block mask the model builds, against SDPA on each
-   sample of a mixed packed batch: the output and the gradients of q, k and v (on CPU the
-   forward only: PyTorch has no flex backward there);
-2. a block traces to one graph without a break (`torch._dynamo.explain`);
-3. the compiled model builds one block mask (attention layout) per forward pass, which every
-   block shares;
-4. the compiled, padded model against the eager, unpadded one with SDPA attention, under bf16
-   autocast: loss to 2e-2 relative, gradient norm to 5e-2 relative, each gradient with cosine
-   similarity > 0.98 (on CUDA this is also flex attention's backward pass against SDPA's);
-5. batches of other lengths and numbers of spans compile no new graph;
-6. every measured step's loss is finite.
-
-Then, for each activation-checkpointing mode ('none', 'full', 'selective', in that order) and
-model: the median step time (forward + backward + fused AdamW, fresh noise and times each step;
-the batch is packed once, as a data loader would ahead of time), packed tokens/s, MFU and the
-peak memory allocated. MFU = model FLOPs (`train.per_token_flops`: 6 x per-token parameters x
-packed tokens + causal attention over the sum of squared sample lengths; the recomputation of
-checkpointing and the padding are not counted) / step time / the measured bf16 matmul rate.
-Each new graph costs a compile in the first step (reported): no new measurement starts once
-`--time-budget` seconds (200) have passed, so a run ends within about 4.5 minutes even where
-compiling is slow, and it lists what it skipped. The last lines are a compact summary.
+A failed check or a section that raised does not stop the run; it ends with exit status 1 and
+lists them. `--out` writes every figure as JSON, with the machine, torch version and date.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
-import random
-import statistics
+import datetime
+import json
+import os
+import platform
+import subprocess
 import sys
 import tempfile
 import time
+import traceback
 import warnings
-from dataclasses import dataclass, replace
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train import per_token_flops                  # noqa: E402
+# the benchmarks' modules, and this repository's package before any installed one
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
+import gpu_eager                                     # noqa: E402
+import gpu_profile                                   # noqa: E402
+import gpu_report                                    # noqa: E402
+import gpu_small                                     # noqa: E402
+import gpu_training                                  # noqa: E402
+from gpu_common import ROOT                          # noqa: E402
 
-from transfusion_pytorch import Transfusion        # noqa: E402
-import transfusion_pytorch.masks as masks          # noqa: E402
-import transfusion_pytorch.model as model_module    # noqa: E402
-from transfusion_pytorch.attention import attend   # noqa: E402
-from transfusion_pytorch.jobs import image_text     # noqa: E402
-from transfusion_pytorch.language_models import LANGUAGE_MODEL_LACKS   # noqa: E402
-from transfusion_pytorch.masks import padded_length  # noqa: E402
-from transfusion_pytorch.training.parallelize import TOKEN_MULTIPLE, apply_activation_checkpointing, apply_compile  # noqa: E402
-
-
-@dataclass(frozen = True)
-class Shape:
-    """A model and its batches."""
-    vocab: int
-    dim: int
-    depth: int
-    heads: int
-    dim_head: int
-    tokens: int                     # packed tokens per batch, about
-    grid: int = 32                  # image latents: grid x grid tokens ...
-    dim_latent: int = 16            # ... of this many channels
-    kv_heads: int | None = None     # a language model's: grouped-query attention ...
-    dim_ff_hidden: int | None = None    # ... and its SwiGLU width (None: the image-text model)
+SECTIONS = ('checks', 'table', 'profile', 'eager', 'walkthrough', 'decoding')
+# seconds on an H100 / H200, first estimates (compiles included); the run prints what each took
+ESTIMATE_S = dict(checks = 60, eager = 120, walkthrough = 45, decoding = 30, image_text = 30, llama = 45)
 
 
-FULL = dict(
-    # the image-text job's model at a GPU size (a tokenizer's vocabulary, a VAE's latent channels and grid)
-    image_text = Shape(vocab = 50257, dim = 1024, depth = 16, heads = 16, dim_head = 64, tokens = 16384),
-    # Llama 3.2 1B
-    llama = Shape(vocab = 128256, dim = 2048, depth = 16, heads = 32, dim_head = 64, tokens = 16384, kv_heads = 8, dim_ff_hidden = 8192),
-)
-TINY = dict(
-    image_text = Shape(vocab = 1000, dim = 64, depth = 2, heads = 2, dim_head = 32, tokens = 400, grid = 4, dim_latent = 8),
-    llama = Shape(vocab = 2000, dim = 64, depth = 2, heads = 4, dim_head = 16, tokens = 400, grid = 4, dim_latent = 8,
-                  kv_heads = 2, dim_ff_hidden = 128),
-)
-MODES = ('none', 'full', 'selective')
+class Run:
+    """The report being built, the clock and the budget. The checks, the table's rows of the
+    first checkpointing mode (the figures of issue 21's targets) and the sections after the
+    table are required: whatever starts leaves the time they are estimated to need. The other
+    rows take what is left."""
 
+    def __init__(self, args, device):
+        self.args, self.device, self.start = args, device, time.perf_counter()
+        self.report = dict(machine = machine(device, args), command = ' '.join(['python', 'benchmarks/gpu.py', *sys.argv[1:]]),
+                           budget_s = args.budget, elapsed_s = {}, skipped = [], errors = {}, checks = gpu_training.CHECKS,
+                           previous = gpu_report.PREVIOUS)
+        self.required = {name: ESTIMATE_S[name] for name in ('checks',) if name in args.sections}
+        if 'table' in args.sections:
+            self.required.update({f'table: {model} / {args.modes[0]}': ESTIMATE_S[model] for model in args.models})
+        self.required.update({name: ESTIMATE_S[name] for name in ('eager', 'walkthrough', 'decoding') if name in args.sections})
 
-def build_model(shape: Shape, use_flex: bool, device, language_models: Path) -> Transfusion:
-    """The image-text model, or a model started from a Llama-shaped language model: saved in
-    the Hugging Face layout (random weights: nothing is downloaded) and loaded back by
-    `Transfusion.from_language_model`, as a downloaded one would be."""
-    torch.manual_seed(0)
-    latents = dict(dim_latent = shape.dim_latent, modality_default_shape = (shape.grid, shape.grid))
-    with torch.device(device):                      # initialised where it trains: seconds, not minutes, for 1.5B parameters
-        if shape.kv_heads is None:
-            # the job's own model, for a tokenizer of `vocab` ids and a VAE of `dim_latent` channels
-            config = image_text.ImageTextConfig(data = ('unused',), dim = shape.dim, depth = shape.depth, heads = shape.heads,
-                                                dim_head = shape.dim_head)
-            record = dict(tokenizer = dict(vocab_size = shape.vocab), codec = dict(dim_latent = shape.dim_latent), shape = [shape.grid] * 2)
-            model = image_text.build_model(config, record)
-            # flex attention or SDPA: read from the config at each forward pass
-            model.config = replace(model.config, transformer = replace(model.config.transformer, use_flex_attn = use_flex))
-            return model
-        folder = language_models / f'llama-{shape.dim}-{shape.depth}'
-        if not folder.exists():
-            language_model = Transfusion(num_text_tokens = shape.vocab, transformer = dict(
-                dim = shape.dim, depth = shape.depth, heads = shape.heads, kv_heads = shape.kv_heads, dim_head = shape.dim_head,
-                dim_ff_hidden = shape.dim_ff_hidden, rotary_theta = 5e5, norm_eps = 1e-5, **LANGUAGE_MODEL_LACKS))
-            language_model.save_language_model(folder, dtype = torch.bfloat16)
-            del language_model
-        return Transfusion.from_language_model(folder, **latents, transformer = dict(use_flex_attn = use_flex))
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
 
+    def starts(self, what: str, cost: float) -> bool:
+        """Whether `what`, of `cost` seconds, and the required items not yet run end within the
+        budget; if not, it is skipped."""
+        self.required.pop(what, None)
+        if self.elapsed() + cost + sum(self.required.values()) <= self.args.budget:
+            return True
+        self.skip(what)
+        return False
 
-def image_text_batch(shape: Shape, seed: int) -> list:
-    """Image-caption samples (a fifth image first) and, a fifth of the samples, text-only rows,
-    until about `shape.tokens` packed tokens."""
-    rng, generator = random.Random(seed), torch.Generator().manual_seed(seed)
-    image_tokens = shape.grid ** 2 + 8                  # latents, META, shape digits, BOM, EOM
-    batch, used = [], 0
-    while True:
-        if rng.random() < 0.2:
-            sample = [torch.randint(0, shape.vocab, (rng.randint(shape.tokens // 64, shape.tokens // 16),), generator = generator)]
-            length = sample[0].numel() + 2
-        else:
-            caption = torch.randint(0, shape.vocab, (rng.randint(8, 64),), generator = generator)
-            image = (0, torch.randn(shape.grid, shape.grid, shape.dim_latent, generator = generator))
-            sample = [image, caption] if rng.random() < 0.2 else [caption, image]
-            length = caption.numel() + image_tokens + 2
-        if used + length > shape.tokens and batch:
-            return batch
-        batch.append(sample)
-        used += length
-
-
-def matmul_peak(device, dtype = torch.bfloat16) -> float:
-    n, repeats = (8192, 20) if device.type == 'cuda' else (1024, 5)
-    a, b = (torch.randn(n, n, device = device, dtype = dtype) for _ in range(2))
-    for _ in range(3):
-        a @ b
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    sync(device)
-    return 2 * n ** 3 * repeats / (time.perf_counter() - start)
-
-
-def sync(device):
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-
-
-def check(condition: bool, message: str):
-    print(f'  [{"ok" if condition else "FAILED"}] {message}', flush = True)
-    if not condition:
-        sys.exit(1)
-
-
-def graphs() -> int:
-    return torch._dynamo.utils.counters['stats']['unique_graphs']
-
-
-def fresh_noise(packed, device):
-    return torch.rand(packed.num_spans, device = device), tuple(torch.randn_like(x) for x in packed.latents)
-
-
-def loss_and_grads(model, packed, times, noise, device):
-    model.zero_grad(set_to_none = True)
-    with torch.autocast(device.type, dtype = torch.bfloat16):
-        loss = model.compute_loss(packed, times, noise).total
-    loss.backward()
-    grads = {name.replace('_checkpoint_wrapped_module.', ''): p.grad.float() for name, p in model.named_parameters() if p.grad is not None}
-    return loss.item(), grads
-
-
-# the checks
-
-def check_flex_attention(model, packed, device, backend):
-    """1. compiled flex attention with the model's padded block mask against SDPA per sample.
-    On CPU, where flex attention has no backward pass, the backward check runs the same
-    comparison on SDPA over the padded sequence instead."""
-    from torch.nn.attention.flex_attention import flex_attention
-    n, heads, dim_head = packed.num_tokens, 4, 64
-    q, k, v = (torch.randn(n, heads, dim_head, device = device, requires_grad = True) for _ in range(3))
-    layout = masks.build_layout(packed, use_flex_attn = True, pad_to_multiple = model.pad_to_multiple)
-    reference = attend(q, k, v, masks.per_sample_layout(packed))
-    flex = torch.compile(flex_attention, backend = backend, fullgraph = True)
-
-    def flex_attend(q, k, v):
-        padded = [F.pad(t, (0, 0, 0, 0, 0, layout.num_tokens - n)).transpose(0, 1)[None] for t in (q, k, v)]
-        return flex(*padded, block_mask = layout.block_mask)[0].transpose(0, 1)[:n]
-
-    backward = device.type == 'cuda'
-    with torch.set_grad_enabled(backward):
-        out = flex_attend(q, k, v)
-    error = (out - reference).abs().max().item()
-    check(error < 2e-2, f'compiled flex attention = SDPA per sample, forward (max |diff| {error:.1e}, {n:,} tokens)')
-
-    what = 'compiled flex attention'
-    if not backward:
-        what = 'no flex backward on CPU; in its place SDPA over the padded sequence'
-        dense = masks.build_layout(packed, pad_to_multiple = model.pad_to_multiple)
-        out = attend(*(F.pad(t, (0, 0, 0, 0, 0, dense.num_tokens - n)) for t in (q, k, v)), dense)[:n]
-    grad = torch.randn_like(reference)
-    got, expected = torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(reference, (q, k, v), grad)
-    errors = [((a - b).abs().max() / b.abs().max()).item() for a, b in zip(got, expected)]
-    check(max(errors) < 2e-2, f'{what} = SDPA per sample, backward (dq, dk, dv: relative max |diff| '
-                              f'{", ".join(f"{e:.1e}" for e in errors)})')
-
-
-def check_one_graph(model, packed, device, use_flex):
-    """2. a block (not compiled yet) traces to one graph, no break, on the padded layout."""
-    from transfusion_pytorch.transformer import Conditioning, Context, pad_to_layout, time_features
-    transformer = model.transformer
-    times, _ = fresh_noise(packed, device)
-    layout = masks.build_layout(packed, use_flex_attn = use_flex, pad_to_multiple = model.pad_to_multiple)
-    x = torch.randn(packed.num_tokens, transformer.dim, device = device)
-    x, positions, times, token_span = pad_to_layout(layout.num_tokens, x, packed.position, times, packed.span)
-    with torch.no_grad(), torch.autocast(device.type, dtype = torch.bfloat16):
-        cond = Conditioning(transformer.to_time_embed(time_features(times, transformer.config.dim_time)), token_span)
-        explained = torch._dynamo.explain(transformer.blocks[0])(x, Context(layout, transformer.rotary(positions), cond))
-    check(explained.graph_break_count == 0 and explained.graph_count == 1,
-          f'a block traces to {explained.graph_count} graph(s) with {explained.graph_break_count} break(s) '
-          f'{[str(r.reason)[:120] for r in explained.break_reasons]}')
-
-
-def check_compiled_against_eager(eager, compiled, packed, device):
-    """2 and 4. compiled and padded (flex on CUDA) against eager and unpadded with SDPA, bf16;
-    the compiled model's forward pass builds one attention layout (block mask) for all blocks."""
-    times, noise = fresh_noise(packed, device)
-    eager_loss, eager_grads = loss_and_grads(eager, packed, times, noise, device)
-    calls, build_layout = [], model_module.build_layout
-    model_module.build_layout = lambda *args, **kwargs: calls.append(1) or build_layout(*args, **kwargs)
-    try:
-        loss, grads = loss_and_grads(compiled, packed, times, noise, device)
-    finally:
-        model_module.build_layout = build_layout
-    check(len(calls) == 1, f'one attention layout (block mask) per forward pass, shared by {len(compiled.transformer.blocks)} blocks '
-                           f'(built {len(calls)} times)')
-    norm = lambda g: torch.sqrt(sum(t.pow(2).sum() for t in g.values())).item()
-    check(abs(loss - eager_loss) <= 2e-2 * abs(eager_loss), f'compiled loss {loss:.4f} vs eager (SDPA) {eager_loss:.4f}')
-    check(abs(norm(grads) - norm(eager_grads)) <= 5e-2 * norm(eager_grads),
-          f'compiled gradient norm {norm(grads):.4f} vs eager {norm(eager_grads):.4f}')
-    cosines = {name: F.cosine_similarity(grads[name].flatten(), eager_grads[name].flatten(), dim = 0).item()
-               for name in eager_grads if eager_grads[name].norm() > 1e-6}
-    worst = min(cosines, key = cosines.get)
-    check(grads.keys() == eager_grads.keys() and cosines[worst] > 0.98,
-          f'every gradient along the eager one: lowest cosine {cosines[worst]:.4f} ({worst})')
-
-
-def check_no_recompile(model, shape, device):
-    """5. other lengths and numbers of spans: no new graph."""
-    before, lengths = graphs(), []
-    for seed in (1, 2, 3):
-        packed = model.pack(image_text_batch(replace(shape, tokens = int(shape.tokens * (0.6 + 0.1 * seed))), seed))
-        lengths.append((packed.num_tokens, packed.num_spans))
-        loss_and_grads(model, packed, *fresh_noise(packed, device), device)
-    check(graphs() == before, f'batches of (tokens, spans) {lengths} compiled {graphs() - before} new graph(s)')
-
-
-def run_checks(shape: Shape, device, backend: str, use_flex: bool, folder: Path):
-    print(f'checks (image-text model, {backend}, {"flex attention" if use_flex else "SDPA"}):', flush = True)
-    eager = build_model(shape, False, device, folder)
-    model = build_model(shape, use_flex, device, folder)          # the same weights
-    model.pad_to_multiple = padded_length(shape.tokens, TOKEN_MULTIPLE)
-    packed = eager.pack(image_text_batch(shape, 0))
-
-    check_flex_attention(model, packed, device, backend)
-    check_one_graph(model, packed, device, use_flex)
-    apply_compile(model, backend, max_tokens = shape.tokens)
-    check_compiled_against_eager(eager, model, packed, device)
-    check_no_recompile(model, shape, device)
-
-
-# the measurements
-
-def measure(name: str, shape: Shape, mode: str, device, backend: str, use_flex: bool, args, peak: float, folder: Path) -> dict:
-    model = build_model(shape, use_flex, device, folder)
-    apply_activation_checkpointing(model, None if mode == 'none' else mode)
-    apply_compile(model, backend, max_tokens = shape.tokens)
-    optimizer = torch.optim.AdamW(model.parameters(), lr = 1e-4, fused = True)
-    packed = model.pack(image_text_batch(shape, 0))
-    if device.type == 'cuda':
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-    before, step_times, losses = graphs(), [], []
-    for step in range(args.warmup + args.steps):
-        times, noise = fresh_noise(packed, device)
-        sync(device)
+    @contextmanager
+    def section(self, name: str):
+        """Runs the body unless it does not fit; records its time, or its error and goes on."""
+        if not self.starts(name, ESTIMATE_S[name]):
+            yield False
+            return
+        print(f'\n== {name} ==', flush = True)
         start = time.perf_counter()
-        with torch.autocast(device.type, dtype = torch.bfloat16):
-            loss = model.compute_loss(packed, times, noise).total
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none = True)
-        sync(device)
-        step_times.append(time.perf_counter() - start)
-        losses.append(loss.item())
-    check(all(map(math.isfinite, losses)), f'{name} / {mode}: every loss finite ({", ".join(f"{value:.3f}" for value in losses)})')
+        try:
+            yield True
+        except Exception:
+            self.report['errors'][name] = traceback.format_exc()
+            print(f'  [ERROR] {name}:\n{traceback.format_exc()}', flush = True)
+        self.report['elapsed_s'][name] = time.perf_counter() - start
+        print(f'  ({name}: {self.report["elapsed_s"][name]:.1f} s; {self.elapsed():.0f} s in all)', flush = True)
 
-    step_s = statistics.median(step_times[args.warmup:])
-    flops, attention = per_token_flops(model, packed)
-    row = dict(model = name, mode = mode, params = sum(p.numel() for p in model.parameters()), tokens = packed.num_tokens,
-               padded = model.pad_to_multiple, step_s = step_s, first_s = step_times[0], tokens_per_s = packed.num_tokens / step_s,
-               mfu = flops / step_s / peak, attention = attention / flops, graphs = graphs() - before,
-               peak_gib = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == 'cuda' else float('nan'))
-    print(f'  {name} / {mode}: {row["params"] / 1e6:,.1f}M parameters, {row["tokens"]:,} tokens (padded to {row["padded"]:,}), '
-          f'first step {row["first_s"]:.1f} s ({row["graphs"]} graph(s) compiled), median {step_s * 1e3:.1f} ms, '
-          f'{row["tokens_per_s"]:,.0f} tokens/s, MFU {100 * row["mfu"]:.1f}%, peak {gib(row["peak_gib"])}', flush = True)
-    del model, optimizer
-    return row
+    def skip(self, what: str):
+        self.report['skipped'].append(what)
+        print(f'\n== {what}: skipped, over --budget ({self.elapsed():.0f} s of {self.args.budget:.0f} s spent) ==', flush = True)
 
 
-def summary(rows: list[dict], skipped: list[str], peak: float, device, elapsed: float):
-    print(f'\nsummary ({torch.cuda.get_device_name() if device.type == "cuda" else "CPU"}, torch {torch.__version__}, '
-          f'bf16 matmul peak {peak / 1e12:.1f} TFLOP/s, {elapsed:.0f} s in all):')
-    print('| model | checkpointing | params | tokens/s | MFU | peak memory | step | first step |')
-    print('|---|---|---|---|---|---|---|---|')
-    for r in rows:
-        print(f'| {r["model"]} | {r["mode"]} | {r["params"] / 1e6:,.1f}M | {r["tokens_per_s"]:,.0f} | {100 * r["mfu"]:.1f}% | '
-              f'{gib(r["peak_gib"])} | {r["step_s"] * 1e3:.0f} ms | {r["first_s"]:.0f} s |')
-    for name in dict.fromkeys(r['model'] for r in rows):
-        base = next((r for r in rows if r['model'] == name and r['mode'] == 'none'), None)
-        for r in rows:
-            if base is not None and r['model'] == name and r is not base:
-                print(f'{name} / {r["mode"]} against none: peak memory {r["peak_gib"] / base["peak_gib"]:.0%}, '
-                      f'step time {r["step_s"] / base["step_s"]:.2f}x')
-    if skipped:
-        print(f'skipped (over --time-budget): {", ".join(skipped)}')
+def machine(device, args) -> dict:
+    try:
+        commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd = ROOT, capture_output = True, text = True).stdout.strip()
+    except OSError:
+        commit = ''
+    return dict(device = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU ({os.cpu_count()} cores)',
+                torch = torch.__version__, cuda = torch.version.cuda, python = platform.python_version(), commit = commit or None,
+                package = str(Path(sys.modules['transfusion_pytorch'].__file__).parent),
+                date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec = 'seconds'), dry_run = args.dry_run)
 
 
-def gib(value: float) -> str:
-    return '-' if math.isnan(value) else f'{value:.1f} GiB'
-
-
-def main():
-    parser = argparse.ArgumentParser(description = __doc__.split('\n\n')[0])
-    parser.add_argument('--dry-run', action = 'store_true', help = 'CPU, tiny models, the aot_eager backend: the same code paths, quickly')
-    parser.add_argument('--models', nargs = '*', default = list(FULL), choices = list(FULL))
-    parser.add_argument('--modes', nargs = '*', default = list(MODES), choices = MODES, help = 'activation checkpointing modes, in this order')
-    parser.add_argument('--tokens', type = int, help = 'packed tokens per batch (default: 16384; 400 with --dry-run)')
-    parser.add_argument('--steps', type = int, default = 5)
-    parser.add_argument('--warmup', type = int, default = 2)
-    parser.add_argument('--backend', help = 'torch.compile backend (default: inductor; aot_eager with --dry-run)')
-    parser.add_argument('--time-budget', type = float, default = 200., help = 'seconds after which no new measurement starts')
-    args = parser.parse_args()
-
+def table(run: Run, shapes: dict, backend: str, use_flex: bool, folder: Path):
+    """Checks, then the rows in mode order; the first row of each model is profiled when asked."""
+    args, device = run.args, run.device
+    if 'checks' in args.sections:
+        with run.section('checks') as go:
+            if go:
+                gpu_training.run_checks(shapes['image_text'], device, backend, use_flex, folder)
+    if 'table' not in args.sections:
+        return
     start = time.perf_counter()
+    peak = gpu_training.matmul_peak(device)
+    run.report['machine']['bf16_matmul_tflops'] = peak / 1e12
+    rows, profiles = run.report.setdefault('table', []), run.report.setdefault('profile', {})
+    print(f'\n== table == (bf16 autocast, {backend}, {"flex attention" if use_flex else "SDPA"}; bf16 matmul peak {peak / 1e12:.1f} TFLOP/s)')
+    for mode in args.modes:
+        for name in args.models:
+            what = f'table: {name} / {mode}'
+            if not run.starts(what, ESTIMATE_S[name]):
+                continue
+            profile_steps = args.profile_steps if 'profile' in args.sections and name not in profiles else 0
+            row_start = time.perf_counter()
+            try:
+                row = gpu_training.measure(name, shapes[name], mode, device, backend, use_flex, args.steps, args.warmup, peak, folder,
+                                           profile_steps)
+            except Exception:
+                run.report['errors'][what] = traceback.format_exc()
+                print(f'  [ERROR] {what}:\n{traceback.format_exc()}', flush = True)
+                continue
+            if 'profile' in row:
+                profiles[name] = row.pop('profile')
+                gpu_profile.print_profile(name, profiles[name])
+            rows.append(row)
+            run.report['elapsed_s'][what] = time.perf_counter() - row_start
+            print(f'  ({what}: {run.report["elapsed_s"][what]:.1f} s; {run.elapsed():.0f} s in all)', flush = True)
+    run.report['elapsed_s']['table'] = time.perf_counter() - start
+
+
+def parse_value(text: str):
+    """'False' -> False, '2' -> 2, '0.5' -> 0.5, anything else stays a string."""
+    try:
+        return json.loads(text.lower() if text.lower() in ('true', 'false', 'null') else text)
+    except ValueError:
+        return text
+
+
+def parse_args(argv = None):
+    parser = argparse.ArgumentParser(description = __doc__.split('\n\n')[0])
+    parser.add_argument('--dry-run', action = 'store_true', help = 'CPU, tiny sizes, the aot_eager backend: every section, quickly')
+    parser.add_argument('--out', type = Path, help = 'write every figure here as JSON')
+    parser.add_argument('--sections', nargs = '+', default = list(SECTIONS), choices = SECTIONS)
+    parser.add_argument('--profile', action = 'store_true', help = 'the checks, the table and its kernel tables only')
+    parser.add_argument('--models', nargs = '+', default = list(gpu_training.FULL), choices = list(gpu_training.FULL))
+    parser.add_argument('--modes', nargs = '+', default = list(gpu_training.MODES), choices = gpu_training.MODES,
+                        help = 'activation checkpointing modes, in this order')
+    parser.add_argument('--tokens', type = int, help = 'packed tokens per batch of the table (default: 16384; 400 with --dry-run)')
+    parser.add_argument('--steps', type = int, help = 'measured steps per table row (default 5; 1 with --dry-run)')
+    parser.add_argument('--warmup', type = int, help = 'warm-up steps per table row, the compile included (default 2; 1 with --dry-run)')
+    parser.add_argument('--profile-steps', type = int, help = 'steps profiled per model (default 2; 1 with --dry-run)')
+    parser.add_argument('--backend', help = 'torch.compile backend (default: inductor; aot_eager with --dry-run)')
+    parser.add_argument('--budget', type = float, help = 'seconds: nothing starts that would end past them (default 450; none with --dry-run)')
+    parser.add_argument('--public-wheels', help = f'a folder of wheels of transfusion-pytorch 0.20.0 and its requirements (or ${gpu_eager.WHEELS_ENV})')
+    parser.add_argument('--public-python', help = 'an interpreter that imports transfusion-pytorch 0.20.0 (its own virtualenv)')
+    parser.add_argument('--download-public-wheels', type = Path, metavar = 'DIR', help = 'write the wheels for --public-wheels into DIR and exit')
+    parser.add_argument('--eager-decode-option', metavar = 'KEY=VALUE',
+                        help = 'the generate_text_only keyword that turns the fast decode path off (default: gpu_small.EAGER_DECODE)')
+    args = parser.parse_args(argv)
+    if args.profile:
+        args.sections = ['checks', 'table', 'profile']
+    if 'profile' in args.sections and 'table' not in args.sections:
+        args.sections.append('table')           # the profile is of the table's steps
+    tiny = args.dry_run
+    for name, full, dry in (('steps', 5, 1), ('warmup', 2, 1), ('profile_steps', 2, 1)):
+        if getattr(args, name) is None:
+            setattr(args, name, dry if tiny else full)
+    if args.budget is None:
+        args.budget = float('inf') if tiny else 450.
+    if args.public_wheels and not Path(args.public_wheels).is_dir():
+        parser.error(f'--public-wheels: {args.public_wheels} is not a folder')
+    args.eager_decode = gpu_small.EAGER_DECODE
+    if args.eager_decode_option:
+        key, sep, value = args.eager_decode_option.partition('=')
+        if not sep or not key.isidentifier():
+            parser.error(f'--eager-decode-option: expected KEY=VALUE, such as cuda_graphs=False, got {args.eager_decode_option!r}')
+        args.eager_decode = {key: parse_value(value)}
+    return args
+
+
+def main(argv = None):
+    args = parse_args(argv)
+    if args.download_public_wheels:
+        print('\n'.join(gpu_eager.download_public_wheels(args.download_public_wheels)))
+        print(f'-> {args.download_public_wheels}; then: python benchmarks/gpu.py --public-wheels {args.download_public_wheels}')
+        return 0
     if args.dry_run:
-        device, shapes, backend = torch.device('cpu'), TINY, args.backend or 'aot_eager'
-        args.steps, args.warmup = min(args.steps, 2), min(args.warmup, 1)
+        device, shapes, backend = torch.device('cpu'), gpu_training.TINY, args.backend or 'aot_eager'
         torch.set_num_threads(1)                        # tiny models run fastest on one thread
+        os.environ['OMP_NUM_THREADS'] = '1'             # and so do the workers
     else:
         if not torch.cuda.is_available():
             sys.exit('benchmarks/gpu.py needs a CUDA device (or --dry-run)')
-        device, shapes, backend = torch.device('cuda'), FULL, args.backend or 'inductor'
+        device, shapes, backend = torch.device('cuda'), gpu_training.FULL, args.backend or 'inductor'
         torch.backends.cuda.matmul.allow_tf32 = True
     if args.tokens is not None:
         shapes = {name: replace(shape, tokens = args.tokens) for name, shape in shapes.items()}
-    use_flex = device.type == 'cuda'
     # one compiled graph per model and checkpointing mode, all on `Module._call_impl`
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     warnings.filterwarnings('ignore', message = '.*flex_attention.*')
-    warnings.filterwarnings('ignore', message = 'Mismatch dtype between input and weight')     # F.rms_norm unfused under CPU autocast
 
+    run = Run(args, device)
     with tempfile.TemporaryDirectory() as folder:
-        run_checks(shapes['image_text'], device, backend, use_flex, Path(folder))
-        peak = matmul_peak(device)
-        print(f'\nmeasurements (bf16 autocast, {backend}, {"flex attention" if use_flex else "SDPA"}; '
-              f'bf16 matmul peak {peak / 1e12:.1f} TFLOP/s):', flush = True)
-        rows, skipped = [], []
-        for mode in args.modes:
-            for name in args.models:
-                if time.perf_counter() - start > args.time_budget:
-                    skipped.append(f'{name} / {mode}')
-                    continue
-                rows.append(measure(name, shapes[name], mode, device, backend, use_flex, args, peak, Path(folder)))
-    summary(rows, skipped, peak, device, time.perf_counter() - start)
+        table(run, shapes, backend, device.type == 'cuda', Path(folder))
+        if 'eager' in args.sections:
+            with run.section('eager') as go:
+                if go:
+                    run.report['eager'] = gpu_eager.side_by_side(device, args.dry_run, args, Path(folder))
+        if 'walkthrough' in args.sections:
+            with run.section('walkthrough') as go:
+                if go:
+                    run.report['walkthrough'] = gpu_small.walkthrough(args.dry_run)
+                    print(f'  walk-through: {run.report["walkthrough"]["steps_per_s"]:,.1f} steps/s', flush = True)
+        if 'decoding' in args.sections:
+            with run.section('decoding') as go:
+                if go:
+                    run.report['decoding'] = gpu_small.decoding(device, args.dry_run, args.eager_decode)
+    run.report['total_s'] = run.elapsed()
+    run.report['targets'] = gpu_report.targets(run.report)
+    run.report['failed_checks'] = [c['message'] for c in gpu_training.CHECKS if not c['ok']]
+    gpu_report.print_summary(run.report)
+    if args.out:
+        args.out.parent.mkdir(parents = True, exist_ok = True)
+        args.out.write_text(json.dumps(run.report, indent = 1))
+        print(f'wrote {args.out}')
+    return 1 if run.report['failed_checks'] or run.report['errors'] else 0
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())

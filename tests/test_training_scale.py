@@ -187,23 +187,6 @@ def test_a_compiled_model_still_generates(one_thread, fresh_dynamo):
     assert compiled_graphs() == 0
 
 
-def test_gpu_benchmark_dry_run():
-    """`benchmarks/gpu.py --dry-run`: the GPU script's checks and measurements on CPU, tiny
-    models, so that it does not fail on a typo when a GPU is there to run it."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parent.parent
-    env = dict(os.environ, PYTHONPATH = str(root), OMP_NUM_THREADS = '1')
-    done = subprocess.run([sys.executable, str(root / 'benchmarks' / 'gpu.py'), '--dry-run', '--modes', 'selective', '--steps', '1', '--warmup', '0'],
-                          capture_output = True, text = True, env = env, timeout = 300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert 'FAILED' not in done.stdout and done.stdout.count('[ok]') >= 8
-    assert '| image_text | selective |' in done.stdout and '| llama | selective |' in done.stdout
-
-
 def test_a_run_resumes_with_checkpointing_and_compile_switched_on(one_thread, fresh_dynamo, tmp_path):
     """Checkpoints keep their names under both (a digits run may be resumed with either key
     changed): 2 plain steps, then 2 checkpointed and compiled ones, end where 4 plain steps do
