@@ -4,7 +4,7 @@ For a digits run folder (`transfusion train` writes runs/digits): the share of t
 images that, given as the prompt and sampled at the default temperature, are answered with a
 digit; the share answered by EOS right after the image; and the model's mean probability of
 EOS right after `SOS [image]`. Dropout that removes the caption after an image, or teaches EOS
-after `SOS [image]`, shows here (see the guidance paragraph of the README).
+after `SOS [image]`, shows here (see docs/generation.md, classifier-free guidance).
 
     python benchmarks/captions_after_dropout.py runs/digits
 """

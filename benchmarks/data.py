@@ -3,15 +3,15 @@
     python benchmarks/data.py [--work DIR] [--num 4000] [--threads 1]
 
 1. Data: the walk-through set (`transfusion shapes`, 24 x 24 pictures), prepared as in the
-   README walk-through (patch codec, patch 4, UTF-8 bytes), and a 10x larger prepared folder
+   walk-through of docs/own-data.md (patch codec, patch 4, UTF-8 bytes), and a 10x larger prepared folder
    made of the same shards copied ten times (so the two differ only in size).
 2. Checking the shards: one epoch read with no workers, each shard's SHA-256 checked as the
    loader opens it (as in training: once per process, in the process that reads it); the MB
    hashed, at how many MB/s, and the share of the epoch's reading time spent hashing. Later
    epochs, and the figures below (whose processes have checked the shards already), hash nothing.
    Loader throughput, samples/s and tokens/s, with 0, 1 and 2 DataLoader workers, batches of
-   the README configuration's budget (1,024 tokens), no model.
-3. What training consumes: steps of the README model (dim 128, depth 4, 4 heads of 32) fed by
+   the walk-through configuration's budget (1,024 tokens), no model.
+3. What training consumes: steps of the walk-through model (dim 128, depth 4, 4 heads of 32) fed by
    the loader with its default 2 workers, each step timed in two parts, waiting for the batch
    and the forward, backward and AdamW step; the share of time spent waiting.
 4. Peak resident memory while reading one epoch of the 1x and of the 10x folder, each in a
@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-README_MODEL = dict(dim = 128, depth = 4, heads = 4, dim_head = 32)
+WALKTHROUGH_MODEL = dict(dim = 128, depth = 4, heads = 4, dim_head = 32)
 MAX_TOKENS = 1024
 
 
@@ -64,7 +64,7 @@ def model():
     import torch
     from transfusion_pytorch import Transfusion
     torch.manual_seed(0)
-    return Transfusion(num_text_tokens = 256, dim_latent = 48, modality_default_shape = (6, 6), transformer = README_MODEL)
+    return Transfusion(num_text_tokens = 256, dim_latent = 48, modality_default_shape = (6, 6), transformer = WALKTHROUGH_MODEL)
 
 
 def make_loader(folder: Path, workers: int, tokens_of):
@@ -196,7 +196,7 @@ def main():
     parser.add_argument('--work', default = '/tmp/transfusion-data-bench', help = 'where the data sets go (kept between runs)')
     parser.add_argument('--num', type = int, default = 4000, help = 'pictures in the 1x set')
     parser.add_argument('--steps', type = int, default = 40, help = 'training steps timed')
-    parser.add_argument('--threads', type = int, default = 1, help = 'torch threads of the training process (the README run uses 1)')
+    parser.add_argument('--threads', type = int, default = 1, help = 'torch threads of the training process (the walk-through run uses 1)')
     parser.add_argument('--memory-of', help = argparse.SUPPRESS)
     parser.add_argument('--workers', type = int, default = 0, help = argparse.SUPPRESS)
     args = parser.parse_args()
@@ -223,7 +223,7 @@ def main():
         print(f"| {workers} | {r['samples_per_s']:,.0f} | {r['tokens_per_s']:,.0f} |")
 
     r = training_steps(one, args.steps)
-    print(f"\ntraining, README model, 2 workers: {r['step_s'] * 1000:.0f} ms per step, consuming {r['tokens_per_s']:,.0f} tokens/s; "
+    print(f"\ntraining, walk-through model, 2 workers: {r['step_s'] * 1000:.0f} ms per step, consuming {r['tokens_per_s']:,.0f} tokens/s; "
           f"waiting for data {r['wait_share']:.2%} of the time (longest wait {r['longest_wait_s'] * 1000:.1f} ms)")
 
     print('\n| data | samples | workers | RSS before reading | peak RSS while reading | peak RSS of a worker |\n|---|---|---|---|---|---|')

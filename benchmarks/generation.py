@@ -61,7 +61,7 @@ MODALITY_BATCH = 4
 MODALITY_STEPS = 16
 PROMPT_LEN = 64
 CFG_SCALE = 3.
-# our sampler as the README's figures were measured: Euler steps, guidance at every one (`sample`
+# our sampler as docs/generation.md's speed figures were measured: Euler steps, guidance at every one (`sample`
 # now defaults to midpoint steps and guidance for t in [0.6, 1])
 OURS_SAMPLING = dict(ode_method = 'euler', guidance_interval = (0., 1.))
 

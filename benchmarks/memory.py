@@ -1,4 +1,4 @@
-"""Activation checkpointing on the README configuration: peak memory and step time with
+"""Activation checkpointing on the first model of docs/usage.md: peak memory and step time with
 'selective' (every other block) and 'full' (every block) against none.
 
     python benchmarks/memory.py                             # the multimodal case, fp32, 2 threads

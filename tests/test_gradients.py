@@ -1,4 +1,4 @@
-"""Every trainable parameter takes part in the loss, under every option of the README's tables.
+"""Every trainable parameter takes part in the loss, under every option of the tables of docs/usage.md.
 
 A parameter that is created but never used takes no gradient, is saved and counted for
 nothing, and makes DDP without `find_unused_parameters` fail. Each case below builds the

@@ -1,5 +1,5 @@
 """Code written for the public package (0.20.0) runs here: its names map onto this package's
-machinery, with one meaning each (see the README, "Differences from the public package")."""
+machinery, with one meaning each (see docs/differences.md)."""
 
 import pytest
 import torch

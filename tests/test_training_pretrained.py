@@ -219,7 +219,7 @@ def test_passed_codecs_are_merged_with_the_saved_ones(tmp_path, caplog):
     sample = loaded.sample(max_length = 16, force_modality_at_start = (0, (2,)), seed = 0)
     assert sample[1][1].shape == (2, 3)                                         # decoded by the saved decoder
 
-    # encoder and decoder passed for a model that also has down / up blocks (the README's call)
+    # encoder and decoder passed for a model that also has down / up blocks (the call docs/training.md shows)
     by_hand = Transfusion.from_pretrained(tmp_path, modality_encoder = (model.modality_encoders[0], None),
                                           modality_decoder = (model.modality_decoders[0], None))
     assert torch.equal(fixed_loss(model, batch).total, fixed_loss(by_hand, batch).total)

@@ -14,7 +14,7 @@ Not counted as tests of public behaviour, and skipped with their reason:
 - tests of the public package's private helpers (`stack_same_shape_tensors_with_inverse`,
   `filter_with_inverse`, `apply_fn_modality_type`, `modality_processing` internals);
 - tests of `SelfMaskedRepTraining`, a training method of the public package that this one
-  does not offer (see the README, "Differences from the public package");
+  does not offer (see docs/differences.md);
 - tests that need CUDA skip themselves where there is none.
 
 Each test runs after `torch.manual_seed(seed)`, so that the counts can be reproduced: the

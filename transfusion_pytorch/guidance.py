@@ -143,7 +143,7 @@ def default_cfg_scale(model) -> float:
     """The guidance scale of `sample` when none is given: 3 for a model built to train with
     condition dropout (`prob_uncond > 0`), whose unconditional branch has been taught; 1 (no
     guidance) for one built without, whose unconditional branch is untrained. With the default
-    interval (0.6, 1) this is the point the digits sweep measured best (README, Generation)."""
+    interval (0.6, 1) this is the point the digits sweep measured best (docs/generation.md)."""
     return DEFAULT_CFG_SCALE if model.config.prob_uncond > 0 else 1.
 
 

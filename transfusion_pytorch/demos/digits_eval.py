@@ -19,7 +19,7 @@
   as a text-to-image and a captioning sample, with seeded times and noise.
 
 `Sampling` holds the options of `model.sample` that decide how a digit is drawn; its defaults
-are the point that `transfusion eval --sweep` measured best on the demo (see the README).
+are the point that `transfusion eval --sweep` measured best on the demo (see docs/generation.md).
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ FSDP; https://github.com/pytorch/torchtitan):
    - 'full': every block;
    - 'selective': every other block (the 2nd, 4th, ...), torchtitan's per-layer selective
      checkpointing, for about half the recomputation of 'full'; it frees less than half of
-     what 'full' frees, as the peak comes with a recomputed block on top (on the README
-     configuration: 17% of the gradients and activations against 47%, for +11% against +29%
+     what 'full' frees, as the peak comes with a recomputed block on top (on the first model
+     of docs/usage.md: 17% of the gradients and activations against 47%, for +11% against +29%
      compute; `benchmarks/memory.py`). Per-layer rather than per-op (a policy that keeps matmul
      outputs and recomputes the rest): our blocks already keep little besides their matmuls'
      inputs and outputs (RMSNorm, adaLN modulation and SwiGLU save only their inputs, see
