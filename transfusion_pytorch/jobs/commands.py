@@ -53,7 +53,7 @@ def train_image_text(config_path: str | None, extra: list[str]):
 
 
 def add_parsers(commands):
-    from ..cli import add_run_options
+    from ..cli_options import add_run_options
     from ..data import shapes, sources
     prepare = commands.add_parser(
         'prepare', help = 'encode a folder of captioned images (or text) once into shards for training',
@@ -140,7 +140,7 @@ def command_shapes(args):
 
 
 def command_caption(args):
-    from .sampling import command_caption
+    from .run_commands import command_caption
     return command_caption(args)
 
 
