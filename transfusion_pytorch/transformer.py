@@ -417,6 +417,7 @@ class Transformer(nn.Module):
         span_times: Tensor | None = None,   # (S,) time of each modality span
         token_span: Tensor | None = None,   # (N,) span of each token, -1 for text
         cache = None,                       # a `kv_cache.KVCache` prepared for this step, when generating
+        num_latent: int | None = None,      # how many tokens are in a span, when known on the host (spares routing a wait on the device)
     ) -> Tensor:
         num_tokens = x.shape[0]
         padded = layout is not None and layout.num_tokens > num_tokens
@@ -425,7 +426,7 @@ class Transformer(nn.Module):
 
         routing = None
         if self.config.separate_modality_weights and token_span is not None:
-            routing = Routing(token_span >= 0)
+            routing = Routing(token_span >= 0, num_latent)
             x, token_span = routing.to_routed(x), routing.to_routed(token_span)
 
         cond = None
