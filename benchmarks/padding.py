@@ -48,12 +48,11 @@ def digits(patch: int) -> str:
 
 
 def walk_through(work: Path, batches: int) -> str:
-    from transfusion_pytorch.data.loader import StreamingLoader, modality_tokens_of
+    from transfusion_pytorch.data.loader import LoaderConfig, StreamingLoader, modality_tokens_of
     from transfusion_pytorch.data.prepare import PrepareConfig, prepare
     from transfusion_pytorch.data.shapes import write_set
     from transfusion_pytorch.data.shards import MANIFEST
     from transfusion_pytorch.jobs.image_text import build_model, load_config, open_data
-    from transfusion_pytorch.data.loader import LoaderConfig
 
     folder = work / 'shapes-prepared'
     if not (folder / MANIFEST).exists():
