@@ -44,3 +44,65 @@ def test_rmsnorm_half_precision_input_computes_in_float32():
     # shrink these small rows
     expected = x.float() * torch.rsqrt(x.float().square().mean(-1, keepdim = True) + torch.finfo(torch.float32).eps)
     assert torch.allclose(out.float(), expected, atol = 2e-2)
+
+
+FUSED_WARNING = 'Cannot dispatch to fused implementation'
+
+
+def fused_fallback_warnings(fn) -> list[str]:
+    """The warnings of `torch.rms_norm` falling back from its fused kernel while `fn` runs. The
+    warning is a C++ warn-once: `set_warn_always` repeats it in every test, whatever ran before."""
+    import warnings
+    warn_always = torch.is_warn_always_enabled()
+    torch.set_warn_always(True)
+    try:
+        with warnings.catch_warnings(record = True) as caught:
+            warnings.simplefilter('always')
+            fn()
+    finally:
+        torch.set_warn_always(warn_always)
+    return [str(w.message) for w in caught if FUSED_WARNING in str(w.message)]
+
+
+@pytest.mark.parametrize('unit_offset', [True, False])
+def test_rmsnorm_under_bf16_autocast_takes_the_fused_kernel(unit_offset):
+    """No dtype-mismatch fallback (issue 21 item 3) for a bf16 input and a float32 gain, with and
+    without gradients, and the output within bf16's rounding of the float32 reference."""
+    torch.manual_seed(0)
+    norm = RMSNorm(64, unit_offset = unit_offset)
+    with torch.no_grad():
+        norm.weight.add_(torch.randn(64) * 0.1)
+    x = torch.randn(50, 64)
+    gain = norm.weight.detach() + 1. if unit_offset else norm.weight.detach()
+    reference = F.rms_norm(x, (64,), gain)
+
+    def run(grad: bool):
+        with torch.autocast('cpu', dtype = torch.bfloat16), torch.set_grad_enabled(grad):
+            out = norm(x.bfloat16().requires_grad_(grad))
+            if grad:
+                out.float().square().sum().backward()
+        outs.append(out)
+
+    for grad in (False, True):
+        outs = []
+        assert fused_fallback_warnings(lambda: run(grad)) == []
+        assert outs[0].dtype == torch.bfloat16
+        # bf16 keeps 8 bits: the input, the gain and the output are each rounded once
+        torch.testing.assert_close(outs[0].float(), reference, atol = 0.05, rtol = 0.02)
+    assert norm.weight.grad is not None and norm.weight.grad.dtype == torch.float32
+
+
+def test_model_forward_backward_under_bf16_autocast_emits_no_fallback_warning():
+    """The user's report: every eager step under autocast warned from `torch.rms_norm`."""
+    from conftest import overfit_batch, tiny_model
+    model = tiny_model()
+
+    def step():
+        with torch.autocast('cpu', dtype = torch.bfloat16):
+            loss = model(overfit_batch())
+        loss.backward()
+        with torch.no_grad(), torch.autocast('cpu', dtype = torch.bfloat16):
+            model(overfit_batch())         # evaluation: the plain F.rms_norm path
+
+    assert fused_fallback_warnings(step) == []
+    assert all(p.grad is not None for p in model.transformer.final_norm.parameters())

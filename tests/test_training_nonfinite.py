@@ -142,3 +142,52 @@ def test_no_checkpoint_with_nonfinite_weights(tmp_path):
 def test_on_nonfinite_is_checked():
     with pytest.raises(ValueError, match = "on_nonfinite must be 'stop' or 'skip', got 'ignore'"):
         TrainConfig(out_dir = 'x', max_steps = 1, max_tokens = 10, on_nonfinite = 'ignore')
+
+
+def snapshot_callback(saved: dict, at: int, compare: int):
+    """Saves the model, EMA and AdamW moments after step `at` and asserts after step `compare`
+    that they are the same."""
+    def fn(trainer, step):
+        state = lambda: ({k: v.clone() for k, v in trainer.model.state_dict().items()},
+                         {k: v.clone() for k, v in trainer.ema.state_dict().items()},
+                         [trainer.optimizer.state[p]['exp_avg'].clone() for p in trainer.trainable])
+        if step == at:
+            saved['state'] = state()
+        if step == compare:
+            for before, after in zip(saved['state'], state()):
+                pairs = zip(before.values(), after.values()) if isinstance(before, dict) else zip(before, after)
+                assert all(torch.equal(a, b) for a, b in pairs)
+            saved['checked'] = True
+    return Every(1, fn)
+
+
+def test_deferred_check_stops_with_the_weights_before_the_bad_step(tmp_path):
+    """The host reads the flag every 3 steps: step 2 is bad, step 3 is held back on the device
+    too, and the run stops after step 3 with the weights of step 1."""
+    data, saved = PoisonableDataset(), {}
+    callbacks = [set_flag(data, 'poisoned', {1: True, 2: False}), snapshot_callback(saved, at = 1, compare = 2)]
+    trainer = make_trainer(tmp_path, data, callbacks = callbacks, max_steps = 6, check_finite_every = 3, log_every = 100, checkpoint_every = 100)
+    with pytest.raises(NonFiniteError, match = r'non-finite loss at step 2 .*step 2 and any after it were not applied, so the weights are those of step 1'):
+        trainer.train()
+    assert saved['checked'] and trainer.step == 3
+    for name, value in trainer.model.state_dict().items():
+        assert torch.equal(value, saved['state'][0][name]), name
+    assert list_checkpoints(tmp_path / 'checkpoints') == []
+
+
+def test_deferred_check_skips_only_the_bad_step(tmp_path):
+    data, saved = PoisonableDataset(), {}
+    callbacks = [set_flag(data, 'poisoned', {1: True, 2: False}), snapshot_callback(saved, at = 1, compare = 2)]
+    trainer = make_trainer(tmp_path, data, callbacks = callbacks, max_steps = 4, check_finite_every = 3, log_every = 100,
+                           checkpoint_every = 100, on_nonfinite = 'skip')
+    with pytest.warns(UserWarning, match = r'non-finite loss at step 2 .*Step skipped'):
+        history = trainer.train()
+    assert saved['checked']
+    # reported at the check after step 3, where the run logs how many steps it skipped since the last one
+    assert [(entry['step'], entry['skipped']) for entry in history if entry.get('skipped')] == [(3, 1)]
+    assert trainer.ema.num_updates.item() == 3 and all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_check_finite_every_is_checked():
+    with pytest.raises(ValueError, match = 'check_finite_every must be positive, got 0'):
+        TrainConfig(out_dir = 'x', max_steps = 1, max_tokens = 10, check_finite_every = 0)

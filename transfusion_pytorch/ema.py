@@ -38,19 +38,31 @@ class EMA(nn.Module):
         self.__dict__['online'] = model        # not a submodule: its weights are not the EMA's state
 
     @torch.no_grad()
-    def update(self):
-        """Call after each optimizer step."""
-        weight = 1. if self.num_updates == 0 else 1. - self.beta
+    def update(self, skip: torch.Tensor | None = None):
+        """Call after each optimizer step. `skip`: a bool (or 0 / 1) scalar tensor on the device;
+        where it is set (the trainer's skipped, non-finite step) nothing changes. The weight of
+        the step is a tensor too, so that an update never waits on the device to read
+        `num_updates` or `skip` (docs/performance.md)."""
+        device = self.num_updates.device
+        weight = torch.full((), 1. - self.beta, dtype = torch.float64, device = device)
+        weight = weight.masked_fill(self.num_updates == 0, 1.)            # the first update copies
+        if skip is not None:
+            skip = skip.to(device = device, dtype = torch.bool)
+            weight = weight.masked_fill(skip, 0.)
+        weights = {}
         for (name, averaged), online in zip(self.module.named_parameters(), self.online.parameters(), strict = True):
             if averaged is online:
                 if online.requires_grad:
                     raise RuntimeError(f'EMA: {name} was frozen when the EMA was made, so the EMA shares it rather than '
                                        'averaging it, but it trains now: make a new EMA after unfreezing weights')
                 continue
-            averaged.lerp_(online.detach(), weight)
+            key = (averaged.device, averaged.dtype)
+            if key not in weights:
+                weights[key] = weight.to(*key)
+            averaged.lerp_(online.detach(), weights[key])
         for averaged, online in zip(self.module.buffers(), self.online.buffers(), strict = True):
             averaged.copy_(online)
-        self.num_updates += 1
+        self.num_updates += 1 if skip is None else (~skip).long()
 
     @property
     def ema_model(self) -> nn.Module:

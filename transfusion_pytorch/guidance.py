@@ -60,7 +60,7 @@ from torch import Tensor
 from .backends import Latents, Request
 from .config import is_number
 from .inputs import Modality, Sample, Text
-from .packing import IGNORE, PackedBatch
+from .packing import IGNORE, PackedBatch, text_positions
 from .vocab import Vocab
 
 
@@ -102,7 +102,7 @@ def without_eos_after_modality(packed: PackedBatch, samples: list[Sample], dropp
         return packed
     text_target = packed.text_target.clone()
     text_target[packed.cu_seqlens[1:][docs] - 2] = IGNORE
-    return replace(packed, text_target = text_target)
+    return replace(packed, text_target = text_target, text_index = text_positions(text_target))
 
 
 # sampling

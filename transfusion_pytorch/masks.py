@@ -5,8 +5,10 @@ itself (causal), or that lies in the same modality span (bidirectional inside a 
 
     allowed(q, k) = same_doc(q, k) and (k <= q or same_span(q, k))
 
-It is evaluated by elementwise lookups on per-token ids, never by a loop over spans, in two
-layouts:
+It is evaluated by elementwise lookups on per-token ids, never by a loop over spans. Which
+layout a batch takes, and its sizes, follow from the samples' lengths and segments as packing
+found them on the host (`PackedBatch.sample_lengths`, `layout`), so that building one never
+waits on the device. The layouts:
 
 - padded (SDPA): samples become the rows of a (B, L) grid, L the longest sample, so the mask
   costs B * L^2 rather than (total packed length)^2, and a batch without modalities needs no
@@ -30,6 +32,7 @@ layouts:
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -87,7 +90,7 @@ class SampleSlice:
 def padded_layout(packed: PackedBatch) -> AttentionLayout:
     device = packed.tokens.device
     lengths = packed.seq_lengths
-    batch_size, max_len = packed.batch_size, int(lengths.max())
+    batch_size, max_len = packed.batch_size, max(packed.sample_lengths)     # host integers: no wait on the device
 
     # padded slot (b, i) holds flat token cu_seqlens[b] + i when i < length[b]
     slot = torch.arange(max_len, device = device)
@@ -96,7 +99,7 @@ def padded_layout(packed: PackedBatch) -> AttentionLayout:
 
     layout = AttentionLayout(packed.num_tokens, batch_size, max_len)
 
-    if not bool(valid.all()):
+    if min(packed.sample_lengths) < max_len:
         layout.gather = torch.where(valid, flat, torch.zeros_like(flat)).reshape(-1)
         offset_in_sample = torch.arange(packed.num_tokens, device = device) - packed.cu_seqlens[packed.doc]
         layout.scatter = packed.doc * max_len + offset_in_sample
@@ -114,12 +117,12 @@ def padded_layout(packed: PackedBatch) -> AttentionLayout:
 
 
 def per_sample_layout(packed: PackedBatch) -> AttentionLayout:
-    bounds = packed.cu_seqlens.tolist()
-    layout = AttentionLayout(packed.num_tokens, packed.batch_size, int(packed.seq_lengths.max()), samples = [])
-    for start, end in zip(bounds[:-1], bounds[1:]):
+    bounds = [0, *itertools.accumulate(packed.sample_lengths)]
+    layout = AttentionLayout(packed.num_tokens, packed.batch_size, max(packed.sample_lengths), samples = [])
+    for start, end, has_modality in zip(bounds[:-1], bounds[1:], packed.sample_has_modality):
         span = packed.span[start:end]
         mask = None
-        if bool((span >= 0).any()):
+        if has_modality:
             idx = torch.arange(end - start, device = span.device)
             same = torch.zeros_like(idx)
             mask = mask_rule(same[:, None], idx[:, None], span[:, None], same[None, :], idx[None, :], span[None, :])[None, None]
@@ -177,7 +180,7 @@ def build_layout(packed: PackedBatch, use_flex_attn: bool = False, pad_to_multip
         return flex_layout(packed, pad_to_multiple)
     if pad_to_multiple is not None:
         return dense_padded_layout(packed, pad_to_multiple)
-    lengths = packed.seq_lengths.tolist()
+    lengths = packed.sample_lengths
     padded_work, own_work = len(lengths) * max(lengths) ** 2, sum(length ** 2 for length in lengths)
     if padded_work >= PER_SAMPLE_MIN_SAVING * own_work and len(lengths) <= PER_SAMPLE_MAX_SAMPLES:
         return per_sample_layout(packed)

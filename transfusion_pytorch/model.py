@@ -33,7 +33,7 @@ from .guidance import drop_text_conditions, without_eos_after_modality
 from .inputs import Modality, ModalitySpec, Sample, Text, check_text, describe, modality_batch, normalize_samples, text_batch
 from .losses import LossBreakdown, at_least_float32, combine, flow_loss_per_token, mean_or_zero, text_loss_per_token
 from .masks import build_layout
-from .packing import IGNORE, PackedBatch, pack
+from .packing import PackedBatch, pack
 from .pre_post import PrePost
 from .transformer import Transformer
 from .vocab import Vocab
@@ -345,7 +345,8 @@ class Transfusion(PublicNames, nn.Module):
         use_flex = self.config.transformer.use_flex_attn
         use_flex = self.device.type == 'cuda' if use_flex is None else use_flex
         layout = build_layout(packed, use_flex_attn = use_flex, pad_to_multiple = self.pad_to_multiple)
-        return self.transformer(self.embed(packed, noised), layout, packed.position, span_times, packed.span)
+        num_latent = sum(record.length for record in packed.span_records)
+        return self.transformer(self.embed(packed, noised), layout, packed.position, span_times, packed.span, num_latent = num_latent)
 
     def predict(self, packed: PackedBatch, span_times: Tensor, noise: tuple[Tensor, ...]) -> Prediction:
         """Runs the model on a batch whose modalities are noised with `noise` at `span_times`."""
@@ -373,7 +374,7 @@ class Transfusion(PublicNames, nn.Module):
         prediction = self.predict(packed, span_times, noise)
         hidden = prediction.hidden
 
-        text_index = (packed.text_target != IGNORE).nonzero().squeeze(-1)
+        text_index = packed.text_index
         text_losses = text_loss_per_token(self.to_logits(hidden[text_index]), packed.text_target[text_index])
 
         targets = tuple(flow.velocity_target(n, x1) for n, x1 in zip(noise, packed.latents))

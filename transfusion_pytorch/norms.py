@@ -8,6 +8,13 @@ itself, one more activation of the full width per norm (about 190 MB of a 41M-pa
 `RMSNormFunction`, the same forward in float32 or wider, which keeps only the input and the
 per-row inverse RMS and recomputes the rest in the backward pass. Elsewhere (CUDA's fused kernel
 keeps no more than that) and without gradients, `F.rms_norm` runs as it is.
+
+Under autocast the input arrives in bf16 while the gain is a float32 parameter. `torch.rms_norm`
+takes its fused kernel only when the two dtypes agree, and otherwise warns and falls back to the
+unfused composite, so the gain is cast to the input's dtype first, as autocast casts the weights
+of a linear layer. The fused kernel still accumulates in float32. (Hugging Face's
+`LlamaRMSNorm` normalises in float32 and multiplies by the gain after casting back; in a float32
+model, where `from_language_model` must match its logits, nothing is cast.)
 """
 
 from __future__ import annotations
@@ -54,4 +61,5 @@ class RMSNorm(nn.RMSNorm):
             # F.rms_norm's default eps: that of float32 for half precision inputs
             eps = self.eps if self.eps is not None else torch.finfo(at_least_float32(x).dtype).eps
             return RMSNormFunction.apply(x, gain, eps)
-        return F.rms_norm(x, self.normalized_shape, gain, self.eps)
+        # the fused kernel needs the gain in the input's dtype (bf16 under autocast); see the module docstring
+        return F.rms_norm(x, self.normalized_shape, gain.to(x.dtype), self.eps)

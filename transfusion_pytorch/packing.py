@@ -9,6 +9,11 @@ are concatenated without padding; per-token integer tensors say which sample (do
 token belongs to, its rotary position (every latent token of one modality shares one
 position), which modality span it is in, and which token the model must predict from it.
 Lists and tuples stop here: everything downstream works on these tensors.
+
+Packing runs on the host, before the batch moves to the device: what needs the values of the
+per-token tensors to decide a shape (the samples' lengths, the positions with a text target) is
+found here, so that nothing after the move makes the host wait for the device
+(docs/performance.md).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ class PackedBatch:
     span: Tensor                # modality span id of a latent token, -1 elsewhere
     modality_type: Tensor       # modality type of a latent token, -1 elsewhere
     text_target: Tensor         # token to predict from this position, IGNORE where none
+    text_index: Tensor          # (T,) the positions with a text target (`text_positions`)
 
     # per sample, (B + 1,)
     cu_seqlens: Tensor          # offsets of the samples in the flat sequence
@@ -65,6 +71,7 @@ class PackedBatch:
 
     layout: tuple[tuple[SegmentRecord, ...], ...]
     wrapped: bool               # whether samples were framed by SOS / EOS
+    sample_lengths: tuple[int, ...]     # each sample's length (`seq_lengths`), as host integers
     span_records: tuple[SegmentRecord, ...] = ()    # the record of each modality span, in span order
     raw: tuple = ()             # per span, the modality as the user gave it (None where unknown)
 
@@ -88,13 +95,26 @@ class PackedBatch:
     def is_latent(self) -> Tensor:
         return self.span >= 0
 
+    @property
+    def sample_has_modality(self) -> tuple[bool, ...]:
+        """Whether each sample holds a modality span, from the host-side layout."""
+        return tuple(any(record.kind == 'modality' for record in records) for records in self.layout)
+
     def to(self, device: torch.device | str) -> PackedBatch:
+        """The batch on `device`. From the host the copies do not block: a blocking copy to a GPU
+        waits for everything queued on the device first (PyTorch synchronises the stream after
+        it), and this is the first thing each step does (docs/performance.md). A non-blocking
+        copy from pageable memory is staged by CUDA before the call returns, so the host tensors
+        may go; a copy back to the host blocks, as its values are read at once."""
+        def move(tensor: Tensor) -> Tensor:
+            return tensor.to(device, non_blocking = tensor.device.type == 'cpu')
+
         moved = {}
         for name, value in vars(self).items():
             if torch.is_tensor(value):
-                value = value.to(device)
+                value = move(value)
             elif isinstance(value, tuple) and len(value) > 0 and all(torch.is_tensor(t) for t in value):
-                value = tuple(tensor.to(device) for tensor in value)
+                value = tuple(move(tensor) for tensor in value)
             moved[name] = value
         return PackedBatch(**moved)
 
@@ -195,7 +215,9 @@ def pack(samples: list[Sample], vocab: Vocab, wrap: bool = True, latent_dtype: t
     tokens = torch.cat(tokens)
     doc = torch.cat(docs)
     span = torch.cat(spans)
-    lengths = torch.tensor([len(d) for d in docs], **long)
+    sample_lengths = tuple(len(d) for d in docs)
+    lengths = torch.tensor(sample_lengths, **long)
+    text_target = next_token_targets(tokens, doc, span, vocab)
 
     def cat_or_empty(parts, *shape, dtype = torch.long):
         return torch.cat(parts) if len(parts) > 0 else torch.zeros(0, *shape, dtype = dtype, device = device)
@@ -206,7 +228,8 @@ def pack(samples: list[Sample], vocab: Vocab, wrap: bool = True, latent_dtype: t
         position = torch.cat(positions),
         span = span,
         modality_type = torch.cat(types),
-        text_target = next_token_targets(tokens, doc, span, vocab),
+        text_target = text_target,
+        text_index = text_positions(text_target),
         cu_seqlens = torch.cat((torch.zeros(1, **long), lengths.cumsum(0))),
         span_type = torch.tensor(span_type, **long),
         span_doc = torch.tensor(span_doc, **long),
@@ -220,6 +243,7 @@ def pack(samples: list[Sample], vocab: Vocab, wrap: bool = True, latent_dtype: t
         latent_coords = tuple(cat_coords(latent_coords[m], device) for m in range(num_types)),
         layout = tuple(layout),
         wrapped = wrap,
+        sample_lengths = sample_lengths,
         span_records = tuple(span_records),
         raw = tuple(raw),
     )
@@ -251,6 +275,13 @@ def next_token_targets(tokens: Tensor, doc: Tensor, span: Tensor, vocab: Vocab) 
     valid = is_predicted(tokens, span, vocab).roll(-1) & (doc == doc.roll(-1))
     valid[-1] = False
     return torch.where(valid, next_tokens, torch.full_like(tokens, IGNORE))
+
+
+def text_positions(text_target: Tensor) -> Tensor:
+    """(T,) the positions that predict a text token. Found here, where the batch is still on the
+    host (`nonzero` has a data-dependent size, so on a GPU it waits for the device), and moved with
+    the batch; whatever changes `text_target` sets it again."""
+    return (text_target != IGNORE).nonzero().squeeze(-1)
 
 
 def unpack(packed: PackedBatch, latents: tuple[Tensor, ...] | None = None) -> list[list]:

@@ -24,10 +24,11 @@ from torch import Tensor
 class Routing:
     """Which rows take the text weights (first path) and which the modality weights (second)."""
 
-    def __init__(self, is_modality: Tensor):
-        """is_modality: (N,) bool, in the sequence's order."""
+    def __init__(self, is_modality: Tensor, num_modality: int | None = None):
+        """is_modality: (N,) bool, in the sequence's order. `num_modality`: how many are set, when
+        the caller knows it on the host (a packed batch does); else it is read from the device."""
         self.num_rows = is_modality.shape[0]
-        self.num_text = self.num_rows - int(is_modality.sum())
+        self.num_text = self.num_rows - (int(is_modality.sum()) if num_modality is None else num_modality)
         self.is_identity = self.num_text in (0, self.num_rows)
         if not self.is_identity:
             self.order = torch.argsort(is_modality.to(torch.int8), stable = True)       # routed row -> sequence row

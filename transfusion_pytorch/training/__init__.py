@@ -1,6 +1,7 @@
 """Training: trainer, data, checkpoints, distributed setup and parallelization, each its own file.
 
     trainer.py      Trainer, TrainConfig, the train step and loop
+    nonfinite.py    the non-finite guard: bad steps held back on the device, reported when the host reads the flags
     data.py         the dataset protocol and the token-budget loader
     checkpoint.py   atomic, verified training checkpoints (DCP), exact resume
     distributed.py  process-group setup for torchrun (nccl / gloo)

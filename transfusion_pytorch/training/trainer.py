@@ -13,13 +13,11 @@ data, not on how many ranks share the batch or on what ran before: N ranks repro
 rank with N-fold accumulation, and a resumed run the uninterrupted one. The RNG states are
 also saved in checkpoints, for anything else that draws from them (callbacks).
 
-Bad numbers: before the optimizer step, the losses and the gradient norm are checked on every
-rank (agreed by an all-reduce). A non-finite one is reported with the step, the micro-batch and
-the dataset indices of the samples whose own loss (the breakdown's `per_sample_text` /
-`per_sample_flow`) is not finite; then, by `on_nonfinite`, the run stops with
-`NonFiniteError` (weights untouched, the last checkpoint intact) or skips the step (no weight,
-optimizer or EMA update; the step counter, schedule and data still advance). A checkpoint or
-pretrained model with a non-finite weight is never written.
+Bad numbers: a non-finite loss or gradient holds the step back on the device (no weight,
+optimizer or EMA update; the step counter, schedule and data still advance), and is reported,
+by `on_nonfinite` with a warning or `NonFiniteError`, when the host reads the flags every
+`check_finite_every` steps and at every log and checkpoint step (see `nonfinite.py`). A
+checkpoint or pretrained model with a non-finite weight is never written.
 """
 
 from __future__ import annotations
@@ -28,7 +26,6 @@ import json
 import math
 import os
 import time
-import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,6 +40,7 @@ from ..residual import ResidualMix
 from ..transformer import Transformer
 from . import checkpoint, distributed
 from .data import SampleDataset, TokenBudgetLoader, in_the_data, packed_num_tokens
+from .nonfinite import NonFiniteError, NonFiniteGuard
 from .parallelize import CHECKPOINTING, STRATEGIES, gradient_sync, parallelize
 
 
@@ -73,9 +71,10 @@ class TrainConfig:
     progress: bool = True               # tqdm bar on rank 0
     tensorboard: bool = False           # also write TensorBoard scalars, if tensorboard is installed
     on_nonfinite: str = 'stop'          # a non-finite loss or gradient: 'stop' (raise NonFiniteError) or 'skip' the step
+    check_finite_every: int = 10        # steps between the host's reads of the non-finite flag, besides log and checkpoint steps (docs/performance.md)
 
     def __post_init__(self):
-        for name in ('max_steps', 'max_tokens', 'grad_accum', 'checkpoint_every', 'keep_last', 'log_every'):
+        for name in ('max_steps', 'max_tokens', 'grad_accum', 'checkpoint_every', 'keep_last', 'log_every', 'check_finite_every'):
             if getattr(self, name) <= 0:
                 raise ValueError(f'{name} must be positive, got {getattr(self, name)}')
         # checked here, not when the optimizer or the EMA is made: a run's config is whole before anything is written
@@ -101,10 +100,6 @@ class TrainConfig:
             raise ValueError(f'compile_backend must name a torch.compile backend, got {self.compile_backend!r}')
         if self.on_nonfinite not in ('stop', 'skip'):
             raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
-
-
-class NonFiniteError(RuntimeError):
-    """A non-finite loss, gradient or weight; the message says which step and samples."""
 
 
 def param_groups(model: nn.Module, weight_decay: float, decay_all: bool) -> list[dict]:
@@ -193,11 +188,14 @@ class Trainer:
 
         self.optimizer = torch.optim.AdamW(
             param_groups(model, config.weight_decay, config.decay_norms_biases_embeddings),
-            lr = config.lr, betas = config.betas, fused = self.dist.device.type == 'cuda',
+            # fused on CPU too: the kernel reads the step counter and the non-finite flag on the
+            # device, where the for-loop implementation reads its step counter with `.item()`
+            lr = config.lr, betas = config.betas, fused = True,
         )
         self.trainable = [p for group in self.optimizer.param_groups for p in group['params']]
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(config.warmup_steps, config.max_steps, config.min_lr_ratio))
         self.step = 0
+        self.guard = NonFiniteGuard(config.on_nonfinite, self.dist)
 
         self.writer = None
         if self.dist.is_main:
@@ -256,37 +254,26 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
         loss = torch.stack(losses).mean()
 
-        skipped = self.check_finite(loss, grad_norm, per_sample)
-        if not skipped:
-            self.optimizer.step()
+        skip = self.guard.flag(self.step + 1, loss, grad_norm, per_sample)
+        # the fused kernel leaves the weights and moments as they are where the flag is set, and
+        # takes its step counter back: `torch.amp.GradScaler`'s way of skipping a step without a sync
+        self.optimizer.found_inf = skip.float()
+        self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none = True)
-        if self.ema is not None and not skipped:
-            self.ema.update()
+        if self.ema is not None:
+            self.ema.update(skip = skip)
         self.step += 1
+        skipped = self.guard.check() if self.check_due() else []
         grad_norm = grad_norm if self.config.grad_clip is not None else None
         return dict(loss = loss, grad_norm = grad_norm, tokens = tokens, skipped = skipped)
 
-    def check_finite(self, loss: torch.Tensor, grad_norm: torch.Tensor, per_sample: list[tuple]) -> bool:
-        """Whether to skip this step: False when the loss and gradient are finite on every rank;
-        otherwise True with `on_nonfinite = 'skip'`, and NonFiniteError with 'stop'."""
-        norm = grad_norm.full_tensor() if hasattr(grad_norm, 'full_tensor') else grad_norm
-        bad = torch.stack([~torch.isfinite(loss), ~torch.isfinite(norm.to(loss.device))]).float()
-        bad_loss, bad_grad = distributed.sum_across_ranks(bad.to(self.dist.device)).tolist()
-        if bad_loss == 0 and bad_grad == 0:
-            return False
-
-        what = 'loss' if bad_loss > 0 else 'gradient'
-        bad_samples = [f'micro-batch {micro}: {description}'
-                       for micro, (batch, text, flow) in enumerate(per_sample) for description in nonfinite_samples(batch, text, flow)]
-        rank = f'rank {self.dist.rank}: ' if self.dist.is_distributed else ''
-        samples = '; '.join(bad_samples) if bad_samples else 'no sample on this rank has a non-finite loss of its own'
-        message = (f'non-finite {what} at step {self.step + 1} (loss {loss.item()}, gradient norm {norm.item()}); '
-                   f'{rank}{samples}')
-        if self.config.on_nonfinite == 'stop':
-            raise NonFiniteError(message + '. Stopped before the optimizer step: weights and checkpoints are untouched')
-        warnings.warn(message + '. Step skipped (on_nonfinite = "skip")')
-        return True
+    def check_due(self) -> bool:
+        """Whether the host reads the flags after this step: every `check_finite_every` steps,
+        at log and checkpoint steps (a checkpoint is never written past a bad step) and at the end."""
+        config, step = self.config, self.step
+        return any(step % every == 0 for every in (config.check_finite_every, config.log_every, config.checkpoint_every)) \
+            or step == config.max_steps
 
     # the loop
 
@@ -317,7 +304,7 @@ class Trainer:
                 window_tokens, window_start = 0, time.perf_counter()
 
             if out['skipped']:
-                metrics['skipped'] = 1
+                metrics['skipped'] = len(out['skipped'])       # steps skipped since the last check
             if config.eval_every and self.eval_dataset is not None and self.step % config.eval_every == 0:
                 metrics['eval_loss'] = self.evaluate(self.eval_dataset)
             for callback in self.callbacks:
@@ -436,22 +423,3 @@ def logged_step(line: str) -> int | None:
     except json.JSONDecodeError:
         return None
     return row.get('step') if isinstance(row, dict) and isinstance(row.get('step'), int) else None
-
-
-def nonfinite_samples(batch, per_sample_text: torch.Tensor, per_sample_flow: torch.Tensor) -> list[str]:
-    """'sample <dataset index> (text loss x, flow loss y)' for each sample of `batch` whose own
-    loss is not finite. A sample without modalities has a NaN flow loss by definition; that one
-    does not count."""
-    descriptions = []
-    for position, index in enumerate(batch.indices):
-        text, flow = float(per_sample_text[position]), float(per_sample_flow[position])
-        has_modality = math.isfinite(flow) or not is_text_only(batch.samples[position])
-        if not math.isfinite(text) or (has_modality and not math.isfinite(flow)):
-            descriptions.append(f'sample {index} (text loss {text}, flow loss {flow})')
-    return descriptions
-
-
-def is_text_only(sample) -> bool:
-    if torch.is_tensor(sample):
-        return not sample.is_floating_point()
-    return all(torch.is_tensor(element) and not element.is_floating_point() for element in sample)
