@@ -296,7 +296,7 @@ class Trainer:
                 metrics = dict(
                     loss = distributed.mean_across_ranks(out['loss']).item(),
                     lr = self.scheduler.get_last_lr()[0],
-                    tokens_per_s = distributed.sum_across_ranks(torch.tensor(float(window_tokens))).item() / elapsed,
+                    tokens_per_s = distributed.sum_across_ranks(torch.tensor(float(window_tokens), device = self.dist.device)).item() / elapsed,
                 )
                 if out['grad_norm'] is not None:
                     metrics['grad_norm'] = float(out['grad_norm'].full_tensor() if hasattr(out['grad_norm'], 'full_tensor') else out['grad_norm'])
