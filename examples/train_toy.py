@@ -7,7 +7,7 @@ class's pattern; the loss printed every 25 steps falls by an order of magnitude.
 loss levels off near ln(10) / 6 = 0.38: the class word is drawn at random, so the first of the
 six predicted tokens of a sample cannot be known in advance.
 
-    python train_toy.py [--steps 1000] [--batch-size 16] [--seed 0]
+    python examples/train_toy.py [--steps 1000] [--batch-size 16] [--seed 0]
 """
 
 import argparse
