@@ -43,6 +43,13 @@ def test_every_example_has_a_smoke_test():
     assert not list(ROOT.glob('train_*.py')), 'the example scripts live in examples/, not the repository root'
 
 
+def test_every_example_is_in_the_examples_readme_and_shows_its_command():
+    table = (EXAMPLES / 'README.md').read_text()
+    for path in EXAMPLES.glob('*.py'):
+        assert f'python examples/{path.name}' in path.read_text(), f'{path.name} docstring: its usage line'
+        assert f'python examples/{path.name}' in table, f'examples/README.md has no command for {path.name}'
+
+
 def test_toy_runs_from_the_repository_root():
     """As a user runs it: `python examples/train_toy.py` in the repository root."""
     done = subprocess.run([sys.executable, 'examples/train_toy.py', '--steps', '25', '--batch-size', '4'],
