@@ -1,6 +1,6 @@
 """A small convolutional VAE for the 8 x 8 digits (Kingma & Welling, 2014): a normalised
-(1, 8, 8) image -> a (channels, 4, 4) latent and back. `train_vae.py` trains it, then trains
-Transfusion on its latents. The encoder's output for Transfusion is the posterior mean,
+(1, 8, 8) image -> a (channels, 4, 4) latent and back. `examples/train_vae.py` trains it, then
+trains Transfusion on its latents. The encoder's output for Transfusion is the posterior mean,
 divided by its standard deviation over the data, so the latents are about unit scale."""
 
 from __future__ import annotations

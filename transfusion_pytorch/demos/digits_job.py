@@ -243,8 +243,9 @@ def load_codec(config: DigitsConfig, run_dir: Path):
     if config.codec != CUSTOM:
         return make_codec(config.codec, config.patch)
     if not (Path(run_dir) / 'codec.pt').exists():
-        raise ConfigError(f"codec = {CUSTOM!r} is the codec an example script passes to digits_job.train (train_vae.py, "
-                          f"train_latent_with_text.py), saved with its run as codec.pt; {run_dir} has no codec.pt")
+        raise ConfigError(f"codec = {CUSTOM!r} is the codec an example script passes to digits_job.train "
+                          f"(examples/train_vae.py, examples/train_latent_with_text.py), saved with its run as codec.pt; "
+                          f"{run_dir} has no codec.pt")
     return torch.load(Path(run_dir) / 'codec.pt', weights_only = False)
 
 

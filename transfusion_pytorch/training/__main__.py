@@ -7,7 +7,7 @@
 
 Rerunning a command resumes from the newest good checkpoint in --out-dir. Each sample is a
 class word, then 8 latent tokens of that class's fixed pattern plus noise, then an end word
-(as in `train_toy.py`). The trained model is written to <out-dir>/pretrained (and
+(as in `examples/train_toy.py`). The trained model is written to <out-dir>/pretrained (and
 <out-dir>/pretrained_ema). The configurable CLI is a later issue; this is the example.
 """
 

@@ -5,7 +5,7 @@ encoded once to latents (the posterior mean times the VAE's `scaling_factor`), a
 learns "draw <digit>" and captioning on them (the digits job, with the VAE as its codec);
 drawings are decoded by the VAE and read by the real-digit classifier.
 
-    python train_latent_with_text.py --vae path/to/vae [--image-size 32] [--steps 800 ...]
+    python examples/train_latent_with_text.py --vae path/to/vae [--image-size 32] [--steps 800 ...]
 """
 
 import argparse

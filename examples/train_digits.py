@@ -5,8 +5,8 @@ This is the default job of `transfusion train` (transfusion_pytorch/demos/digits
 the script trains it, then evaluates the trained model as `transfusion eval` does. Every
 config key is an option (`transfusion train --help` lists them):
 
-    python train_digits.py                          # the demo: under 2 minutes on 2 idle CPU cores
-    python train_digits.py --steps 200 --name quick # a shorter run, in runs/quick
+    python examples/train_digits.py                           # the demo: under 2 minutes on 2 idle CPU cores
+    python examples/train_digits.py --steps 200 --name quick  # a shorter run, in runs/quick
 """
 
 import sys

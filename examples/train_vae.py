@@ -3,7 +3,7 @@
 those latents (the digits job, with the VAE as its codec), and is evaluated on the decoded
 drawings as `transfusion eval` does.
 
-    python train_vae.py [--vae-steps 1500] [--steps 800 and any other digits config key]
+    python examples/train_vae.py [--vae-steps 1500] [--steps 800 and any other digits config key]
 """
 
 import argparse

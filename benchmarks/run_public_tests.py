@@ -1,6 +1,6 @@
 """Runs the public `transfusion-pytorch` repository's test file against this package.
 
-    python tools/run_public_tests.py PATH/TO/test_transfusion.py [--seeds 0 1 2] [--python PYTHON] [--public]
+    python benchmarks/run_public_tests.py PATH/TO/test_transfusion.py [--seeds 0 1 2] [--python PYTHON] [--public]
 
 Nothing is fetched: the file is given by its path. It is copied into a temporary folder, never
 into this repository, and its imports are pointed at this package's public names:

@@ -3,7 +3,7 @@ a real corpus that every machine with Python has. Transfusion with no modality i
 causal transformer; this trains it with the library's Trainer on fixed-length byte rows, then
 continues a prompt.
 
-    python train_text.py [--steps 300] [--seq-len 128] [--out-dir runs/text]
+    python examples/train_text.py [--steps 300] [--seq-len 128] [--out-dir runs/text]
 """
 
 import argparse

@@ -2,7 +2,7 @@
 8 x 8 digits cut into 2 x 2 patches (a 4 x 4 grid of 4-dim latents), then unconditional
 sampling with `generate_modality_only` into a PNG grid.
 
-    python train_image_only.py [--steps 400] [--out runs/image_only.png]
+    python examples/train_image_only.py [--steps 400] [--out runs/image_only.png]
 """
 
 import argparse
