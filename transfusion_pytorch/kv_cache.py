@@ -45,11 +45,11 @@ INITIAL_SLOTS = 256         # slots per row allocated at first (fewer when max_l
 
 class KVCache(nn.Module):
     def __init__(self, depth: int, batch_size: int, kv_heads: int, dim_head: int, max_len: int,
-                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32, initial_slots: int = INITIAL_SLOTS):
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32, initial_slots: int | None = None):
         super().__init__()
         self.max_len = max_len
         self.version = 0                        # bumped by every reallocation
-        self.allocate(depth, batch_size, kv_heads, dim_head, min(max_len, initial_slots), device, dtype)
+        self.allocate(depth, batch_size, kv_heads, dim_head, min(max_len, initial_slots or INITIAL_SLOTS), device, dtype)
         # the rows' lengths live on the host: a step never waits on the device to learn them
         self.lengths = [0] * batch_size
 

@@ -67,12 +67,15 @@ def capture_cuda_graph(fn, pool = None, warmup: int = 2) -> tuple[torch.cuda.CUD
 class Runner:
     """Runs a static step: eagerly, compiled, or replayed from a CUDA graph captured at its first call."""
 
-    def __init__(self, step, capture: bool, compile: bool, pool = None):
+    def __init__(self, step, capture: bool, compile: bool | str, pool = None):
         self.step, self.capture, self.pool = step, capture, pool
-        self.fn = torch.compile(step.forward, dynamic = False) if compile else step.forward
+        backend = compile if isinstance(compile, str) else 'inductor'
+        self.fn = torch.compile(step.forward, dynamic = False, backend = backend) if compile else step.forward
         self.graph, self.outputs = None, None
+        self.calls = 0
 
     def __call__(self):
+        self.calls += 1
         if not self.capture:
             return self.fn()
         if self.graph is None:
@@ -138,9 +141,10 @@ class ModalityStep:
 
 class StaticBackend(CachedBackend):
     """`CachedBackend` whose text tokens and ODE stages run as static steps (module docstring).
-    `capture`: replay them from CUDA graphs (default: on CUDA); `compile`: `torch.compile` them."""
+    `capture`: replay them from CUDA graphs (default: on CUDA); `compile`: `torch.compile` them
+    (True: with inductor; or the name of a `torch.compile` backend)."""
 
-    def __init__(self, model, batch_size: int, max_len: int, capture: bool | None = None, compile: bool = False):
+    def __init__(self, model, batch_size: int, max_len: int, capture: bool | None = None, compile: bool | str = False):
         super().__init__(model, batch_size, max_len)
         self.batch_size = batch_size
         self.capture = model.device.type == 'cuda' if capture is None else capture
