@@ -153,7 +153,7 @@ class KVCache(nn.Module):
         no mark: the step that commits them writes their spans)."""
         if text:
             rows = torch.arange(write_slots.shape[0], device = write_slots.device)[:, None]
-            self.slot_span[rows, write_slots] = -1
+            self.slot_span[rows, write_slots] = torch.full_like(write_slots, -1)      # a device fill: no host scalar in a graph
         self.write_slots = write_slots
         self.key_len = self.keys.shape[-2]
         key_slot = torch.arange(self.key_len, device = ends.device)

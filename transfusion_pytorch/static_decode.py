@@ -152,6 +152,9 @@ class StaticBackend(CachedBackend):
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
         self.steps: dict = {}
         self.version = self.cache.version
+        # the text step whose positions and slots on the device are those of every row's next
+        # token (it just fed every row): `generate_text_only` then copies nothing from the host
+        self.text_follows: Runner | None = None
 
     def runner(self, key, build) -> Runner:
         """The step of `key`, built at its first use and again after the cache has grown."""
@@ -162,6 +165,10 @@ class StaticBackend(CachedBackend):
             uncapturable = key != 'text' and self.model.config.transformer.separate_modality_weights
             self.steps[key] = Runner(step, self.capture and not uncapturable, self.compile, self.pool)
         return self.steps[key]
+
+    def rewind(self, row: int, num: int):
+        self.text_follows = None
+        super().rewind(row, num)
 
     def step(self, requests: list[Request | None]) -> list[Tensor | None]:
         outputs: list[Tensor | None] = [None] * len(requests)
@@ -178,6 +185,7 @@ class StaticBackend(CachedBackend):
                 rest.append(row)
 
         if len(rest) > 0:
+            self.text_follows = None
             dynamic = super().step([request if row in rest else None for row, request in enumerate(requests)])
             for row in rest:
                 outputs[row] = dynamic[row]
@@ -195,6 +203,7 @@ class StaticBackend(CachedBackend):
         """As `CachedBackend.decode`; one token per row takes the static step, with the ids
         copied on the device (a prompt, several tokens per row, the dynamic path)."""
         if tokens.shape[1] != 1:
+            self.text_follows = None
             return super().decode(tokens)
         return self.text_step(list(range(self.batch_size)), tokens[:, 0])
 
@@ -208,14 +217,18 @@ class StaticBackend(CachedBackend):
             self.cursors[row].position += 1
 
         runner = self.runner('text', lambda: TextStep(self))
-        ints = runner.step.ints
-        ints[1:].copy_(torch.tensor([positions, slots]), non_blocking = True)
-        if len(rows) == self.batch_size:
+        ints, every_row = runner.step.ints, len(rows) == self.batch_size
+        if every_row and self.text_follows is runner:
+            ints[1:].add_(1)
+        else:
+            ints[1:].copy_(torch.tensor([positions, slots]), non_blocking = True)
+        if every_row:
             ints[0].copy_(tokens, non_blocking = True)
         else:
             ints[0, rows] = tokens.to(ints.device, non_blocking = True)
         logits = runner().clone()
         cache.commit([1 if row in rows else 0 for row in range(self.batch_size)])
+        self.text_follows = runner if every_row else None
         return logits
 
     def modality_step(self, key: tuple, rows: list[int], requests: list[Request | None]) -> Tensor:
@@ -225,6 +238,7 @@ class StaticBackend(CachedBackend):
         num_tokens = len(requests[rows[0]].items[0])
         cache.reserve(max(cache.lengths[row] for row in rows) + num_tokens)
         runner = self.runner(key, lambda: ModalityStep(self, m, shape, token_shape))
+        self.text_follows = None
         step = runner.step
 
         positions, starts, ends, times = [0] * batch, [cache.spare_slot] * batch, [cache.spare_slot + 1] * batch, [0.] * batch
