@@ -3,6 +3,7 @@
 On CUDA the static steps are replayed from CUDA graphs; here they run eagerly, which is the
 computation the graphs record. Each test also checks that the static steps did run."""
 
+import functools
 import os
 import warnings
 from collections import Counter
@@ -10,7 +11,7 @@ from collections import Counter
 import pytest
 import torch
 
-from transfusion_pytorch import kv_cache, static_decode
+from transfusion_pytorch import generation, kv_cache, static_decode
 from transfusion_pytorch.backends import CachedBackend
 from transfusion_pytorch.generation import SampleOptions, Sampler, make_backend, to_output
 from transfusion_pytorch.static_decode import StaticBackend, decode_benchmark
@@ -217,6 +218,57 @@ def test_compiled_static_step_matches_eager(model, one_thread, backend):
             backend.decode(prompt)
             logits.append(torch.stack([backend.decode(torch.full((2, 1), token)) for token in (1, 2, 3)]))
     assert torch.allclose(logits[0], logits[1], atol = 1e-5), (logits[0] - logits[1]).abs().max()
+
+
+class FakeGraph:
+    """A CUDA graph's contract, on CPU: capture runs nothing (the outputs hold garbage until a
+    replay), and each replay reruns the step, writing into the outputs captured."""
+
+    def __init__(self, fn, outputs):
+        self.fn, self.outputs, self.replays = fn, outputs, 0
+
+    def replay(self):
+        self.outputs.copy_(self.fn())
+        self.replays += 1
+
+
+@pytest.fixture
+def fake_graphs(monkeypatch) -> list:
+    """Static backends that capture their steps, in FakeGraphs; the list of graphs made."""
+    graphs = []
+
+    def capture(fn, warmup = 2):
+        for _ in range(warmup):         # run for real: the step must be idempotent
+            fn()
+        graphs.append(FakeGraph(fn, torch.full_like(fn(), float('nan'))))
+        return graphs[-1], graphs[-1].outputs
+
+    monkeypatch.setattr(static_decode, 'capture_cuda_graph', capture)
+    monkeypatch.setattr(generation, 'StaticBackend', functools.partial(StaticBackend, capture = True))
+    return graphs
+
+
+def test_captured_steps_match_the_dynamic_path(model, fake_graphs, monkeypatch):
+    """The bookkeeping of CUDA graphs without a GPU: one capture per kind of step (and again
+    after the cache grows), replays whose outputs are copied before the next one, warm-up runs
+    that change nothing."""
+    monkeypatch.setattr(kv_cache, 'INITIAL_SLOTS', 8)
+    prompt = torch.randint(0, NUM_TEXT_TOKENS, (3, 4))
+    dynamic = model.generate_text_only(prompt, 24, seed = 0, static_decode = False)
+    assert torch.equal(model.generate_text_only(prompt, 24, seed = 0, static_decode = True), dynamic)
+    assert len(fake_graphs) == 3 and sum(g.replays for g in fake_graphs) == 19      # 8, 16 and 24 slots
+
+    vocab = model.vocab
+    prompts = [model.to_samples([p])[0][0] for p in (PROMPTS['text'], PROMPTS['mixed'])]
+    scripts = [[3, vocab.eos], [4, vocab.meta, vocab.bom(1), None, 5, 6, vocab.eos]]
+    options = dict(max_length = 30, text_temperature = 1., modality_steps = 2, fixed_modality_shape = (2, 2), cfg_scale = 3.,
+                   guidance_interval = (0., 1.))
+    static = sample_rows(model, prompts, scripts, static = True, **options)
+    for a, b in zip(sample_rows(model, prompts, scripts, static = False, **options), static):
+        assert_same_samples(a, b, atol = 1e-5)
+    assert ('modality', 1, (2, 2)) in kinds(static[1])
+    kinds_captured = {type(graph.fn.__self__).__name__ for graph in fake_graphs[3:]}
+    assert kinds_captured == {'TextStep', 'ModalityStep'}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason = 'CUDA graphs need a CUDA device')

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 
 import torch
 from torch import Tensor
@@ -44,14 +45,15 @@ from .backends import CachedBackend, Latents, Request
 from .packing import grid_coords
 
 
-def capture_cuda_graph(fn, pool = None, warmup: int = 2) -> tuple[torch.cuda.CUDAGraph, object]:
+def capture_cuda_graph(fn, warmup: int = 2) -> tuple[torch.cuda.CUDAGraph, object]:
     """Records `fn()` in a CUDA graph and returns (graph, fn's outputs); `graph.replay()` then
     reruns it, its outputs written to the same tensors. `fn` takes no arguments: it reads static
     input buffers, and may write only to buffers that outlive the graph (the KV cache) and must
     be idempotent (warm-up runs it for real). It runs `warmup` times on a side stream first, as
     capture needs (lazy initialisation of cuBLAS and of the kernels' workspaces). Under autocast,
     the casts of the weights cached by the warm-up are read by the graph: replay it inside the
-    same autocast region."""
+    same autocast region. Each graph has a memory pool of its own: graphs that shared one would
+    have to be replayed in the order of their capture."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -59,16 +61,18 @@ def capture_cuda_graph(fn, pool = None, warmup: int = 2) -> tuple[torch.cuda.CUD
             fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool = pool):
+    with torch.cuda.graph(graph):
         outputs = fn()
     return graph, outputs
 
 
 class Runner:
-    """Runs a static step: eagerly, compiled, or replayed from a CUDA graph captured at its first call."""
+    """Runs a static step: eagerly, compiled, or replayed from a CUDA graph captured at its first
+    call. A step that cannot be captured (a user's module that reads a value on the host, say)
+    runs eagerly, with a warning."""
 
-    def __init__(self, step, capture: bool, compile: bool | str, pool = None):
-        self.step, self.capture, self.pool = step, capture, pool
+    def __init__(self, step, capture: bool, compile: bool | str):
+        self.step, self.capture = step, capture
         backend = compile if isinstance(compile, str) else 'inductor'
         self.fn = torch.compile(step.forward, dynamic = False, backend = backend) if compile else step.forward
         self.graph, self.outputs = None, None
@@ -79,7 +83,13 @@ class Runner:
         if not self.capture:
             return self.fn()
         if self.graph is None:
-            self.graph, self.outputs = capture_cuda_graph(self.fn, self.pool)
+            try:
+                self.graph, self.outputs = capture_cuda_graph(self.fn)
+            except RuntimeError as error:
+                warnings.warn(f'static decoding: the {type(self.step).__name__} could not be captured in a CUDA graph, it runs '
+                              f'eagerly (static_decode = False takes the dynamic path): {error}')
+                self.capture = False
+                return self.fn()
         self.graph.replay()
         return self.outputs
 
@@ -149,7 +159,6 @@ class StaticBackend(CachedBackend):
         self.batch_size = batch_size
         self.capture = model.device.type == 'cuda' if capture is None else capture
         self.compile = compile
-        self.pool = torch.cuda.graph_pool_handle() if self.capture else None
         self.steps: dict = {}
         self.version = self.cache.version
         # the text step whose positions and slots on the device are those of every row's next
@@ -163,7 +172,7 @@ class StaticBackend(CachedBackend):
         if key not in self.steps:
             step = build()
             uncapturable = key != 'text' and self.model.config.transformer.separate_modality_weights
-            self.steps[key] = Runner(step, self.capture and not uncapturable, self.compile, self.pool)
+            self.steps[key] = Runner(step, self.capture and not uncapturable, self.compile)
         return self.steps[key]
 
     def rewind(self, row: int, num: int):
