@@ -76,10 +76,8 @@ class Runner:
         backend = compile if isinstance(compile, str) else 'inductor'
         self.fn = torch.compile(step.forward, dynamic = False, backend = backend) if compile else step.forward
         self.graph, self.outputs = None, None
-        self.calls = 0
 
     def __call__(self):
-        self.calls += 1
         if not self.capture:
             return self.fn()
         if self.graph is None:
