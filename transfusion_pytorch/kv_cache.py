@@ -1,4 +1,4 @@
-"""A preallocated key / value cache for generation, and the forward pass of one chunk against it.
+"""A key / value cache for generation (allocated as rows grow), and the forward pass of one chunk against it.
 
 The cache holds, for every layer, the keys (after rotary) and values of every slot of every
 row (non-persistent buffers: never saved with a checkpoint). Nothing grows by concatenation: a
