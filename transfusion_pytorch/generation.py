@@ -185,7 +185,9 @@ def generate_text_only(model, prompt: Tensor, seq_len: int, *, temperature: floa
     allowed = torch.zeros(model.vocab.size, dtype = torch.bool, device = model.device)
     allowed[:model.vocab.num_text_tokens] = True
 
-    out = torch.zeros(batch, steps, dtype = torch.long, device = prompt.device)
+    # on the model's device, moved to the prompt's once at the end: a prompt on the host must
+    # not cost a copy from the device (a wait on it) at every step
+    out = torch.zeros(batch, steps, dtype = torch.long, device = model.device)
     tokens = prompt
 
     with torch.no_grad(), eval_mode(model):
@@ -193,7 +195,7 @@ def generate_text_only(model, prompt: Tensor, seq_len: int, *, temperature: floa
             tokens = sample_token(backend.decode(tokens), allowed, temperature, top_k, min_p, generators)
             out[:, step] = tokens
             tokens = tokens[:, None]
-    return out
+    return out.to(prompt.device)
 
 
 def generate_modality_only(model, *, batch_size: int = 1, modality_type: int = 0,
