@@ -280,3 +280,14 @@ def test_cuda_graphs_match_the_dynamic_path():
     assert torch.equal(model.generate_text_only(prompt, 30, temperature = 0.), dynamic)         # static, captured: the default
     options = dict(batch_size = 2, modality_type = 1, seed = 0)
     assert torch.allclose(model.generate_modality_only(**options), model.generate_modality_only(**options, static_decode = False), atol = 1e-4)
+
+    # once captured, a greedy decoding step never waits on the host
+    with torch.no_grad():
+        backend = StaticBackend(model, 3, 32)
+        logits = backend.decode(backend.decode(prompt).argmax(-1)[:, None])
+        torch.cuda.set_sync_debug_mode('error')
+        try:
+            for _ in range(5):
+                logits = backend.decode(logits.argmax(-1)[:, None])
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
