@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from transfusion_pytorch import generation, kv_cache, static_decode
+from transfusion_pytorch.attention import attend_cached, scaled_dot_product
 from transfusion_pytorch.backends import CachedBackend
 from transfusion_pytorch.generation import SampleOptions, Sampler, make_backend, to_output
 from transfusion_pytorch.static_decode import StaticBackend, decode_benchmark
@@ -176,6 +177,16 @@ def test_cache_holds_autocast_dtype(model):
         dynamic = model.generate_text_only(prompt, 12, temperature = 0., static_decode = False)
         assert torch.equal(model.generate_text_only(prompt, 12, temperature = 0., static_decode = True), dynamic)
     assert CachedBackend(model, 1, 8).cache.keys.dtype == torch.float32
+
+
+def test_grouped_heads_folded_into_the_queries_attend_as_grouped_attention():
+    q, k, v = torch.randn(3, 8, 5, 16), torch.randn(3, 2, 11, 16), torch.randn(3, 2, 11, 16)
+    allowed = (torch.arange(11)[None] < torch.tensor([3, 11, 7])[:, None])[:, None, None]       # one row of the mask per row
+    additive = torch.zeros(allowed.shape).masked_fill(~allowed, float('-inf'))
+    expanded = [t.repeat_interleave(4, dim = 1) for t in (k, v)]                                  # query head i reads head i // 4
+    expected = scaled_dot_product(q, *expanded, mask = allowed)
+    assert torch.allclose(attend_cached(q, k, v, additive), expected, atol = 1e-6)
+    assert torch.allclose(attend_cached(q, k, v, allowed, softcap = 50.), scaled_dot_product(q, *expanded, mask = allowed, softcap = 50.), atol = 1e-6)
 
 
 # switches, compile, CUDA graphs
