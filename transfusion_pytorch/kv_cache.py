@@ -5,7 +5,7 @@ row (non-persistent buffers: never saved with a checkpoint). Nothing grows by co
 step writes its tokens at their slots. `max_len` bounds a row; the buffers start at
 `min(max_len, INITIAL_SLOTS)` slots and double when a step needs more (`reserve`), so a large
 `max_length` whose rows stop early costs no memory, and growing costs one copy of the cache
-per doubling. See docs/generation.md for the memory per token.
+per doubling. See docs/decoding.md for the memory per token.
 
 Each generation step feeds every row a chunk of tokens, padded to the longest chunk:
 
