@@ -15,7 +15,8 @@ from transfusion_pytorch import generation, kv_cache, static_decode
 from transfusion_pytorch.attention import attend_cached, scaled_dot_product
 from transfusion_pytorch.backends import CachedBackend
 from transfusion_pytorch.generation import SampleOptions, Sampler, make_backend, to_output
-from transfusion_pytorch.static_decode import StaticBackend, decode_benchmark
+from transfusion_pytorch.decode_benchmark import decode_benchmark
+from transfusion_pytorch.static_decode import StaticBackend
 
 from conftest import DIM_LATENTS, NUM_TEXT_TOKENS
 from test_generation import MODELS, PROMPTS, Scripted, assert_same_samples, kinds, untrained_but_not_trivial
