@@ -116,7 +116,18 @@ def _attend_per_sample(q: Tensor, k: Tensor, v: Tensor, layout: AttentionLayout,
     return torch.cat(outs)
 
 
-def attend_cached(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, softcap: float | None = None) -> Tensor:
-    """Generation against a KV cache: (B, heads, Q, dim_head) queries, (B, heads, L, dim_head)
-    cached keys and values, (B, 1, Q, L) bool mask -> (B, heads, Q, dim_head)."""
-    return scaled_dot_product(q, k, v, mask = mask, softcap = softcap)
+def attend_cached(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, softcap: float | None = None) -> Tensor:
+    """Generation against a KV cache: (B, heads, Q, dim_head) queries, (B, kv_heads, L, dim_head)
+    cached keys and values, (B, 1, Q, L) bool or additive mask -> (B, heads, Q, dim_head).
+
+    With grouped heads and a mask that is the same for every query of a row (B, 1, 1, L): the
+    static decoding steps, and any one-token step), the query heads of a group are folded into
+    the queries of their key / value head, (B, kv_heads, group * Q, dim_head): on CUDA, SDPA's
+    fused kernels take a mask but not `enable_gqa`, which would send the step to the unfused
+    one, expanding the whole cache per layer."""
+    batch, heads, queries, dim_head = q.shape
+    kv_heads = k.shape[1]
+    if kv_heads == heads or mask is None or mask.shape[-2] != 1:
+        return scaled_dot_product(q, k, v, mask = mask, softcap = softcap)
+    folded = q.reshape(batch, kv_heads, heads // kv_heads * queries, dim_head)      # query head i reads head i // group
+    return scaled_dot_product(folded, k, v, mask = mask, softcap = softcap).view(batch, heads, queries, dim_head)

@@ -143,6 +143,15 @@ class ReferenceBackend:
         return model.to_logits(hidden[sequence_length(items) - 1])
 
 
+def cache_dtype(model) -> torch.dtype:
+    """The dtype of the keys and values that the model computes: autocast's where it is on (no
+    float32 copy of bfloat16 keys, and no cast of the whole cache at every step), else the weights'."""
+    device_type = model.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return model.token_embed.weight.dtype
+
+
 @dataclass
 class RowCursor:
     position: int = 0           # next rotary position
@@ -156,7 +165,7 @@ class CachedBackend:
         self.model = model
         config = model.config.transformer
         self.cache = KVCache(config.depth, batch_size, config.num_kv_heads, config.dim_head, max_len,
-                             device = model.device, dtype = model.token_embed.weight.dtype)
+                             device = model.device, dtype = cache_dtype(model))
         self.cursors = [RowCursor() for _ in range(batch_size)]
 
     def rewind(self, row: int, num: int):

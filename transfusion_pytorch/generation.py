@@ -1,7 +1,8 @@
 """The generation calls of `Transfusion` (its methods delegate here): `sample`, `sample_one`,
 `sample_many`, `generate_text_only` and `generate_modality_only`. Each checks its arguments,
 turns prompts into items (`prompts.py`), sets up a backend (`backends.py`: KV-cached or the
-slow reference, guided or not) and runs: the sampler's state machine (`sampler.py`) for
+slow reference, guided or not; `static_decode.py`: KV-cached with static steps replayed from
+CUDA graphs, the default on CUDA) and runs: the sampler's state machine (`sampler.py`) for
 `sample`, a plain decoding loop for text alone, one ODE integration for modalities alone.
 """
 
@@ -24,6 +25,7 @@ from .sampler import (SampleOptions, Sampler, check_method, check_modality, chec
                       requested_length, row_limit, start_items)
 from .shapes import shape_problem
 from .sampling import sample_token
+from .static_decode import StaticBackend
 
 
 def check_options(name: str, given: dict, *accepting):
@@ -57,6 +59,20 @@ def use_kv_cache(use_cache: bool | None, cache_kv: bool | None) -> bool:
     return next((value for value in (use_cache, cache_kv) if value is not None), True)
 
 
+def use_static_decode(model, static_decode: bool | None, use_cache: bool) -> bool:
+    """Whether decoding runs static steps (`static_decode.py`): by default on CUDA, where they are
+    replayed from CUDA graphs, and not elsewhere, where the dynamic path is faster (True runs the
+    same static steps eagerly). They need the KV cache."""
+    check_switch('static_decode', static_decode, none_too = True)
+    if static_decode and not use_cache:
+        raise ValueError('static_decode = True needs the KV cache: it cannot be combined with use_cache = False (or cache_kv = False)')
+    return use_cache and (model.device.type == 'cuda' if static_decode is None else static_decode)
+
+
+def cached_backend(model, batch_size: int, max_len: int, static: bool) -> CachedBackend:
+    return StaticBackend(model, batch_size, max_len) if static else CachedBackend(model, batch_size, max_len)
+
+
 def row_generators(batch_size: int, generator, seed: int | None) -> list[torch.Generator | None]:
     """One generator per row, so that a row samples the same alone or in a batch: the one given
     for all rows, one given per row, or row i seeded with `seed + i`."""
@@ -80,15 +96,15 @@ def row_generators(batch_size: int, generator, seed: int | None) -> list[torch.G
     return [None] * batch_size
 
 
-def make_backend(model, prompts: list[Prompt | list], options: SampleOptions, use_cache: bool = True):
-    """The backend of `sample`: KV-cached (sized for the longest row: its prompt and the budget)
-    or not, with a second, unconditional set of rows when guidance is on (`cfg_scale != 1`;
+def make_backend(model, prompts: list[Prompt | list], options: SampleOptions, use_cache: bool = True, static: bool = False):
+    """The backend of `sample`: KV-cached (bounded by the longest row: its prompt and the budget;
+    with static steps or not) or not, with a second, unconditional set of rows when guidance is on (`cfg_scale != 1`;
     at 1 the guided velocity is the conditional one, so the unconditional branch is not run)."""
     prompts = [p if isinstance(p, Prompt) else Prompt(list(p)) for p in prompts]
     capacity = max(row_limit(requested_length(model, *start_items(model, p, options)), options) for p in prompts)
 
     def one():
-        return CachedBackend(model, len(prompts), capacity) if use_cache else ReferenceBackend(model, len(prompts))
+        return cached_backend(model, len(prompts), capacity, static) if use_cache else ReferenceBackend(model, len(prompts))
     guidance = options.guidance(model)
     if guidance.off:
         return one()
@@ -114,8 +130,10 @@ def sample_many(model, prompts = None, **kwargs) -> list:
 
 
 def sample_prompts(model, prompts: list, names: list[str], *, return_latents: bool = False, generator = None,
-                   seed: int | None = None, use_cache: bool | None = None, cache_kv: bool | None = None, **options) -> list:
-    """Samples one row per prompt; `names` are how errors call the prompts."""
+                   seed: int | None = None, use_cache: bool | None = None, cache_kv: bool | None = None,
+                   static_decode: bool | None = None, **options) -> list:
+    """Samples one row per prompt; `names` are how errors call the prompts. `static_decode`:
+    `use_static_decode`."""
     options = SampleOptions(**options)
     check_switch('return_latents', return_latents)
     forced = options.force_modality_at_start
@@ -123,12 +141,13 @@ def sample_prompts(model, prompts: list, names: list[str], *, return_latents: bo
         m, shape = forced if isinstance(forced, tuple) and len(forced) == 2 else (forced, None)
         check_modality(model, m, shape, 'force_modality_at_start', 'force_modality_at_start: the shape')
     use_cache = use_kv_cache(use_cache, cache_kv)
+    static = use_static_decode(model, static_decode, use_cache)
     if len(prompts) == 0:
         return []
     prompts = [normalize(model, p, name) for p, name in zip(prompts, names)]
 
     generators = row_generators(len(prompts), generator, seed)
-    backend = make_backend(model, prompts, options, use_cache)
+    backend = make_backend(model, prompts, options, use_cache, static)
 
     with torch.no_grad(), eval_mode(model):
         sequences = Sampler(model, options, backend).run(prompts, generators)
@@ -137,9 +156,9 @@ def sample_prompts(model, prompts: list, names: list[str], *, return_latents: bo
 
 def generate_text_only(model, prompt: Tensor, seq_len: int, *, temperature: float = 1., min_p: float | None = 0.1,
                        top_k: int | None = None, generator = None, seed: int | None = None,
-                       use_cache: bool | None = None, cache_kv: bool | None = None) -> Tensor:
+                       use_cache: bool | None = None, cache_kv: bool | None = None, static_decode: bool | None = None) -> Tensor:
     """Continues raw text rows (no SOS, as `model(Int[b n])` trains them) up to `seq_len`
-    tokens in all; returns the (b, seq_len - n) new tokens."""
+    tokens in all; returns the (b, seq_len - n) new tokens. `static_decode`: `use_static_decode`."""
     if not torch.is_tensor(prompt) or prompt.ndim != 2 or prompt.shape[0] == 0 or prompt.shape[1] == 0:
         raise ValueError(f'`prompt` must be an Int[b n] tensor of at least one row of at least one token, got {describe(prompt)}')
     if not is_text_dtype(prompt.dtype):
@@ -160,12 +179,15 @@ def generate_text_only(model, prompt: Tensor, seq_len: int, *, temperature: floa
     steps = max(0, seq_len - prompt_len)
     generators = row_generators(batch, generator, seed)
     use_cache = use_kv_cache(use_cache, cache_kv)
-    backend = CachedBackend(model, batch, max(seq_len, prompt_len)) if use_cache else ReferenceBackend(model, batch, wrapped = False)
+    static = use_static_decode(model, static_decode, use_cache)
+    backend = cached_backend(model, batch, max(seq_len, prompt_len), static) if use_cache else ReferenceBackend(model, batch, wrapped = False)
 
     allowed = torch.zeros(model.vocab.size, dtype = torch.bool, device = model.device)
     allowed[:model.vocab.num_text_tokens] = True
 
-    out = torch.zeros(batch, steps, dtype = torch.long, device = prompt.device)
+    # on the model's device, moved to the prompt's once at the end: a prompt on the host must
+    # not cost a copy from the device (a wait on it) at every step
+    out = torch.zeros(batch, steps, dtype = torch.long, device = model.device)
     tokens = prompt
 
     with torch.no_grad(), eval_mode(model):
@@ -173,19 +195,20 @@ def generate_text_only(model, prompt: Tensor, seq_len: int, *, temperature: floa
             tokens = sample_token(backend.decode(tokens), allowed, temperature, top_k, min_p, generators)
             out[:, step] = tokens
             tokens = tokens[:, None]
-    return out
+    return out.to(prompt.device)
 
 
 def generate_modality_only(model, *, batch_size: int = 1, modality_type: int = 0,
                            fixed_modality_shape: tuple[int, ...] | None = None, modality_steps: int = SampleOptions.modality_steps,
                            ode_method: str = SampleOptions.ode_method, ode_atol: float = 1e-5, ode_rtol: float = 1e-5,
                            time_shift: float = 1., return_latents: bool = False, generator = None, seed: int | None = None,
-                           use_cache: bool | None = None, cache_kv: bool | None = None) -> Tensor:
+                           use_cache: bool | None = None, cache_kv: bool | None = None, static_decode: bool | None = None) -> Tensor:
     """A batch of modalities of one type and shape, each after SOS and its header alone:
     (batch, *shape, dim_latent), or channel first, decoded unless `return_latents`. Each row is
     what `sample(force_modality_at_start = (modality_type, shape), max_length = 0)` draws with
     its generator: fixed-grid methods step all rows together, an adaptive one (which picks its
-    own times from the error of what it integrates) integrates each row alone."""
+    own times from the error of what it integrates) integrates each row alone. `static_decode`:
+    `use_static_decode`."""
     if not is_positive_int(batch_size):
         raise ValueError(f'batch_size must be a positive int, got {batch_size!r}')
     check_modality(model, modality_type, fixed_modality_shape, 'modality_type', 'fixed_modality_shape')
@@ -203,7 +226,9 @@ def generate_modality_only(model, *, batch_size: int = 1, modality_type: int = 0
 
     header = [vocab.sos, vocab.meta, *vocab.encode_shape(shape), vocab.bom(m)]
     length = len(header) + model.num_modality_tokens(m, shape)
-    backend = CachedBackend(model, batch_size, length) if use_kv_cache(use_cache, cache_kv) else ReferenceBackend(model, batch_size)
+    use_cache = use_kv_cache(use_cache, cache_kv)
+    static = use_static_decode(model, static_decode, use_cache)
+    backend = cached_backend(model, batch_size, length, static) if use_cache else ReferenceBackend(model, batch_size)
 
     generators = row_generators(batch_size, generator, seed)
     noise = torch.stack([torch.randn(math.prod(shape), model.config.dim_latent[m], generator = g) for g in generators]).to(model.device)

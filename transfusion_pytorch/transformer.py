@@ -447,7 +447,8 @@ class Transformer(nn.Module):
         skips = []
 
         # generation changes shapes at every step: there, blocks compiled for training run eagerly
-        with nullcontext() if cache is None else torch.compiler.set_stance('force_eager'):
+        # (unless the step itself is being compiled, `static_decode.py`)
+        with nullcontext() if cache is None or torch.compiler.is_compiling() else torch.compiler.set_stance('force_eager'):
             for index, block in enumerate(self.blocks):
                 if index >= depth - num_skips:
                     x = skip_merge(self.skip_projs[index - (depth - num_skips)], x, skips.pop())
