@@ -225,3 +225,13 @@ def test_a_bad_tuple_override_names_the_key_and_the_items(key, text, annotation,
     with pytest.raises(ConfigError) as error:
         parse_value(key, text, annotation)
     assert str(error.value) == message
+
+
+def test_a_config_json_of_another_format_is_refused(tmp_path):
+    directory = tiny_model(tmp_path)
+    saved = json.loads((directory / 'config.json').read_text())
+    del saved['format']
+    (directory / 'config.json').write_text(json.dumps(saved))
+    with pytest.raises(ValueError) as error:
+        Transfusion.from_pretrained(directory)
+    assert str(error.value) == f"{directory / 'config.json'}: expected format transfusion-pytorch, got None"
