@@ -88,7 +88,7 @@ def from_mapping(cls, mapping: dict, source: str = 'config'):
 
 
 def tuple_type(annotation):
-    """The tuple among the types a field accepts (`tuple[float, ...]` of `tuple[float, ...] | None`), else None."""
+    """The tuple among the types a field accepts (`tuple[float, ...]` in `tuple[float, ...] | None`), else None."""
     members = typing.get_args(annotation) if tuple not in (annotation, typing.get_origin(annotation)) else (annotation,)
     return next((m for m in members if m is tuple or typing.get_origin(m) is tuple), None)
 
