@@ -236,3 +236,14 @@ def test_a_config_json_of_another_format_is_refused(tmp_path):
     with pytest.raises(ValueError) as error:
         Transfusion.from_pretrained(directory)
     assert str(error.value) == f"{directory / 'config.json'}: expected format transfusion-pytorch, got None"
+
+
+def test_both_jobs_refuse_a_run_folder_that_is_a_file(tmp_path, capsys):
+    from transfusion_pytorch.config_files import check_rerun
+    from transfusion_pytorch.jobs.image_text_config import RERUN_KEYS
+    (tmp_path / 'run').write_text('not a folder')
+    with pytest.raises(ConfigError, match = f"^the run folder {tmp_path / 'run'} is a file$"):
+        check_rerun(ImageTextConfig(data = ('a',), out_root = str(tmp_path), name = 'run'), RERUN_KEYS)
+    with pytest.raises(SystemExit):
+        cli.main(['train', '--name', 'run', '--out-root', str(tmp_path)])
+    assert capsys.readouterr().err.strip() == f"transfusion: error: the run folder {tmp_path / 'run'} is a file"
