@@ -64,8 +64,8 @@ def resolve(path: str, ema: bool = True):
     """(model directory, run config or None) for a run folder or a pretrained model folder."""
     path = Path(path)
     if (path / 'config.toml').exists():
-        from .demos.digits_job import load_config
-        config = load_config(path / 'config.toml')
+        from .demos.digits_job import load_run_config
+        config = load_run_config(path)
         model_dir = path / ('pretrained_ema' if ema else 'pretrained')
         if not (model_dir / 'config.json').exists():
             model_dir = path / 'pretrained'

@@ -2,7 +2,9 @@
 
 A pretrained directory holds
 
-    config.json         the model's `TransfusionConfig`, as JSON, and which codecs were saved
+    config.json         the model's `TransfusionConfig` (every key, defaults included), as JSON, which
+                        codecs were saved and the `format_version` of its defaults (`versions.py`: a
+                        key it lacks takes the default of its version, with a note)
     model.safetensors   the weights of everything except the encoders and decoders
     codecs.pt           only when the model has modality encoders / decoders or learned
                         pre/post-transformer down/up blocks: those modules themselves,
@@ -26,11 +28,13 @@ place, so a failure, or a process killed halfway, never leaves a half-written mo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import pickle
 import shutil
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -39,13 +43,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import per_type
+from .config import TransfusionConfig, per_type
 from .pre_post import PrePost, pairs_per_type
+from .versions import FORMAT_VERSION, changed_since, check_version
 
 CONFIG_NAME = 'config.json'
 WEIGHTS_NAME = 'model.safetensors'
 CODECS_NAME = 'codecs.pt'
-FORMAT_VERSION = 1
 CODEC_PREFIXES = ('modality_encoders.', 'modality_decoders.')
 CODEC_PARTS = ('modality_encoder', 'modality_decoder', 'pre_post_transformer_enc_dec')
 
@@ -103,7 +107,7 @@ def save_pretrained(model, directory: str | Path, state_dict: dict | None = None
 
     def write(folder: Path):
         saved_codecs = {part: [module is not None for module in modules] for part, modules in codecs.items()}
-        config = dict(format = 'transfusion-pytorch', version = FORMAT_VERSION, config = model.config.to_dict(), codecs = saved_codecs)
+        config = dict(format = 'transfusion-pytorch', format_version = FORMAT_VERSION, config = model.config.to_dict(), codecs = saved_codecs)
         (folder / CONFIG_NAME).write_text(json.dumps(config, indent = 2))
 
         weights, aliases = without_shared_memory({k: v for k, v in state_dict.items() if not k.startswith(CODEC_PREFIXES)})
@@ -161,6 +165,18 @@ def as_tuples(value):
     if isinstance(value, dict):
         return {key: as_tuples(v) for key, v in value.items()}
     return value
+
+
+def with_old_defaults(kwargs: dict, version: int, path: Path) -> dict:
+    """The saved config, where it lacks a key whose default changed after its version, with the old
+    default: the model keeps the behaviour it was saved with (noted)."""
+    for change in changed_since(version, {field.name for field in dataclasses.fields(TransfusionConfig)}):
+        if change.key not in kwargs:
+            kwargs = dict(kwargs, **{change.key: change.old})
+            warnings.warn(f'{path} (format version {version}) records no {change.key}: the model keeps {change.key} = '
+                          f'{change.old!r}, the default when it was saved (the default is now {change.new!r}: {change.why}); '
+                          f'to opt in, set "{change.key}": {json.dumps(change.new)} in its config', stacklevel = 3)
+    return kwargs
 
 
 def passed_per_type(passed: dict, num_types: int) -> dict[str, tuple]:
@@ -228,11 +244,13 @@ def from_pretrained(cls, directory: str | Path, *, modality_encoder = None, moda
     if not (directory / CONFIG_NAME).exists():
         raise FileNotFoundError(f'{directory} is not a pretrained Transfusion directory: it has no {CONFIG_NAME}')
 
-    saved = json.loads((directory / CONFIG_NAME).read_text())
-    if saved.get('format') != 'transfusion-pytorch' or saved.get('version') != FORMAT_VERSION:
-        raise ValueError(f'{directory / CONFIG_NAME}: expected format transfusion-pytorch version {FORMAT_VERSION}, got {saved.get("format")!r} version {saved.get("version")!r}')
-
-    kwargs = as_tuples(saved['config'])
+    path = directory / CONFIG_NAME
+    saved = json.loads(path.read_text())
+    if saved.get('format') != 'transfusion-pytorch':
+        raise ValueError(f'{path}: expected format transfusion-pytorch, got {saved.get("format")!r}')
+    # written before versions were recorded (then with "version": 1, the only layout there was): version 0
+    version = check_version(saved.get('format_version', 0), str(path))
+    kwargs = with_old_defaults(as_tuples(saved['config']), version, path)
     num_types = len(kwargs['dim_latent'])
     passed = passed_per_type(dict(modality_encoder = modality_encoder, modality_decoder = modality_decoder,
                                   pre_post_transformer_enc_dec = pre_post_transformer_enc_dec), num_types)

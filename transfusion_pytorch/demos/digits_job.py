@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..config_files import ConfigError, load, to_toml, write_text_atomic
+from ..config_files import ConfigError, check_rerun, load, load_saved, to_toml, write_text_atomic
 from ..flow import TIME_DISTRIBUTIONS
 from ..model import Transfusion
 from ..training import Every, TrainConfig, Trainer, packed_num_tokens
@@ -152,14 +152,17 @@ class Job:
     model: Transfusion
     dataset: object
     train_config: TrainConfig
+    version: int                    # the format version of the run's defaults (versions.py), recorded in its config.toml
 
 
 def prepare(config: DigitsConfig, codec = None, dataset = None) -> Job:
-    """Builds the codec, model, data set and trainer config of a run, and checks it against the
-    run already in its folder, if any. A value that one of them rejects (an odd `dim_head`, a
-    negative `lr`) is a ConfigError here, before anything is written to disk."""
+    """Checks the config against the run already in its folder, if any (a rerun keeps the defaults
+    its run was made with), then builds the codec, model, data set and trainer config of the run.
+    A value that one of them rejects (an odd `dim_head`, a negative `lr`) is a ConfigError here,
+    before anything is written to disk."""
     if codec is not None:
         config = replace(config, codec = getattr(codec, 'name', CUSTOM))
+    config, version = check_rerun(config, RERUN_KEYS)
     codec = codec or load_codec(config, config.run_dir)
     try:
         model = build_model(config, codec)
@@ -179,24 +182,7 @@ def prepare(config: DigitsConfig, codec = None, dataset = None) -> Job:
         if longest > config.max_tokens:
             raise ConfigError(f"config: 'max_tokens' = {config.max_tokens} holds no sample: one takes {longest} tokens "
                               f"with codec {config.codec!r} and patch {config.patch}")
-    check_rerun(config)
-    return Job(config, codec, model, dataset, train_config)
-
-
-def check_rerun(config: DigitsConfig):
-    """A rerun resumes the run in the folder: refused when it would change what that run is."""
-    if config.run_dir.exists() and not config.run_dir.is_dir():
-        raise ConfigError(f'the run folder {config.run_dir} is a file')
-    path = config.run_dir / 'config.toml'
-    if not path.exists():
-        return
-    saved = load(DigitsConfig, path)
-    ignored = set(RERUN_KEYS) | {'name', 'out_root'}        # name and out_root: where the run is, not what it is
-    changed = [f'{f.name} = {getattr(saved, f.name)!r} in the run, {getattr(config, f.name)!r} now'
-               for f in fields(config) if f.name not in ignored and getattr(saved, f.name) != getattr(config, f.name)]
-    if changed:
-        raise ConfigError(f"{config.run_dir} holds a run with another config ({'; '.join(changed)}). A rerun resumes that run "
-                          f"and may change only {', '.join(RERUN_KEYS)}: use another --name, or delete the folder to start over")
+    return Job(config, codec, model, dataset, train_config, version)
 
 
 def train(config: DigitsConfig, codec = None, dataset = None) -> Path:
@@ -217,7 +203,7 @@ def run_job(job: Job) -> Path:
     config, codec, model, dataset = job.config, job.codec, job.model, job.dataset
     run_dir = config.run_dir
     run_dir.mkdir(parents = True, exist_ok = True)
-    write_text_atomic(run_dir / 'config.toml', to_toml(config))
+    write_text_atomic(run_dir / 'config.toml', to_toml(config, job.version))
     if config.codec == CUSTOM:
         tmp = run_dir / 'codec.pt.tmp'
         torch.save(codec, tmp)                          # so that `transfusion sample / eval` can use it
@@ -251,3 +237,8 @@ def load_codec(config: DigitsConfig, run_dir: Path):
 
 def load_config(path = None, overrides: dict | None = None) -> DigitsConfig:
     return load(DigitsConfig, path, overrides)
+
+
+def load_run_config(run_dir) -> DigitsConfig:
+    """The config of the run in `run_dir`, at the defaults it was made with."""
+    return load_saved(DigitsConfig, Path(run_dir) / 'config.toml')[0]

@@ -27,13 +27,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..config_files import ConfigError, to_toml, write_text_atomic
+from ..config_files import ConfigError, check_rerun, to_toml, write_text_atomic
 from ..data.loader import LoaderConfig, StreamingLoader, modality_tokens_of
 from ..data.shards import Prepared, write_json
 from ..model import Transfusion
 from ..training import Every, TrainConfig, Trainer, distributed
 from . import language_model, sampling
-from .image_text_config import JOB, MODEL_SIZE, ImageTextConfig, check_rerun, load_config  # noqa: F401 (load_config: the job's own name)
+from .image_text_config import JOB, MODEL_SIZE, RERUN_KEYS, ImageTextConfig, load_config  # noqa: F401 (load_config: the job's own name)
 
 # the data of a run
 
@@ -171,7 +171,7 @@ def open_loader(config: ImageTextConfig, folders: list[Prepared], model, record:
 def run_job(config: ImageTextConfig, callbacks = ()) -> Path:
     lm = language_model.describe(config.language_model) if config.language_model is not None else None
     language_model.check_rerun(lm, config.run_dir)
-    check_rerun(config)
+    config, version = check_rerun(config, RERUN_KEYS)
     dist = distributed.setup()
     run_dir = config.run_dir
     folders, record = open_data(config, run_dir)
@@ -188,7 +188,7 @@ def run_job(config: ImageTextConfig, callbacks = ()) -> Path:
         run_dir.mkdir(parents = True, exist_ok = True)
         if lm is not None:
             language_model.record(run_dir, lm)
-        write_text_atomic(run_dir / 'config.toml', to_toml(config))
+        write_text_atomic(run_dir / 'config.toml', to_toml(config, version))
         write_json(run_dir / 'data.json', record)
     train_config = TrainConfig(
         out_dir = str(run_dir), max_steps = config.steps, max_tokens = config.max_tokens, grad_accum = config.grad_accum, lr = config.lr,

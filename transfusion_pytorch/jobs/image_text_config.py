@@ -1,15 +1,15 @@
 """The image-text job's configuration: its keys (`ImageTextConfig`, each with its help), how a
-TOML file and the command line are read into it, and which keys a rerun may change. The job
-(`image_text.py`) and the commands on its runs (`run_commands.py`, `sampling.py`) read it.
+TOML file and the command line are read into it, and which keys a rerun may change
+(`config_files.check_rerun`). The job (`image_text.py`) and the commands on its runs (`run_commands.py`, `sampling.py`) read it.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config_files import ConfigError, load
+from ..config_files import load, load_saved
 from ..flow import TIME_DISTRIBUTIONS
 from ..training.parallelize import CHECKPOINTING
 
@@ -157,16 +157,6 @@ RERUN_KEYS = ('steps', 'threads', 'checkpoint_every', 'log_every', 'sample_every
               'cfg_scale', 'vae', 'tokenizer', 'language_model', 'compile', 'activation_checkpointing', 'loader_timeout')
 
 
-def check_rerun(config: ImageTextConfig):
-    """A rerun resumes the run in the folder: refused when it would change what that run is
-    (as the digits job does)."""
-    path = config.run_dir / 'config.toml'
-    if not path.exists():
-        return
-    saved = load(ImageTextConfig, path)
-    ignored = set(RERUN_KEYS) | {'name', 'out_root'}
-    changed = [f'{f.name} = {getattr(saved, f.name)!r} in the run, {getattr(config, f.name)!r} now'
-               for f in fields(config) if f.name not in ignored and getattr(saved, f.name) != getattr(config, f.name)]
-    if changed:
-        raise ConfigError(f"{config.run_dir} holds a run with another config ({'; '.join(changed)}). A rerun resumes that run "
-                          f"and may change only {', '.join(RERUN_KEYS)}: use another --name, or delete the folder to start over")
+def load_run_config(run_dir) -> ImageTextConfig:
+    """The config of the run in `run_dir`, at the defaults it was made with."""
+    return load_saved(ImageTextConfig, Path(run_dir) / 'config.toml')[0]

@@ -155,5 +155,5 @@ def run_setting(run: str | Path, key: str, given):
     """`given` when not None, else the run's own setting in its config.toml."""
     if given is not None:
         return given
-    from .image_text_config import load_config
-    return getattr(load_config(Path(run) / 'config.toml'), key)
+    from .image_text_config import load_run_config
+    return getattr(load_run_config(run), key)
