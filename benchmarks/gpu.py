@@ -209,7 +209,7 @@ def parse_args(argv = None):
     if args.eager_decode_option:
         key, sep, value = args.eager_decode_option.partition('=')
         if not sep or not key.isidentifier():
-            parser.error(f'--eager-decode-option: expected KEY=VALUE, such as cuda_graphs=False, got {args.eager_decode_option!r}')
+            parser.error(f'--eager-decode-option: expected KEY=VALUE, such as static_decode=False, got {args.eager_decode_option!r}')
         args.eager_decode = {key: parse_value(value)}
     return args
 

@@ -12,9 +12,9 @@
 - images: `generate_modality_only(batch_size = 16)` on the same model: images/s.
 
 EAGER_DECODE is the hook for the static-cache / CUDA-graph decode path: the keyword argument of
-`generate_text_only` that turns it off (given with `--eager-decode-option KEY=VALUE` or set
-below once it exists). With it, the eager call is timed too and its tokens are checked equal to
-the default call's.
+`generate_text_only` that turns it off, `static_decode = False` (another with
+`--eager-decode-option KEY=VALUE`). The eager call is timed too and its tokens are checked equal
+to the default call's.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from transfusion_pytorch import Transfusion          # noqa: E402
 from gpu_common import run_worker, timed, worker_main   # noqa: E402
 from gpu_eager import MULTIMODAL, transfusion_kwargs     # noqa: E402
 
-# HOOK: the `generate_text_only` keyword that turns the static-cache / CUDA-graph decode path off,
-# e.g. dict(cuda_graphs = False), once that path lands; None: only the default call is measured
-EAGER_DECODE: dict | None = None
+# the `generate_text_only` keyword that turns the static-cache / CUDA-graph decode path off (on by
+# default with CUDA; docs/decoding.md): the eager call is timed too and its tokens checked equal
+EAGER_DECODE: dict | None = dict(static_decode = False)
 
 WALKTHROUGH = dict(
     full = dict(drawings = 1000, steps = 300),
@@ -95,9 +95,13 @@ def decoding(device, dry_run: bool, eager_option: dict | None) -> dict:
     generator = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, config['vocab'], (size['batch'], size['prompt']), generator = generator).to(device)
 
+    # the default call as users make it; on a CPU (the dry run) the static path, which is on by
+    # default with CUDA only, is asked for, so that its code runs here too
+    default = dict(static_decode = True) if device.type == 'cpu' else {}
+
     def decode(**options):
         with torch.no_grad(), torch.autocast(device.type, dtype = torch.bfloat16):
-            return model.generate_text_only(prompt, size['prompt'] + size['new'], seed = 0, **options)
+            return model.generate_text_only(prompt, size['prompt'] + size['new'], seed = 0, **(options or default))
 
     def images():
         with torch.no_grad(), torch.autocast(device.type, dtype = torch.bfloat16):
