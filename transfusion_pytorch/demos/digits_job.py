@@ -27,7 +27,7 @@ from tqdm import tqdm
 from ..config_files import ConfigError, check_rerun, load, load_saved, to_toml, write_text_atomic
 from ..flow import TIME_DISTRIBUTIONS
 from ..model import Transfusion
-from ..training import Every, TrainConfig, Trainer, packed_num_tokens
+from ..training import Every, TrainConfig, Trainer, distributed, packed_num_tokens
 from . import digits_eval, plots
 from .codecs import CUSTOM, make_codec
 from .digits import NUM_TEXT_TOKENS, DigitsDataset, load_split
@@ -190,13 +190,8 @@ def train(config: DigitsConfig, codec = None, dataset = None) -> Path:
     Checks the whole config before writing anything (see `prepare`). Runs with
     `config.threads` torch threads, restoring the number after."""
     job = prepare(config, codec, dataset)
-    threads = torch.get_num_threads()
-    if config.threads > 0:
-        torch.set_num_threads(config.threads)
-    try:
+    with distributed.torch_threads(config.threads):
         return run_job(job)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def run_job(job: Job) -> Path:

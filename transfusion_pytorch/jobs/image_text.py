@@ -138,13 +138,8 @@ def grid_callback(config: ImageTextConfig, assets: sampling.Assets, prompts: lis
 
 def train(config: ImageTextConfig) -> Path:
     """Runs (or resumes) the job; returns the run folder."""
-    threads = torch.get_num_threads()
-    if config.threads > 0:
-        torch.set_num_threads(config.threads)
-    try:
+    with distributed.torch_threads(config.threads):
         return run_job(config)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def open_loader(config: ImageTextConfig, folders: list[Prepared], model, record: dict, dist) -> StreamingLoader:

@@ -7,6 +7,7 @@ the run is a single process and no process group is made.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -75,3 +76,16 @@ def sum_across_ranks(value: torch.Tensor) -> torch.Tensor:
         value = value.clone()
         dist.all_reduce(value)
     return value
+
+
+@contextmanager
+def torch_threads(threads: int):
+    """torch's CPU threads set to `threads` (0: left as they are) inside, restored after: a job
+    runs with its config's `threads` without changing the caller's setting."""
+    before = torch.get_num_threads()
+    if threads > 0:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
