@@ -121,3 +121,23 @@ def test_options_whose_meaning_is_plain_are_accepted(model):
     listed = model.sample(force_modality_at_start = 0, fixed_modality_shape = [3], max_length = 0, seed = -4, return_latents = True)
     assert listed[1][1].shape == (3, DIM_LATENTS[0])
     assert model.generate_text_only(PROMPT, 1).shape == (1, 0)      # seq_len below the prompt's length: nothing to add
+
+
+
+def test_a_seeded_draw_is_the_generators_draw():
+    from transfusion_pytorch.sampling import draw
+    probs = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    for seed in range(20):
+        expected = torch.multinomial(probs[None], 1, generator = torch.Generator().manual_seed(seed))[0]
+        assert torch.equal(draw(probs, torch.Generator().manual_seed(seed)), expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason = 'CUDA probabilities with the CPU generators `seed` makes')
+def test_a_seed_draws_the_same_tokens_from_cuda_probabilities():
+    """CUDA's multinomial refuses a CPU generator: the draw happens on the generator's device,
+    so the tokens equal the CPU's for the same probabilities."""
+    from transfusion_pytorch.sampling import sample_token
+    logits = torch.randn(4, 50, generator = torch.Generator().manual_seed(0))
+    on_cpu = sample_token(logits, generators = [torch.Generator().manual_seed(r) for r in range(4)])
+    on_cuda = sample_token(logits.cuda(), generators = [torch.Generator().manual_seed(r) for r in range(4)])
+    assert on_cuda.device.type == 'cuda' and torch.equal(on_cuda.cpu(), on_cpu)

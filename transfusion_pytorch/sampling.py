@@ -39,5 +39,14 @@ def sample_token(
 
     probs = logits.softmax(dim = -1)
     generators = generators if generators is not None else [None] * probs.shape[0]
-    # one draw per row, each from its own generator, so a row samples the same alone or in a batch
-    return torch.cat([torch.multinomial(row[None], 1, generator = gen)[0] for row, gen in zip(probs, generators)])
+    # one draw per row, each from its own generator, so a row samples the same alone or in a batch;
+    # a generator draws on its own device (`seed` makes CPU ones, and CUDA's multinomial refuses
+    # them), so a seed gives the same tokens from the same probabilities on any device
+    return torch.cat([draw(row, gen) for row, gen in zip(probs, generators)])
+
+
+def draw(probs: Tensor, generator: torch.Generator | None) -> Tensor:
+    """(1,) one token drawn from `probs` (vocab,) with `generator`, on the generator's device."""
+    if generator is None or generator.device == probs.device:
+        return torch.multinomial(probs[None], 1, generator = generator)[0]
+    return torch.multinomial(probs[None].to(generator.device), 1, generator = generator)[0].to(probs.device)
