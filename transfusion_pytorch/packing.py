@@ -100,6 +100,10 @@ class PackedBatch:
         """Whether each sample holds a modality span, from the host-side layout."""
         return tuple(any(record.kind == 'modality' for record in records) for records in self.layout)
 
+    def spans_of_type(self, modality_type: int) -> list[SegmentRecord]:
+        """The records of the modality spans of one type, in span order (as their latent rows lie)."""
+        return [record for record in self.span_records if record.modality_type == modality_type]
+
     def to(self, device: torch.device | str) -> PackedBatch:
         """The batch on `device`. From the host the copies do not block: a blocking copy to a GPU
         waits for everything queued on the device first (PyTorch synchronises the stream after
