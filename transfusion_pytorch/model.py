@@ -4,13 +4,16 @@ by flow matching).
 
 The forward pass, in order:
 
-    inputs (contract forms)  --inputs.py-->   samples of Text / Modality segments
+    inputs (contract forms)  --inputs.py, latents.py-->  samples of Text / Modality segments
     samples                  --packing.py-->  PackedBatch (flat tokens + per-token ids)
     PackedBatch              --masks.py-->    AttentionLayout, built once per batch
-    noise each modality at its own time t, embed text ids and noised latents
+    noise each modality at its own time t (objective.py), embed text ids and noised latents
     Transformer              --transformer.py--> hidden states
-    text head at text targets, velocity heads at latent tokens --losses.py--> loss
+    text head at text targets, velocity heads at latent tokens --objective.py, losses.py--> loss
 
+The class builds the modules, routes latents in and out of the transformer and delegates: the
+objective to `objective.py`, the way from inputs to a packed batch to `latents.py`,
+generation to `generation.py`, saving and loading to `pretrained.py` and `language_models.py`.
 Initialisation lives in `_init_weights`; the adaLN-zero and U-ViT skip projections set their
 own starting values where they are made.
 """
