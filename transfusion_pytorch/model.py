@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from . import latents, objective
+from . import ema, generation, language_models, latents, objective, pretrained
 from .compat import PublicNames
 from .config import TransfusionConfig, per_type
 from .embeddings import AxialPositions, OutputHead, TokenEmbedding
@@ -263,46 +263,43 @@ class Transfusion(PublicNames, nn.Module):
     def sample(self, prompt = None, **kwargs) -> list:
         """One sample in the list form training takes, or a list of them for a list of prompts
         (each a list) or `batch_size=`. Options: `generation.SampleOptions` and `generation.sample_prompts`."""
-        from .generation import SampleOptions, check_options, sample, sample_prompts
-        check_options('sample', kwargs, sample, sample_prompts, SampleOptions)
-        return sample(self, prompt, **kwargs)
+        generation.check_options('sample', kwargs, generation.sample, generation.sample_prompts, generation.SampleOptions)
+        return generation.sample(self, prompt, **kwargs)
 
     def sample_one(self, prompt = None, **kwargs) -> list:
         """One sample from one prompt (the public package's name; `sample` with one prompt)."""
-        from .generation import SampleOptions, check_options, sample_prompts
-        check_options('sample_one', kwargs, sample_prompts, SampleOptions)
-        return sample_prompts(self, [prompt], ['prompt'], **kwargs)[0]
+        generation.check_options('sample_one', kwargs, generation.sample_prompts, generation.SampleOptions)
+        return generation.sample_prompts(self, [prompt], ['prompt'], **kwargs)[0]
 
     def sample_many(self, prompts = None, **kwargs) -> list:
         """One sample per element of the list `prompts`, each a prompt in any form (the public package's name)."""
-        from .generation import SampleOptions, check_options, sample_many, sample_prompts
-        check_options('sample_many', kwargs, sample_prompts, SampleOptions)
-        return sample_many(self, prompts, **kwargs)
+        generation.check_options('sample_many', kwargs, generation.sample_prompts, generation.SampleOptions)
+        return generation.sample_many(self, prompts, **kwargs)
 
     def generate_text_only(self, prompt: Tensor, seq_len: int, **kwargs) -> Tensor:
         """Continues `Int[b n]` raw text rows to `seq_len` tokens; returns the new `Int[b, seq_len - n]`."""
-        from .generation import check_options, generate_text_only
-        check_options('generate_text_only', kwargs, generate_text_only)
-        return generate_text_only(self, prompt, seq_len, **kwargs)
+        generation.check_options('generate_text_only', kwargs, generation.generate_text_only)
+        return generation.generate_text_only(self, prompt, seq_len, **kwargs)
 
     def generate_modality_only(self, **kwargs) -> Tensor:
         """A batch of modalities generated alone; see `generation.generate_modality_only`."""
-        from .generation import check_options, generate_modality_only
-        check_options('generate_modality_only', kwargs, generate_modality_only)
-        return generate_modality_only(self, **kwargs)
+        generation.check_options('generate_modality_only', kwargs, generation.generate_modality_only)
+        return generation.generate_modality_only(self, **kwargs)
 
     # saving, loading and weight averaging (see pretrained.py and ema.py)
 
     def save_pretrained(self, directory, **kwargs):
         """Writes config.json, model.safetensors and, with encoders / decoders, codecs.pt; see `pretrained.py`."""
-        from .pretrained import save_pretrained
-        return save_pretrained(self, directory, **kwargs)
+        return pretrained.save_pretrained(self, directory, **kwargs)
 
     @classmethod
     def from_pretrained(cls, directory, **kwargs) -> Transfusion:
         """A model written by `save_pretrained`; see `pretrained.from_pretrained` for the options."""
-        from .pretrained import from_pretrained
-        return from_pretrained(cls, directory, **kwargs)
+        return pretrained.from_pretrained(cls, directory, **kwargs)
+
+    def create_ema(self, beta: float = 0.99) -> ema.EMA:
+        """An `ema.EMA` of this model's weights; call its `update()` after each optimizer step."""
+        return ema.EMA(self, beta)
 
     # starting from a pretrained language model (see language_models.py)
 
@@ -310,15 +307,8 @@ class Transfusion(PublicNames, nn.Module):
     def from_language_model(cls, path_or_model, **kwargs) -> Transfusion:
         """A model whose transformer, embedding and text head are a Hugging Face causal LM's (a
         folder written by `save_pretrained`, or a loaded model); see `language_models.from_language_model`."""
-        from .language_models import from_language_model
-        return from_language_model(cls, path_or_model, **kwargs)
+        return language_models.from_language_model(cls, path_or_model, **kwargs)
 
     def save_language_model(self, directory, **kwargs):
         """Writes the text weights in the Hugging Face layout; see `language_models.save_language_model`."""
-        from .language_models import save_language_model
-        return save_language_model(self, directory, **kwargs)
-
-    def create_ema(self, beta: float = 0.99):
-        """An `ema.EMA` of this model's weights; call its `update()` after each optimizer step."""
-        from .ema import EMA
-        return EMA(self, beta)
+        return language_models.save_language_model(self, directory, **kwargs)

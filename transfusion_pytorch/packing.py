@@ -135,7 +135,7 @@ def pack(samples: list[Sample], vocab: Vocab, wrap: bool = True, latent_dtype: t
     """Lays out and concatenates samples. With `wrap = False` (language pretraining on raw
     text rows) no SOS / EOS is added and a sample may hold only text. Everything is built on
     the device of the samples' tensors. Every latent is cast to `latent_dtype`, one dtype for
-    the whole batch chosen by the caller, never by the other samples (see `Transfusion.latent_dtype`)."""
+    the whole batch chosen by the caller, never by the other samples (see `latents.latent_dtype`)."""
 
     num_types = vocab.num_modality_types
     device = samples[0][0].ids.device if isinstance(samples[0][0], Text) else samples[0][0].latent.device

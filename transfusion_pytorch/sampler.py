@@ -269,7 +269,8 @@ class Sampler:
                 fixed = self.options.fixed_modality_shape
                 if fixed is not None:
                     # the model picks among the types that the fixed shape suits and that still fit
-                    types = [m for m in self.fixed_types if misfit(self.model, self.options.init_modality_noise, row.limit, row.length, m, fixed) is None]
+                    noise = self.options.init_modality_noise
+                    types = [m for m in self.fixed_types if misfit(self.model, noise, row.limit, row.length, m, fixed) is None]
                     if len(types) == 0:
                         row.phase = 'done'      # no fixed modality would fit: stop before its header
                         return None
