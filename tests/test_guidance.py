@@ -3,7 +3,7 @@ import warnings
 import pytest
 import torch
 
-import transfusion_pytorch.model as model_module
+import transfusion_pytorch.latents as latents_module
 from transfusion_pytorch.backends import CachedBackend, Latents, items_to_sample
 from transfusion_pytorch.generation import SampleOptions, Sampler
 from transfusion_pytorch.guidance import Guidance, GuidedBackend, drop_text_conditions, mix, unconditional_items, unconditional_sample
@@ -38,7 +38,7 @@ def packed_samples(monkeypatch, model, batch, **forward_kwargs):
     def spy(samples, vocab, **kwargs):
         seen.append(samples)
         return pack(samples, vocab, **kwargs)
-    monkeypatch.setattr(model_module, 'pack', spy)
+    monkeypatch.setattr(latents_module, 'pack', spy)
     model(batch, **forward_kwargs)
     return seen[0]
 

@@ -11,6 +11,8 @@ Two options come from starting with a pretrained language model:
   could never learn to open a modality). The two parts are separate parameters, `weight`
   (num_frozen, dim) with requires_grad off and `structural`, so the frozen rows get neither a
   gradient nor optimizer state.
+
+`AxialPositions` embeds a latent token's coordinates on its modality's grid (`add_pos_emb`).
 """
 
 from __future__ import annotations
@@ -90,3 +92,16 @@ class OutputHead(nn.Module):
 
     def extra_repr(self) -> str:
         return f'{self.num_tokens}' + (', tied' if self.is_tied else '') + (f', num_frozen={self.num_frozen}' if self.num_frozen else '')
+
+
+class AxialPositions(nn.Module):
+    """A learned embedding of a token's coordinate on each axis of its modality's grid, summed
+    over the axes. Each axis has a small MLP of the coordinate, so any grid size works."""
+
+    def __init__(self, num_axes: int, dim: int):
+        super().__init__()
+        self.axes = nn.ModuleList([nn.Sequential(nn.Linear(1, dim), nn.SiLU(), nn.Linear(dim, dim)) for _ in range(num_axes)])
+
+    def forward(self, coords: Tensor) -> Tensor:
+        """(N, num_axes) integer coordinates -> (N, dim)"""
+        return sum(mlp(coords[:, axis:axis + 1].to(mlp[0].weight.dtype)) for axis, mlp in enumerate(self.axes))

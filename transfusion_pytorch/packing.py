@@ -100,6 +100,10 @@ class PackedBatch:
         """Whether each sample holds a modality span, from the host-side layout."""
         return tuple(any(record.kind == 'modality' for record in records) for records in self.layout)
 
+    def spans_of_type(self, modality_type: int) -> list[SegmentRecord]:
+        """The records of the modality spans of one type, in span order (as their latent rows lie)."""
+        return [record for record in self.span_records if record.modality_type == modality_type]
+
     def to(self, device: torch.device | str) -> PackedBatch:
         """The batch on `device`. From the host the copies do not block: a blocking copy to a GPU
         waits for everything queued on the device first (PyTorch synchronises the stream after
@@ -131,7 +135,7 @@ def pack(samples: list[Sample], vocab: Vocab, wrap: bool = True, latent_dtype: t
     """Lays out and concatenates samples. With `wrap = False` (language pretraining on raw
     text rows) no SOS / EOS is added and a sample may hold only text. Everything is built on
     the device of the samples' tensors. Every latent is cast to `latent_dtype`, one dtype for
-    the whole batch chosen by the caller, never by the other samples (see `Transfusion.latent_dtype`)."""
+    the whole batch chosen by the caller, never by the other samples (see `latents.latent_dtype`)."""
 
     num_types = vocab.num_modality_types
     device = samples[0][0].ids.device if isinstance(samples[0][0], Text) else samples[0][0].latent.device

@@ -22,12 +22,13 @@ may be empty. Structural tokens are not part of it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
-from torch import Tensor
 
 from .backends import items_to_sample
 from .inputs import Modality, Sample, Text, normalize_prompt
+from .latents import decoded, encode_modality, with_token_shape
 from .vocab import Vocab
 
 
@@ -46,7 +47,7 @@ def is_batch(prompt) -> bool:
 def normalize(model, prompt, name: str) -> Prompt:
     """One prompt in any of its forms -> a `Prompt`; errors call it `name`."""
     vocab = model.vocab
-    pairs = normalize_prompt(prompt, name, model.config.num_text_tokens, model.specs, model.encode_modality, vocab.size)
+    pairs = normalize_prompt(prompt, name, model.config.num_text_tokens, model.specs, partial(encode_modality, model), vocab.size)
 
     segments, text, closes = [], [], None          # text: the pending (id, where, position) of the current text run
     for where, segment in pairs:
@@ -64,7 +65,7 @@ def normalize(model, prompt, name: str) -> Prompt:
                 raise ValueError(f'{at}: the header before the modality {where} announces modality type {m} of shape {shape}, '
                                  f'the modality is of type {segment.modality_type} and shape {segment.shape}')
         segments.extend(flush(text, vocab))
-        segments.append(model.with_token_shape(segment))
+        segments.append(with_token_shape(model, segment))
         closes = vocab.eom(segment.modality_type)
 
     header = take_header(text, vocab)
@@ -141,11 +142,3 @@ def to_output(model, items: list, return_latents: bool) -> list:
         sample.append(torch.zeros(0, dtype = torch.long, device = device))
     return sample
 
-
-def decoded(model, m: int, latent: Tensor, return_latents: bool) -> Tensor:
-    """A (*shape, dim_latent) latent in the user's layout, through the type's decoder unless `return_latents`."""
-    if model.config.channel_first_latent[m]:
-        latent = latent.movedim(-1, 0)
-    if not return_latents and not isinstance(model.modality_decoders[m], torch.nn.Identity):
-        latent = model.modality_decoders[m](latent[None])[0]
-    return latent

@@ -9,16 +9,16 @@
 - shape: among the shape digits, ',' and the BOM tokens (only the BOM of the types that a
   fixed shape suits and that fit, whose tokens are then written for the model). At BOM the
   written shape is read; one that cannot be used (unreadable, wrong number of axes, not taken
-  there and back by the type's down / up blocks, too long to fit: `shapes.py`, lengths by
-  arithmetic first) is replaced by the default shape with a warning (an error with
+  there and back by the type's down / up blocks, too long to fit: `shapes.read_shape`,
+  lengths by arithmetic first) is replaced by the default shape with a warning (an error with
   `fallback_to_default_shape_if_invalid` off), or ends the row with a warning when the type
   has no usable default; rewritten, the shape tokens keep the sequence the one that `pack`
   would lay out for the returned sample;
-- modality: noise at t = 0 is integrated to t = 1 by a fixed-grid solver, each stage one
-  model call on the modality's tokens alone; then the clean latents (at t = 1, as training
-  sees a finished sequence) and the EOM token are committed in one step. An adaptive solver
+- modality (`ode_stage.py`): noise at t = 0 is integrated to t = 1 by a fixed-grid solver,
+  each stage one model call on the modality's tokens alone; then the clean latents (at t = 1,
+  as training sees a finished sequence) and the EOM token are committed in one step. An adaptive solver
   (dopri5, ...) chooses its own evaluation times, so it integrates a row's modality in one go
-  while the other rows wait (see `Sampler.integrate_alone`).
+  while the other rows wait (see `ode_stage.integrate_alone`).
 
 A row whose prompt opens a modality (ends with BOM, see `prompts.py`), or with
 `force_modality_at_start`, starts in the modality phase.
@@ -42,8 +42,6 @@ sampler (`sampling.py`) and the solver (`solvers.py`) are pure.
 
 from __future__ import annotations
 
-import math
-import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -56,7 +54,8 @@ from .guidance import Guidance, default_cfg_scale
 from .inputs import Text, describe
 from .prompts import Prompt
 from .sampling import sample_token
-from .shapes import axes_problem, round_trip_problem, shape_problem, types_for_fixed_shape
+from .ode_stage import ModalityStage, check_noise, initial_noise, integrate_alone, latents_item
+from .shapes import misfit, read_shape, shape_problem, types_for_fixed_shape
 from .vocab import Vocab
 
 
@@ -155,9 +154,6 @@ def check_modality(model, modality_type, shape, type_name: str, shape_name: str)
         raise ValueError(f'{shape_name}: modality type {modality_type} expects {num_dim} axes (modality_num_dim), got the shape {shape}')
 
 
-TOO_LONG = "it does not fit in what is left of the row's max_length / max_total_length"
-
-
 @dataclass
 class Row:
     generator: torch.Generator | None
@@ -166,7 +162,7 @@ class Row:
     shape_tokens: list[int] = field(default_factory = list)
     boms: Tensor | None = None                      # with fixed_modality_shape: the BOM tokens of the types it fits
     opening: tuple[int, tuple[int, ...]] | None = None      # (type, shape) of a modality whose BOM is being fed
-    modality: tuple | None = None                   # (type, shape, grid, step index, stages) while denoising
+    modality: ModalityStage | None = None           # while a fixed-grid solver denoises its modality
     limit: int = 0                                  # the most tokens the row may hold (prompt and budget)
     latent_extra: int = 0                           # sum over the Latents among the items of their tokens less one
 
@@ -273,7 +269,8 @@ class Sampler:
                 fixed = self.options.fixed_modality_shape
                 if fixed is not None:
                     # the model picks among the types that the fixed shape suits and that still fit
-                    types = [m for m in self.fixed_types if self.misfit(row, row.length, m, fixed) is None]
+                    noise = self.options.init_modality_noise
+                    types = [m for m in self.fixed_types if misfit(self.model, noise, row.limit, row.length, m, fixed) is None]
                     if len(types) == 0:
                         row.phase = 'done'      # no fixed modality would fit: stop before its header
                         return None
@@ -288,7 +285,8 @@ class Sampler:
             return Request([token])
 
         m = vocab.modality_type_of(token)
-        shape = self.read_shape(row, m)
+        start = row.length - len(row.shape_tokens) - 1          # where its META is
+        shape = read_shape(self.model, self.options.init_modality_noise, row.shape_tokens, start, row.limit, m)
         if shape is None:
             self.finish(row)
             return None
@@ -305,63 +303,6 @@ class Sampler:
         row.opening = (m, shape)
         return Request(tokens)
 
-    def read_shape(self, row: Row, m: int) -> tuple[int, ...] | None:
-        """The shape the model wrote when it can be used; else the default with a warning, or
-        None: the row ends there (when not even the default fits in what is left of the row,
-        or with a warning when the type has no usable default). Unusable is a shape that does
-        not parse, has the wrong number of axes, that the type's down / up blocks cannot take
-        there and back, or that does not fit. With `fallback_to_default_shape_if_invalid` off,
-        a shape that is invalid (not only too long) is an error."""
-        model, vocab = self.model, self.vocab
-        start = row.length - len(row.shape_tokens) - 1          # where its META is
-        fallback = model.config.fallback_to_default_shape_if_invalid
-        written = vocab.decode_shape(row.shape_tokens)
-        shown = written if written is not None else [vocab.name(t) for t in row.shape_tokens]
-
-        invalid = 'it spells no shape' if written is None else axes_problem(model, m, written)
-        misfit = None if invalid else self.misfit(row, start, m, written, cheap = True)     # arithmetic, before any module runs
-        if invalid is None and misfit is None:
-            invalid = round_trip_problem(model, m, written)
-        if invalid is None and misfit is None:
-            misfit = self.misfit(row, start, m, written)
-        if invalid is None and misfit is None:
-            return written
-        if invalid is not None and not fallback:
-            raise ValueError(f'the model wrote an invalid shape {shown} for modality type {m} ({invalid}), '
-                             f'and fallback_to_default_shape_if_invalid is off')
-        if not fallback:
-            return None                 # a valid shape that does not fit ends the row, as the budget does
-
-        why = f'the model wrote {"an invalid shape" if invalid else "a shape that does not fit"} {shown} for modality type {m} ({invalid or misfit})'
-        default = model.config.modality_default_shape[m]
-        problem = 'it has none' if default is None else shape_problem(model, m, default)
-        if problem is not None:
-            warnings.warn(f'{why}; the row ends there, as modality_default_shape cannot stand in ({problem})')
-            return None
-        misfit = self.misfit(row, start, m, default)
-        if misfit == TOO_LONG:
-            return None                 # not even the default fits: the row ends at its budget
-        if misfit is not None:
-            warnings.warn(f'{why}; the row ends there, as modality_default_shape {default} cannot stand in ({misfit})')
-            return None
-        warnings.warn(f'{why}; using modality_default_shape {default}')
-        return default
-
-    def misfit(self, row: Row, start: int, m: int, shape: tuple[int, ...], cheap: bool = False) -> str | None:
-        """Why a modality of type m and `shape` whose META would be at `start` does not fit in
-        the row (its tokens up to EOM past the row's limit, or more noise than
-        `init_modality_noise` holds); None when it fits. `cheap`: only what arithmetic on the
-        shape tells, before the type's down block is asked for its number of tokens."""
-        header = start + 1 + len(self.vocab.encode_shape(shape)) + 1       # META, shape tokens, BOM
-        noise, dim = self.options.init_modality_noise, self.model.config.dim_latent[m]
-        if header + 2 > row.limit:                                          # at least one token and EOM
-            return TOO_LONG
-        if not (cheap and self.model.uses_pre_post(m)) and header + self.model.num_modality_tokens(m, shape) + 1 > row.limit:
-            return TOO_LONG
-        if noise is not None and not noise_holds(noise, math.prod(shape), dim):
-            return f'init_modality_noise of shape {tuple(noise.shape)} holds too little noise for it'
-        return None
-
     def finish(self, row: Row):
         """Stops a row at its budget, dropping an unfinished modality header (META and shape)."""
         if row.phase == 'shape':
@@ -373,57 +314,19 @@ class Sampler:
     def start_modality(self, index: int, row: Row) -> Request:
         m, shape = row.opening
         row.opening, row.phase = None, 'modality'
-        model, options = self.model, self.options
-        noise = torch.randn(math.prod(shape), model.config.dim_latent[m], generator = row.generator).to(model.device)
-        if options.init_modality_noise is not None:
-            noise = given_noise(options.init_modality_noise, noise, m, shape)
-
-        if options.adaptive:
+        noise = initial_noise(self.model, self.options, row.generator, m, shape)
+        if self.options.adaptive:
             row.phase = 'text'
-            return Request([latents_item(model, m, self.integrate_alone(index, m, shape, noise), shape), self.vocab.eom(m)])
-
-        grid = solvers.time_grid(options.modality_steps, options.time_shift).tolist()
-        row.modality = (m, shape, grid, 0, solvers.stages(options.ode_method, noise, grid[0], grid[1]))
-        x, t = next(row.modality[-1])
-        return Request([latents_item(self.model, m, x, shape)], time = t, keep = False)
-
-    def integrate_alone(self, index: int, m: int, shape: tuple[int, ...], noise: Tensor) -> Tensor:
-        """An adaptive solver picks its own times and calls the velocity function itself, so it
-        cannot be stepped in lockstep with other rows: the row's modality is integrated here,
-        in one go, one model call per evaluation on this row alone, while the other rows wait
-        (their caches untouched). Their results do not depend on the batch either way."""
-        num_rows = self.num_rows
-
-        def velocity_fn(x: Tensor, t: Tensor) -> Tensor:
-            requests: list[Request | None] = [None] * num_rows
-            requests[index] = Request([latents_item(self.model, m, x, shape)], time = float(t), keep = False)
-            return self.backend.step(requests)[index]
-
-        ends = torch.tensor([0., 1.], device = noise.device)
-        return solvers.integrate(velocity_fn, noise, ends, method = self.options.ode_method,
-                                 atol = self.options.ode_atol, rtol = self.options.ode_rtol)
+            clean = integrate_alone(self.backend, self.model, self.options, index, self.num_rows, m, shape, noise)
+            return Request([latents_item(self.model, m, clean, shape), self.vocab.eom(m)])
+        row.modality, request = ModalityStage.start(self.model, self.options, m, shape, noise)
+        return request
 
     def ode_stage(self, row: Row, velocity: Tensor) -> Request:
-        m, shape, grid, step, stages = row.modality
-        try:
-            x, t = stages.send(velocity)
-            return Request([latents_item(self.model, m, x, shape)], time = t, keep = False)
-        except StopIteration as done:
-            x = done.value
-
-        step += 1
-        if step < len(grid) - 1:
-            stages = solvers.stages(self.options.ode_method, x, grid[step], grid[step + 1])
-            row.modality = (m, shape, grid, step, stages)
-            x, t = next(stages)
-            return Request([latents_item(self.model, m, x, shape)], time = t, keep = False)
-
-        row.phase, row.modality = 'text', None
-        return Request([latents_item(self.model, m, x, shape), self.vocab.eom(m)])
-
-
-def latents_item(model, modality_type: int, values: Tensor, shape: tuple[int, ...]) -> Latents:
-    return Latents(modality_type, values, tuple(shape), model.token_shape(modality_type, tuple(shape)))
+        request, done = row.modality.advance(velocity)
+        if done:
+            row.phase, row.modality = 'text', None
+        return request
 
 
 def header_items(vocab: Vocab, m: int, shape: tuple[int, ...]) -> list[int]:
@@ -477,25 +380,3 @@ def row_limit(requested: int, options: SampleOptions) -> int:
     """The most tokens a row may hold: what it was asked for and `max_length` more, within `max_total_length`."""
     limit = requested + options.max_length
     return limit if options.max_total_length is None else min(limit, options.max_total_length)
-
-
-def given_noise(given: Tensor, noise: Tensor, m: int, shape: tuple[int, ...]) -> Tensor:
-    """`init_modality_noise` for a modality whose noise is `noise` (rows, dim_latent): the
-    leading rows and columns of `given` seen as (n, d); given as (*shape, dim_latent), that is
-    all of it."""
-    rows, dim = check_noise(given, m, shape, noise.shape[1])
-    return given.reshape(-1, given.shape[-1])[:rows, :dim].to(noise)
-
-
-def check_noise(given: Tensor, m: int, shape: tuple[int, ...], dim: int) -> tuple[int, int]:
-    """The (rows, dim) that a modality takes of `init_modality_noise`; an error when it holds less."""
-    rows = math.prod(shape)
-    if not noise_holds(given, rows, dim):
-        raise ValueError(f'init_modality_noise must hold {rows} rows of {dim} values for the modality of type {m} and shape {shape} '
-                         f'(as ({", ".join(map(str, shape))}{", " if shape else ""}{dim}), or as (n >= {rows}, d >= {dim}) of which the '
-                         f'first rows and columns are taken), got {describe(given)}')
-    return rows, dim
-
-
-def noise_holds(given: Tensor, rows: int, dim: int) -> bool:
-    return given[..., 0].numel() >= rows and given.shape[-1] >= dim
