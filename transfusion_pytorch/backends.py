@@ -15,7 +15,7 @@ token, or the velocity at the latents when it is a `Latents` block.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
