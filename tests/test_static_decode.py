@@ -5,8 +5,10 @@ computation the graphs record. Each test also checks that the static steps did r
 
 import functools
 import os
+import sys
 import warnings
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +17,6 @@ from transfusion_pytorch import generation, kv_cache, static_decode
 from transfusion_pytorch.attention import attend_cached, scaled_dot_product
 from transfusion_pytorch.backends import CachedBackend
 from transfusion_pytorch.generation import SampleOptions, Sampler, make_backend, to_output
-from transfusion_pytorch.decode_benchmark import decode_benchmark
 from transfusion_pytorch.static_decode import StaticBackend
 
 from conftest import DIM_LATENTS, NUM_TEXT_TOKENS
@@ -205,6 +206,8 @@ def test_static_decode_switch_is_checked(model):
 
 
 def test_decode_benchmark_runs_and_agrees(model):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
+    from decode_static import decode_benchmark
     results = decode_benchmark(model, batch_size = 2, prompt_length = 3, new_tokens = 6, repeats = 1, modality_batch = 2, modality_steps = 2)
     assert results['tokens_equal'] and results['steps_equal_before_first_difference'] == 6
     assert results['max_latent_difference'] < 1e-5 and not results['captured']

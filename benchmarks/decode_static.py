@@ -1,7 +1,7 @@
-"""Decoding speed of the dynamic path against the static one (`static_decode.py`), for
-`benchmarks/gpu.py` (issue 21: at least 10x the dynamic path's decoding steps/s on CUDA).
-
-A module of its own: it calls the generation functions, which build the static backends."""
+"""Decoding speed of the dynamic path against the static one (`static_decode.py`): greedy
+`generate_text_only` and `generate_modality_only` both ways, with how far their outputs agree
+(issue 21: at least 10x the dynamic path's decoding steps/s on CUDA). A benchmark, not a code
+path of the library: the package reads no clock (tests/test_reproducibility.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from .generation import generate_modality_only, generate_text_only
+from transfusion_pytorch.generation import generate_modality_only, generate_text_only
 
 
 def decode_benchmark(model, batch_size: int = 8, prompt_length: int = 16, new_tokens: int = 240, repeats: int = 3,
