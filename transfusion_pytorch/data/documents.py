@@ -88,11 +88,14 @@ def columns_of(path: Path, layout: str, split: str) -> list[str]:
             names = [k.rsplit('.', 1)[0] if k.rsplit('.', 1)[-1] in WDS_IMAGE_KEYS else k for k in sample if not k.startswith('__')]
             return names + (list(row) if isinstance(row, dict) else [])
         return []
-    for file in files(path, ('.jsonl',)):          # text: the first row of JSON lines
+    for file in (f for f in files(path, ('.jsonl',)) if f.suffix.lower() == '.jsonl'):    # text: the first row of JSON lines
         with open(file, encoding = 'utf-8') as lines:
             for line in lines:
                 if line.strip():
-                    row = json.loads(line)
+                    try:
+                        row = json.loads(line)
+                    except ValueError:          # not a document; the text reader names the line
+                        return []
                     return list(row) if isinstance(row, dict) else []
     return []
 

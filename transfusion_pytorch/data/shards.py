@@ -241,7 +241,7 @@ class Shard:
 SHA256 = re.compile(r'[0-9a-f]{64}')
 COUNT = (int, lambda n: n >= 0, 'a count >= 0')
 KINDS = ('image_text', 'text', 'interleaved', 'edit')
-MANIFEST_FIELDS = dict(kind = (str, lambda k: k in KINDS, ' or '.join(map(repr, KINDS))), tokenizer = (dict,),
+MANIFEST_FIELDS = dict(kind = (str, lambda k: k in KINDS, f"{', '.join(map(repr, KINDS[:-1]))} or {KINDS[-1]!r}"), tokenizer = (dict,),
                        codec = ((dict, type(None)),), settings = (dict,), counts = (dict,), shapes = (dict,), shards = (list,))
 SHARD_FIELDS = dict(file = (str, lambda f: f == Path(f).name, 'a file name'), samples = COUNT, bytes = COUNT,
                     sha256 = (str, SHA256.fullmatch, 'a SHA-256: 64 hexadecimal digits'))
