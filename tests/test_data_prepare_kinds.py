@@ -112,7 +112,7 @@ def write_interleaved(root: Path, layout: str, documents = DOCUMENTS) -> Path:
     with tarfile.open(root / 'docs.tar', 'w') as tar:      # webdataset: KEY.json and KEY.j.png
         for d, document in enumerate(documents):
             texts, colours = columns(document)
-            add_file(tar, f'{d:04d}.json', json.dumps(texts).encode())
+            add_file(tar, f'{d:04d}.json', json.dumps(texts if d else dict(texts = texts)).encode())     # a list, or OBELICS' column
             for j, c in enumerate(colours):
                 if c is not None:
                     add_file(tar, f'{d:04d}.{j}.png', png(c))

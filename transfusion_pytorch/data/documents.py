@@ -83,7 +83,7 @@ def columns_of(path: Path, layout: str, split: str) -> list[str]:
         from webdataset.tariterators import tarfile_samples
         for sample in tarfile_samples([dict(url = str(tar)) for tar in files(path, ('.tar',))]):
             row = json.loads(sample['json']) if 'json' in sample else {}
-            if isinstance(row, list):
+            if isinstance(row, list) or (isinstance(row, dict) and isinstance(row.get('texts'), list)):
                 return list(INTERLEAVED)            # KEY.json is the segment list
             names = [k.rsplit('.', 1)[0] if k.rsplit('.', 1)[-1] in WDS_IMAGE_KEYS else k for k in sample if not k.startswith('__')]
             return names + (list(row) if isinstance(row, dict) else [])
