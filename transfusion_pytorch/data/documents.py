@@ -125,13 +125,14 @@ def documents(source: str | Path, layout: str | None, kind: str, columns: tuple,
                           f'not {names.get(layout, layout)}')
     if layout == 'webdataset':
         return rows[layout]()
-    return (Document(key, segments_of(kind, values, where, image_of)) for key, values, where, image_of in rows[layout]())
+    return (Document(key, segments_of(kind, columns, values, where, image_of)) for key, values, where, image_of in rows[layout]())
 
 
-def segments_of(kind: str, values: list, where: str, image_of) -> tuple:
+def segments_of(kind: str, columns: tuple, values: list, where: str, image_of) -> tuple:
     if kind == 'edit':
         source, instruction, target = values
-        return image_of(source, f'{where}, the source image'), caption_of(instruction, 'instruction', where), image_of(target, f'{where}, the target image')
+        return (image_of(source, f'{where}, the source image'), caption_of(instruction, columns[1], where),
+                image_of(target, f'{where}, the target image'))
     return interleave(*values, where, image_of)
 
 

@@ -78,14 +78,14 @@ class CaptionTooLong(ValueError):
     """A caption over `max_caption_tokens` with `long_captions = 'error'`."""
 
 
-def settings_of(config: PrepareConfig, kind: str, codec, tokenizer, samples: tuple | None = None) -> dict:
+def settings_of(config: PrepareConfig, kind: str, codec, tokenizer, segmented: tuple | None = None) -> dict:
     """What the bytes of the output depend on; a rerun into the same folder must match it.
-    `samples`: (kind, columns) of documents; the settings of captions and text are as before it."""
+    `segmented`: (kind, columns) of documents; the settings of captions and text are as before it."""
     keep = ('image_size', 'buckets', 'caption_column', 'image_column', 'text_column', 'split', 'shard_size', 'max_text_tokens',
             'max_caption_tokens', 'long_captions')
     settings = {k: v for k, v in asdict(config).items() if k in keep}
-    if samples is not None:
-        settings.update(samples = samples[0], columns = list(samples[1]))
+    if segmented is not None:
+        settings.update(samples = segmented[0], columns = list(segmented[1]))
     return dict(format = shards.FORMAT, version = shards.VERSION, source = str(Path(config.source).resolve()), kind = kind,
                 codec = codec.describe() if codec is not None else None, tokenizer = tokenizer.describe(), **settings)
 
@@ -105,10 +105,10 @@ def kinds_of(config: PrepareConfig) -> tuple[str, tuple | None]:
 def prepare(config: PrepareConfig, on_shard = None) -> shards.Prepared:
     """Prepares (or finishes preparing) `config.source` into `config.out`; returns the result.
     `on_shard(index)` is called after each shard is written."""
-    kind, samples = kinds_of(config)
+    kind, segmented = kinds_of(config)
     tokenizer = tokenizers.load_tokenizer(config.tokenizer)
     device = config.device or ('cuda' if torch.cuda.is_available() else 'cpu')
-    codec = None if kind == 'text' and samples is None else codecs.load_codec(config.vae, config.patch, device)
+    codec = None if kind == 'text' and segmented is None else codecs.load_codec(config.vae, config.patch, device)
     buckets = images.make_buckets(config.image_size, codec.stride) if codec is not None and config.buckets else None
     if codec is not None and config.image_size % codec.stride != 0:
         raise ValueError(f'image_size must be a multiple of the codec stride {codec.stride} '
@@ -116,10 +116,10 @@ def prepare(config: PrepareConfig, on_shard = None) -> shards.Prepared:
 
     out = Path(config.out)
     out.mkdir(parents = True, exist_ok = True)
-    settings = settings_of(config, kind, codec, tokenizer, samples)
+    settings = settings_of(config, kind, codec, tokenizer, segmented)
     with reruns.holding(out):
         reruns.check_settings(out, settings)
-        num_shards, written, skipped_now = write_shards(config, kind, out, tokenizer, codec, buckets, on_shard, samples)
+        num_shards, written, skipped_now = write_shards(config, kind, out, tokenizer, codec, buckets, on_shard, segmented)
         manifest = write_manifest(out, settings, num_shards)
     print(summary(out, manifest, written, skipped_now))
     return shards.Prepared(out)
@@ -138,11 +138,11 @@ def summary(out: Path, manifest: dict, written: int, skipped_now: int) -> str:
     return line
 
 
-def write_shards(config: PrepareConfig, kind: str, out: Path, tokenizer, codec, buckets, on_shard, samples = None) -> tuple[int, int, int]:
+def write_shards(config: PrepareConfig, kind: str, out: Path, tokenizer, codec, buckets, on_shard, segmented = None) -> tuple[int, int, int]:
     """Writes the shards not on disk yet (and the last one again when the source gained records
     after it); returns the number of shards, the number written now and the records skipped now."""
-    if samples is not None:
-        records = documents.documents(config.source, kind, *samples, split = config.split)
+    if segmented is not None:
+        records = documents.documents(config.source, kind, *segmented, split = config.split)
     else:
         records = sources.records(config.source, kind, caption_column = config.caption_column, image_column = config.image_column,
                                   split = config.split, text_column = config.text_column)
@@ -156,7 +156,7 @@ def write_shards(config: PrepareConfig, kind: str, out: Path, tokenizer, codec, 
                 break
             path = out / shards.shard_name(index)
             if not path.exists() or not reruns.keep_shard(path, chunk, kind):
-                if samples is not None:
+                if segmented is not None:
                     made, skipped, long = segments.document_samples(chunk, tokenizer, codec, config, buckets, pool)
                 elif kind == 'text':
                     made, skipped, long = text_samples(chunk, tokenizer, config.max_text_tokens), [], []
