@@ -16,9 +16,10 @@ caption tokenized once, written as shards (see `shards.py`).
 - Text sources give text-only rows, a row longer than `max_text_tokens` continued in the next
   row (no token is lost).
 - Interleaved documents and editing triples (`kind = 'interleaved' | 'edit'`, read by
-  `documents.py`, found from the columns when not given) give samples of several segments
-  (`segments.py`); all of the above holds for them, a broken image or (with 'skip') a long
-  text skipping its whole sample.
+  `documents.py`, found from the columns when not given) give samples of several segments:
+  each text tokenized and held to the caption policy, each image prepared as a caption's is;
+  all of the above holds for them, a broken image or (with 'skip') a long text skipping its
+  whole sample, named.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import codecs, documents, images, reruns, segments, shards, sources, tokenizers
+from . import codecs, documents, images, reruns, shards, sources, tokenizers
 
 LONG_CAPTIONS = ('truncate', 'skip', 'error')
 
@@ -157,7 +158,7 @@ def write_shards(config: PrepareConfig, kind: str, out: Path, tokenizer, codec, 
             path = out / shards.shard_name(index)
             if not path.exists() or not reruns.keep_shard(path, chunk, kind):
                 if segmented is not None:
-                    made, skipped, long = segments.document_samples(chunk, tokenizer, codec, config, buckets, pool)
+                    made, skipped, long = document_samples(chunk, tokenizer, codec, config, buckets, pool)
                 elif kind == 'text':
                     made, skipped, long = text_samples(chunk, tokenizer, config.max_text_tokens), [], []
                 else:
@@ -249,9 +250,70 @@ def text_samples(chunk: list[sources.Record], tokenizer, max_text_tokens: int) -
     return samples
 
 
+def document_samples(chunk: list[documents.Document], tokenizer, codec, config, buckets, pool) -> tuple[list[dict], list, list]:
+    """The samples of `chunk`, the (key, reason) of the documents skipped and the (name, tokens)
+    of the texts over `max_caption_tokens`, each in document order."""
+    reasons = [document.problem for document in chunk]
+    texts, long = {}, []
+    places = [(i, j) for i, document in enumerate(chunk) for j, segment in enumerate(document.segments) if isinstance(segment, str)]
+    ids = tokenizer.encode([chunk[i].segments[j] for i, j in places]) if places else []
+    for (i, j), text in zip(places, ids):
+        key = chunk[i].key
+        texts[i, j], reason = fit_text(text, f'{key}, segment {j}', f'the text of segment {j} of {key}', f'a text (segment {j})', config, long)
+        reasons[i] = reasons[i] or reason
+
+    pictures = [(i, j) for i, document in enumerate(chunk) for j, segment in enumerate(document.segments)
+                if not isinstance(segment, str) and reasons[i] is None]
+
+    def load(place: tuple[int, int]):
+        i, j = place
+        try:
+            return images.to_tensor(images.resize_for(images.decode(chunk[i].segments[j]), config.image_size, buckets)), None
+        except images.UnreadableImage as error:
+            return None, f'unreadable image (segment {j}): {error}'
+
+    loaded = dict(zip(pictures, pool.map(load, pictures)))
+    for (i, _), (_, problem) in loaded.items():
+        reasons[i] = reasons[i] or problem
+    kept = [place for place in pictures if reasons[place[0]] is None]
+    latents = dict(zip(kept, encode(codec, [loaded[place][0] for place in kept], config.batch_size)))
+
+    samples, skipped = [], []
+    for i, document in enumerate(chunk):
+        if reasons[i] is not None:
+            skipped.append((document.key, reasons[i]))
+            continue
+        parts = [dict(text = torch.tensor(texts[i, j], dtype = torch.long)) if isinstance(segment, str)
+                 else dict(zip(('mean', 'std'), latents[i, j])) for j, segment in enumerate(document.segments)]
+        samples.append(dict(key = document.key, segments = parts))
+    return samples, skipped, long
+
+
+def segment_counts(entries: list[dict], shapes: dict, segments: dict) -> tuple[int, int]:
+    """Adds the shard index `entries` of segment samples to `shapes` (per image size: the images
+    of that size, the most text tokens of a sample holding one, and that sample; 'text' for
+    samples without images) and `segments` (text and image segments); returns their text and
+    latent tokens."""
+    text_tokens = latent_tokens = 0
+    for entry in entries:
+        sizes = []
+        for kind, size in entry['segments']:
+            segments[kind] += 1
+            if kind == 'image':
+                sizes.append('x'.join(map(str, size[:2])))
+                latent_tokens += size[0] * size[1]
+        for name in sorted(set(sizes)) or ['text']:
+            stats = shapes.setdefault(name, dict(count = 0, max_text_tokens = 0, longest = None))
+            stats['count'] += sizes.count(name) or 1
+            if entry['text_tokens'] >= stats['max_text_tokens']:
+                stats['max_text_tokens'], stats['longest'] = entry['text_tokens'], entry['key']
+        text_tokens += entry['text_tokens']
+    return text_tokens, latent_tokens
+
+
 def write_manifest(out: Path, settings: dict, num_shards: int) -> dict:
     """The manifest of shards 0 .. num_shards - 1, from their headers; written last, atomically."""
-    entries, skipped, long, shapes, segment_counts = [], [], [], {}, dict(text = 0, image = 0)
+    entries, skipped, long, shapes, kinds = [], [], [], {}, dict(text = 0, image = 0)
     samples = text_tokens = latent_tokens = 0
     for index in range(num_shards):
         path = out / shards.shard_name(index)
@@ -259,7 +321,7 @@ def write_manifest(out: Path, settings: dict, num_shards: int) -> dict:
             index_entries, shard_skipped = shard.samples, shard.skipped
             long.extend(shard.long_captions)
         if 'samples' in settings:                           # documents: samples of several segments
-            text, latent = segments.manifest_counts(index_entries, shapes, segment_counts)
+            text, latent = segment_counts(index_entries, shapes, kinds)
         else:
             text, latent = caption_counts(index_entries, shapes)
         text_tokens, latent_tokens = text_tokens + text, latent_tokens + latent
@@ -279,7 +341,7 @@ def write_manifest(out: Path, settings: dict, num_shards: int) -> dict:
         long_captions = dict(policy = settings['long_captions'], max_tokens = settings['max_caption_tokens'], count = len(long), captions = long),
     )
     if 'samples' in settings:
-        manifest['segments'] = segment_counts
+        manifest['segments'] = kinds
     if not holds(out / shards.MANIFEST, manifest):       # a finished folder is left untouched (it may be read-only)
         shards.write_json(out / shards.MANIFEST, manifest)
     return manifest
