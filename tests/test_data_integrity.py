@@ -146,7 +146,7 @@ INVALID = [                     # (what is wrong, the edit, the message after th
     ('a negative count', lambda m: m['counts'].update(samples = -1), VALID + r"'counts': 'samples' must be a count >= 0, got -1; "),
     ('a shape that is not one', lambda m: m['shapes'].update({'4 by 4': m['shapes'].pop('4x4')}),
      VALID + r"'shapes' has the key '4 by 4'; expected 'text' or HxW; "),
-    ('a kind of no folder', lambda m: m.update(kind = 'video'), VALID + r"'kind' must be 'image_text' or 'text', got 'video'; "),
+    ('a kind of no folder', lambda m: m.update(kind = 'video'), VALID + r"'kind' must be 'image_text', 'text', 'interleaved' or 'edit', got 'video'; "),
 ]
 
 

@@ -354,6 +354,16 @@ def check_sources(prepared: list[Prepared], tokenizer: dict | None = None, codec
     return tokenizer, codec
 
 
+class KindNotTrainable(ShardError):
+    """A prepared folder of a kind that training does not read yet (interleaved documents, edits)."""
+
+
+def refuse_untrainable(prepared: Prepared):
+    if prepared.kind not in ('image_text', 'text'):
+        raise KindNotTrainable(f'{prepared.folder} holds {prepared.kind} samples: training on {prepared.kind} data is not supported yet '
+                               f'(image-caption and text folders are)')
+
+
 class LoaderTimeout(RuntimeError):
     """A DataLoader worker gave no batch within `LoaderConfig.timeout`: it is stuck."""
 
@@ -367,6 +377,8 @@ class StreamingLoader:
         prepared = [f if isinstance(f, Prepared) else Prepared(f) for f in folders]
         if not prepared:
             raise ValueError('give at least one prepared data folder')
+        for p in prepared:
+            refuse_untrainable(p)
         self.tokenizer, self.codec = check_sources(prepared, tokenizer, codec)
         self.config, self.rank, self.world_size = config, rank, world_size
         weights = list(config.weights) if config.weights is not None else [float(p.num_samples) for p in prepared]

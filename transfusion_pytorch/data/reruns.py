@@ -56,8 +56,15 @@ def has_long_captions(path: Path, settings: dict) -> bool:
     """Whether the shard at `path` holds a caption the caption settings act on: one over the
     limit it was written with, or over the limit of `settings`."""
     with shards.Shard(path) as shard:
-        return bool(shard.long_captions) or any(e['shape'] is not None and e['text_tokens'] > settings['max_caption_tokens']
-                                                for e in shard.samples)
+        return bool(shard.long_captions) or any(tokens > settings['max_caption_tokens'] for e in shard.samples for tokens in caption_tokens(e))
+
+
+def caption_tokens(entry: dict) -> list[int]:
+    """The token counts of the texts of a sample that the caption settings act on: its caption,
+    or each text segment of a sample of several segments (none for a text row)."""
+    if 'segments' in entry:
+        return [size for kind, size in entry['segments'] if kind == 'text']
+    return [entry['text_tokens']] if entry['shape'] is not None else []
 
 
 # what a shard was made from
@@ -68,6 +75,10 @@ def made_from(records: list[sources.Record]) -> dict:
     file size where it names a file (imagefolder; the file is not read)."""
     digest = hashlib.sha256()
     for record in records:
+        if hasattr(record, 'segments'):         # a document: its texts, and its images as a caption's image
+            content = [s if isinstance(s, str) else image_identity(sources.Record(record.key, None, s)) for s in record.segments]
+            digest.update(json.dumps([record.key, content, record.problem]).encode() + b'\n')
+            continue
         digest.update(json.dumps([record.key, record.caption, record.problem, image_identity(record)]).encode() + b'\n')
     return dict(count = len(records), first = records[0].key, last = records[-1].key, sha256 = digest.hexdigest())
 

@@ -22,6 +22,17 @@ from headers alone), the records skipped in this shard with the reason, the capt
 caption limit, and a fingerprint of the source records the shard was made from (`made_from`;
 absent in older shards).
 
+Samples of several segments (the manifest kinds `interleaved` and `edit`; `image_text` and
+`text` folders are written as above, byte for byte as before these kinds) are an ordered list
+of segments, each a text or an image. Segment j of sample i is `{i:05d}.{j}.text` for a text,
+`{i:05d}.{j}.mean` (and `{i:05d}.{j}.std`) for an image, laid out as above; the sample's entry
+in the metadata is `{key, text_tokens, segments}`, `segments` being
+`[["text", tokens], ["image", [h, w, dim]], ...]` in order and `text_tokens` their texts'
+sum (it has no `shape`). An edit is the segments [source image, instruction, target image].
+The manifest of such a folder adds `segments` (how many of each kind); its `shapes` count
+images by size, each with the most text tokens of a sample holding one ('text': samples
+without images).
+
 Reading checks the folder against its manifest: `Prepared` checks the manifest's form and each
 shard's size on opening the folder; a `Shard` given its manifest entry checks, before any sample
 is read, the file's SHA-256 (once per process while the file is unchanged: hashing is the cost,
@@ -94,6 +105,9 @@ def write_shard(path: Path, samples: list[dict], skipped: list[tuple[str, str]],
     the same bytes."""
     tensors, index = {}, []
     for i, sample in enumerate(samples):
+        if 'segments' in sample:
+            index.append(segment_tensors(tensors, i, sample))
+            continue
         tensors[f'{i:05d}.text'] = sample['text'].to(torch.int32).contiguous()
         entry = dict(key = sample['key'], text_tokens = int(sample['text'].numel()), shape = None)
         if sample.get('mean') is not None:
@@ -107,6 +121,22 @@ def write_shard(path: Path, samples: list[dict], skipped: list[tuple[str, str]],
     header = json.dumps(dict(format = FORMAT, version = VERSION, samples = index, skipped = [list(s) for s in skipped],
                              made_from = made_from, long_captions = [list(c) for c in long_captions]))
     atomic_write(path, safetensors_bytes(tensors, metadata = {FORMAT: header}))
+
+
+def segment_tensors(tensors: dict, i: int, sample: dict) -> dict:
+    """Adds the tensors of the segments of sample i to `tensors`; returns its index entry."""
+    listed, text_tokens = [], 0
+    for j, segment in enumerate(sample['segments']):
+        if segment.get('text') is not None:
+            tensors[f'{i:05d}.{j}.text'] = segment['text'].to(torch.int32).contiguous()
+            listed.append(['text', int(segment['text'].numel())])
+            text_tokens += listed[-1][1]
+            continue
+        tensors[f'{i:05d}.{j}.mean'] = segment['mean'].to(torch.float32).contiguous()
+        if segment.get('std') is not None:
+            tensors[f'{i:05d}.{j}.std'] = segment['std'].to(torch.float32).contiguous()
+        listed.append(['image', list(segment['mean'].shape)])
+    return dict(key = sample['key'], text_tokens = text_tokens, segments = listed)
 
 
 # (path, bytes, modification time, SHA-256) of the shards this process has hashed and found as expected
@@ -185,6 +215,19 @@ class Shard:
         """(key, tokens) of the captions over the caption limit; none in older shards."""
         return self.open()._meta.get('long_captions', [])
 
+    def segments(self, i: int) -> list[dict[str, Tensor]]:
+        """The segments of sample i of a folder of several-segment samples, in order: each
+        {text} or {mean} (and {std})."""
+        self.open()
+        out = []
+        for j, (kind, _) in enumerate(self._meta['samples'][i]['segments']):
+            names = ('text',) if kind == 'text' else ('mean', 'std')
+            found = {name: self._file.get_tensor(f'{i:05d}.{j}.{name}') for name in names if f'{i:05d}.{j}.{name}' in self._names}
+            if 'text' in found:
+                found['text'] = found['text'].long()
+            out.append(found)
+        return out
+
     def tensors(self, i: int) -> dict[str, Tensor]:
         self.open()
         out = dict(text = self._file.get_tensor(f'{i:05d}.text').long())
@@ -197,7 +240,8 @@ class Shard:
 # what the reading side uses of a manifest: each field's type, and a rule its value keeps
 SHA256 = re.compile(r'[0-9a-f]{64}')
 COUNT = (int, lambda n: n >= 0, 'a count >= 0')
-MANIFEST_FIELDS = dict(kind = (str, lambda k: k in ('image_text', 'text'), "'image_text' or 'text'"), tokenizer = (dict,),
+KINDS = ('image_text', 'text', 'interleaved', 'edit')
+MANIFEST_FIELDS = dict(kind = (str, lambda k: k in KINDS, f"{', '.join(map(repr, KINDS[:-1]))} or {KINDS[-1]!r}"), tokenizer = (dict,),
                        codec = ((dict, type(None)),), settings = (dict,), counts = (dict,), shapes = (dict,), shards = (list,))
 SHARD_FIELDS = dict(file = (str, lambda f: f == Path(f).name, 'a file name'), samples = COUNT, bytes = COUNT,
                     sha256 = (str, SHA256.fullmatch, 'a SHA-256: 64 hexadecimal digits'))

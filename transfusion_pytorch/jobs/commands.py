@@ -54,16 +54,19 @@ def train_image_text(config_path: str | None, extra: list[str]):
 
 def add_parsers(commands):
     from ..cli_options import add_run_options
-    from ..data import shapes, sources
+    from ..data import documents, shapes, sources
     prepare = commands.add_parser(
         'prepare', help = 'encode a folder of captioned images (or text) once into shards for training',
         description = 'Reads SOURCE (an imagefolder with metadata.jsonl / .csv, a datasets save_to_disk folder, parquet files, '
-                      'webdataset .tar files, or .txt / .jsonl text), resizes and encodes each image once (the patch codec, '
+                      'webdataset .tar files, or .txt / .jsonl text) of captioned images, text, interleaved documents (OBELICS '
+                      'layout) or editing triples, resizes and encodes each image once (the patch codec, '
                       'or --vae), tokenizes each caption (UTF-8 bytes, or --tokenizer) and writes shards and a manifest to --out. '
                       'Rerunning the same command finishes an interrupted run.')
     prepare.add_argument('source', help = 'a folder or file')
     prepare.add_argument('--out', required = True, help = 'the prepared folder to write')
-    prepare.add_argument('--kind', choices = sources.KINDS, help = 'the kind of source (default: detected)')
+    prepare.add_argument('--kind', choices = sources.KINDS + documents.KINDS,
+                         help = 'interleaved (documents in the OBELICS layout) or edit (source image, instruction, target image), '
+                                'or the layout of a caption or text source; default: both found from the source and its columns')
     prepare.add_argument('--image-size', type = int, default = 256, help = 'square side the images are resized and centre-cropped to (default 256)')
     prepare.add_argument('--buckets', action = 'store_true', help = 'group by aspect ratio into buckets of about image-size^2 pixels instead of cropping')
     prepare.add_argument('--vae', help = 'a local diffusers autoencoder folder (default: the patch codec, nothing pretrained)')
@@ -72,6 +75,10 @@ def add_parsers(commands):
     prepare.add_argument('--caption-column', default = 'text', help = 'the caption column (default text)')
     prepare.add_argument('--image-column', default = 'image', help = 'the image column of datasets / parquet sources (default image)')
     prepare.add_argument('--text-column', default = 'text', help = 'the text column of .jsonl text sources (default text)')
+    prepare.add_argument('--source-image-column', help = "edits: the source image column (default InstructPix2Pix's original_image, "
+                                                         "or MagicBrush's source_img when the source has MagicBrush's columns)")
+    prepare.add_argument('--instruction-column', help = 'edits: the instruction column (default edit_prompt, or instruction)')
+    prepare.add_argument('--target-image-column', help = 'edits: the target image column (default edited_image, or target_img)')
     prepare.add_argument('--split', default = 'train', help = 'the split of a saved DatasetDict (default train)')
     prepare.add_argument('--shard-size', type = int, default = 1000, help = 'records per shard (default 1000)')
     prepare.add_argument('--batch-size', type = int, default = 32, help = 'images per encoder call (default 32)')
@@ -105,7 +112,8 @@ def command_prepare(args):
         config = PrepareConfig(
             source = args.source, out = args.out, kind = args.kind, image_size = args.image_size, buckets = args.buckets, vae = args.vae,
             patch = args.patch, tokenizer = args.tokenizer, caption_column = args.caption_column, image_column = args.image_column,
-            text_column = args.text_column, split = args.split, shard_size = args.shard_size, batch_size = args.batch_size,
+            text_column = args.text_column, source_image_column = args.source_image_column,
+            instruction_column = args.instruction_column, target_image_column = args.target_image_column, split = args.split, shard_size = args.shard_size, batch_size = args.batch_size,
             max_text_tokens = args.max_text_tokens, max_caption_tokens = args.max_caption_tokens, long_captions = args.long_captions,
             device = args.device,
         )

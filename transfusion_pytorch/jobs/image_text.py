@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from ..config_files import ConfigError, check_rerun, to_toml, write_text_atomic
-from ..data.loader import LoaderConfig, StreamingLoader, modality_tokens_of
+from ..data.loader import LoaderConfig, StreamingLoader, modality_tokens_of, refuse_untrainable
 from ..data.shards import Prepared, write_json
 from ..model import Transfusion
 from ..training import Every, TrainConfig, Trainer, distributed
@@ -67,6 +67,8 @@ def mix_weights(config: ImageTextConfig, images: list[Prepared], texts: list[Pre
 def open_data(config: ImageTextConfig, run_dir: Path) -> tuple[list[Prepared], dict]:
     images = [Prepared(folder) for folder in config.data]
     texts = [Prepared(folder) for folder in config.text_data]
+    for p in images + texts:
+        refuse_untrainable(p)
     for p in images:
         if p.kind != 'image_text':
             raise ValueError(f"'data': {p.folder} holds {p.kind} rows; image-caption folders go in 'data', text-only ones in 'text_data'")
