@@ -141,6 +141,20 @@ def test_a_moved_tokenizer_and_vae_are_given_to_every_command(tmp_path, capsys):
     cli.main(['sample', str(again), '--prompt', 'a red circle at the top left', '--num', '1', '--out', out])
 
 
+def test_a_tokenizer_or_vae_given_to_a_run_of_bytes_and_patches_is_refused(trained, tmp_path, capsys):
+    """A run prepared without --tokenizer and --vae has no such folders: one given to it was
+    silently ignored (a mistyped path passed); it is one line naming the option."""
+    run, prepared = trained
+    out = str(tmp_path / 'grid.png')
+    sample = ['sample', str(run), '--prompt', 'a red circle at the top left', '--num', '1', '--out', out]
+    assert '--tokenizer /nowhere: the data was tokenized as UTF-8 bytes, which need no tokenizer folder' in \
+        error_of(sample + ['--tokenizer', '/nowhere'], capsys)
+    assert '--vae /nowhere: the data was encoded by the patch codec (patch 4), not a VAE' in error_of(sample + ['--vae', '/nowhere'], capsys)
+    err = error_of(train_args(prepared.folder, tmp_path / 'runs', 'other', tokenizer = '/nowhere'), capsys)
+    assert '--tokenizer /nowhere: the data was tokenized as UTF-8 bytes' in err
+    assert not (tmp_path / 'runs' / 'other').exists()
+
+
 # item 16 and 17: a bucketed run on other captions
 
 @pytest.fixture(scope = 'module')

@@ -153,8 +153,11 @@ def load_codec(vae: str | Path | None, patch: int | None = None, device = 'cpu')
 
 def from_description(description: dict, vae_path: str | Path | None = None, device = 'cpu'):
     """The codec a manifest or run describes (the VAE from `vae_path` or its recorded path),
-    checked to be the same one."""
+    checked to be the same one. A path for the patch codec, which has no folder, is refused
+    rather than ignored."""
     if description['kind'] == 'patch':
+        if vae_path is not None:
+            raise ValueError(f"the data was encoded by the patch codec (patch {description['patch']}), not a VAE: leave the option out")
         return PatchCodec(description['patch'])
     codec = VAECodec(vae_path or description['path'], description['patch'], device)
     check_same(description, codec.describe(), 'the recorded codec', f'the VAE at {codec.path}')

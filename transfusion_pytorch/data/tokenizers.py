@@ -70,8 +70,11 @@ def load_tokenizer(path: str | Path | None):
 
 def from_description(description: dict, path: str | Path | None = None):
     """The tokenizer a manifest or run describes, loaded from `path` (or its recorded path)
-    and checked to be the same one."""
+    and checked to be the same one. A path for UTF-8 bytes, which have no folder, is refused
+    rather than ignored."""
     if description['kind'] == 'bytes':
+        if path is not None:
+            raise ValueError('the data was tokenized as UTF-8 bytes, which need no tokenizer folder: leave the option out')
         return ByteTokenizer()
     tokenizer = HFTokenizer(path or description['path'])
     check_same(description, tokenizer.describe(), 'the recorded tokenizer', f'the tokenizer at {tokenizer.path}')
