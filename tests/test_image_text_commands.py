@@ -155,6 +155,21 @@ def test_a_tokenizer_or_vae_given_to_a_run_of_bytes_and_patches_is_refused(train
     assert not (tmp_path / 'runs' / 'other').exists()
 
 
+def test_shapes_refuses_what_it_cannot_write_in_one_line(tmp_path, capsys):
+    """`transfusion shapes` wrote 0 drawings and exited 0 for --num 0, drew unreadable 5-pixel
+    pictures, and a file as OUT was a FileExistsError traceback."""
+    assert 'argument --num: expected an int >= 1, got 0' in error_of(['shapes', str(tmp_path / 'a'), '--num', '0'], capsys)
+    assert f'argument --size: expected an int >= {shapes.MIN_SIZE}, got 5' in error_of(['shapes', str(tmp_path / 'a'), '--size', '5'], capsys)
+    a_file = tmp_path / 'a-file'
+    a_file.write_text('')
+    assert f'OUT: {a_file} is a file; give a folder to write the drawings to' in error_of(['shapes', str(a_file), '--num', '2'], capsys)
+    assert f'OUT: {a_file} is a file, so the folder {a_file}/set cannot be made' in \
+        error_of(['shapes', str(a_file / 'set'), '--num', '2'], capsys)
+    assert not (tmp_path / 'a').exists()
+    out = cli.main(['shapes', str(tmp_path / 'small'), '--num', '2', '--size', str(shapes.MIN_SIZE)])
+    assert [picture_size(path) for path in sorted((out / 'images').iterdir())] == [(shapes.MIN_SIZE, shapes.MIN_SIZE)] * 2
+
+
 # item 16 and 17: a bucketed run on other captions
 
 @pytest.fixture(scope = 'module')
