@@ -170,6 +170,14 @@ def test_shapes_refuses_what_it_cannot_write_in_one_line(tmp_path, capsys):
     assert [picture_size(path) for path in sorted((out / 'images').iterdir())] == [(shapes.MIN_SIZE, shapes.MIN_SIZE)] * 2
 
 
+def test_prepare_with_a_folder_that_is_no_tokenizer_is_one_line(tmp_path, capsys):
+    """`prepare --tokenizer` of a folder without a tokenizer printed transformers' message over
+    five lines, naming neither the option nor the folder."""
+    source = shapes.write_set(tmp_path / 'set', 4, 16)
+    err = error_of(['prepare', str(source), '--out', str(tmp_path / 'out'), '--tokenizer', str(source)], capsys)
+    assert f'tokenizer: {source} has no tokenizer_config.json or tokenizer.json' in err
+
+
 # item 16 and 17: a bucketed run on other captions
 
 @pytest.fixture(scope = 'module')
