@@ -245,6 +245,13 @@ def test_bad_prepare_arguments_are_errors_naming_them(tmp_path):
     (damaged / 'tokenizer.json').write_text('not json')
     with pytest.raises(ValueError, match = r'tokenizer: .*damaged does not load as a Hugging Face tokenizer \(JSONDecodeError: [^\n]*\)$'):
         run(tokenizer = str(damaged))
+    # a VAE folder whose config.json is damaged, or without weights, named neither option nor folder
+    (damaged / 'config.json').write_text('not json')
+    with pytest.raises(ValueError, match = r'vae: .*damaged/config.json is not valid JSON \(Expecting value'):
+        run(vae = str(damaged))
+    (damaged / 'config.json').write_text('{}')
+    with pytest.raises(ValueError, match = r'vae: .*damaged does not load as a diffusers AutoencoderKL \(OSError: [^\n]*\)$'):
+        run(vae = str(damaged))
 
 
 @pytest.mark.parametrize('missing, load, message', [
