@@ -178,6 +178,19 @@ def test_prepare_with_a_folder_that_is_no_tokenizer_is_one_line(tmp_path, capsys
     assert f'tokenizer: {source} has no tokenizer_config.json or tokenizer.json' in err
 
 
+def test_sampling_options_of_an_image_text_run_are_checked_in_one_line(trained, tmp_path, capsys):
+    """`sample` and `eval` of an image-text run handed the sampling options to `model.sample`
+    unchecked: --ode-method foo or --cfg-scale nan was a ValueError traceback."""
+    run, _ = trained
+    sample = ['sample', str(run), '--prompt', 'a red circle at the top left', '--num', '1', '--out', str(tmp_path / 'grid.png')]
+    assert "ode_method must be one of ('euler', 'midpoint'" in error_of(sample + ['--ode-method', 'foo'], capsys)
+    assert 'cfg_scale must be a finite number (1: no guidance), got nan' in error_of(sample + ['--cfg-scale', 'nan'], capsys)
+    assert 'guidance_schedule must be one of' in error_of(['eval', str(run), '--guidance-schedule', 'x'], capsys)
+    assert not (tmp_path / 'grid.png').exists() and not (run / 'eval.json').exists()
+    cli.main(sample + ['--ode-method', 'midpoint', '--modality-steps', '1'])
+    assert picture_size(tmp_path / 'grid.png')[1] == 64 + 2
+
+
 # item 16 and 17: a bucketed run on other captions
 
 @pytest.fixture(scope = 'module')
