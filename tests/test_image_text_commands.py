@@ -191,6 +191,19 @@ def test_sampling_options_of_an_image_text_run_are_checked_in_one_line(trained, 
     assert picture_size(tmp_path / 'grid.png')[1] == 64 + 2
 
 
+def test_prepare_split_of_a_source_without_splits_is_refused(tmp_path, capsys):
+    """`prepare --split test` of a saved Dataset (not a DatasetDict) or an imagefolder prepared
+    every record, the option silently ignored; it is one line, and the corrected command runs."""
+    pytest.importorskip('datasets')
+    saved, folder = shapes.write_set(tmp_path / 'saved', 4, 16, format = 'datasets'), shapes.write_set(tmp_path / 'folder', 4, 16)
+    out = tmp_path / 'out'
+    assert f"--split 'test': {saved} holds one Dataset, which has no splits" in \
+        error_of(['prepare', str(saved), '--out', str(out), '--image-size', '16', '--split', 'test'], capsys)
+    assert f"--split 'test': {folder} is a source of kind imagefolder, which has no splits" in \
+        error_of(['prepare', str(folder), '--out', str(out), '--image-size', '16', '--split', 'test'], capsys)
+    assert cli.main(['prepare', str(saved), '--out', str(out), '--image-size', '16']).num_samples == 4
+
+
 # item 16 and 17: a bucketed run on other captions
 
 @pytest.fixture(scope = 'module')
