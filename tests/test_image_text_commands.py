@@ -204,6 +204,14 @@ def test_prepare_split_of_a_source_without_splits_is_refused(tmp_path, capsys):
     assert cli.main(['prepare', str(saved), '--out', str(out), '--image-size', '16']).num_samples == 4
 
 
+def test_caption_of_a_folder_or_a_missing_file_says_which(trained, tmp_path, capsys):
+    """`caption RUN folder` said 'no such picture file' of a folder that is there."""
+    run, _ = trained
+    assert f'{tmp_path} is a folder; give its picture files (such as {tmp_path / "*.png"})' in \
+        error_of(['caption', str(run), str(tmp_path)], capsys)
+    assert f'no such picture file: {tmp_path / "gone.png"}' in error_of(['caption', str(run), str(tmp_path / 'gone.png')], capsys)
+
+
 # item 16 and 17: a bucketed run on other captions
 
 @pytest.fixture(scope = 'module')

@@ -66,6 +66,9 @@ def command_sample(args):
 
 
 def command_caption(args):
+    folder = next((p for p in args.pictures if Path(p).is_dir()), None)
+    if folder is not None:
+        raise UsageError(f'{folder} is a folder; give its picture files (such as {Path(folder) / "*.png"})')
     missing = [p for p in args.pictures if not Path(p).is_file()]
     if missing:
         raise UsageError(f'no such picture file: {missing[0]}')
