@@ -212,6 +212,19 @@ def test_caption_of_a_folder_or_a_missing_file_says_which(trained, tmp_path, cap
     assert f'no such picture file: {tmp_path / "gone.png"}' in error_of(['caption', str(run), str(tmp_path / 'gone.png')], capsys)
 
 
+def test_a_data_folder_of_the_other_kind_is_one_line(trained, tmp_path, capsys):
+    """`train --data TEXT_FOLDER` (or --text-data of image-caption rows) was a ValueError traceback."""
+    _, prepared = trained
+    corpus = tmp_path / 'corpus.txt'
+    corpus.write_text('some text\nmore text\n')
+    text = prepare(PrepareConfig(source = str(corpus), out = str(tmp_path / 'text'), progress = False))
+    err = error_of(train_args(text.folder, tmp_path / 'runs', 'text'), capsys)
+    assert f"'data': {text.folder} holds text rows; image-caption folders go in 'data', text-only ones in 'text_data'" in err
+    err = error_of(train_args(prepared.folder, tmp_path / 'runs', 'text') + ['--text-data', str(prepared.folder)], capsys)
+    assert f"'text_data': {prepared.folder} holds image_text rows, not text-only rows" in err
+    assert not (tmp_path / 'runs').exists()
+
+
 # item 16 and 17: a bucketed run on other captions
 
 @pytest.fixture(scope = 'module')

@@ -65,14 +65,16 @@ def mix_weights(config: ImageTextConfig, images: list[Prepared], texts: list[Pre
 
 
 def open_data(config: ImageTextConfig, run_dir: Path) -> tuple[list[Prepared], dict]:
+    """The data folders, image-caption then text-only, and the record of them; a folder of the
+    other kind is a ConfigError (one line from the CLI)."""
     images = [Prepared(folder) for folder in config.data]
     texts = [Prepared(folder) for folder in config.text_data]
     for p in images:
         if p.kind != 'image_text':
-            raise ValueError(f"'data': {p.folder} holds {p.kind} rows; image-caption folders go in 'data', text-only ones in 'text_data'")
+            raise ConfigError(f"'data': {p.folder} holds {p.kind} rows; image-caption folders go in 'data', text-only ones in 'text_data'")
     for p in texts:
         if p.kind != 'text':
-            raise ValueError(f"'text_data': {p.folder} holds {p.kind} rows, not text-only rows")
+            raise ConfigError(f"'text_data': {p.folder} holds {p.kind} rows, not text-only rows")
     weights = mix_weights(config, images, texts)
     record = describe_data(config, images, texts, weights)
     before = run_dir / 'data.json'
