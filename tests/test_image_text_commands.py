@@ -228,13 +228,17 @@ def test_a_data_folder_of_the_other_kind_is_one_line(trained, tmp_path, capsys):
 def test_a_bad_training_or_sampling_value_is_one_line_and_the_corrected_command_runs(trained, tmp_path, capsys):
     """`train --job image_text --lr -1` (or --ema-beta 2) was a ValueError traceback after
     config.toml was written, so the corrected command was refused as another run; --cfg-scale
-    nan failed only after training, at the first grid; --data-weights 0 divided by zero."""
+    nan failed only after training, at the first grid; --data-weights 0 divided by zero; a
+    value the model rejects was a traceback; --threads -1 passed."""
     _, prepared = trained
     root = tmp_path / 'runs'
     for option, value, message in (('lr', -1, 'config: lr must be a finite number >= 0, got -1.0'),
                                    ('ema_beta', 2, 'config: ema_beta must lie in [0, 1) or be None, got 2.0'),
                                    ('cfg_scale', 'nan', 'config: cfg_scale must be a finite number (1: no guidance), got nan'),
-                                   ('data_weights', 0, "'data_weights' must be finite numbers >= 0, not all 0, got (0.0,)")):
+                                   ('data_weights', 0, "'data_weights' must be finite numbers >= 0, not all 0, got (0.0,)"),
+                                   ('dim_head', 7, 'config: transformer.dim_head must be even (rotary positions rotate pairs of dims)'),
+                                   ('flow_loss_weight', -1, 'config: flow_loss_weight must be a finite number >= 0'),
+                                   ('threads', -1, "'threads' must be >= 0 (0: the torch default), got -1")):
         assert message in error_of(train_args(prepared.folder, root, 'run', **{option: value}), capsys)
         assert not (root / 'run').exists()
     assert cli.main(train_args(prepared.folder, root, 'run')) == root / 'run'

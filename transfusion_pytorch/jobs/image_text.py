@@ -99,8 +99,11 @@ def build_model(config: ImageTextConfig, record: dict) -> Transfusion:
         except (FileNotFoundError, ValueError) as error:
             raise ConfigError(f"'language_model': {error}") from None
     size = {name: getattr(config, name) for name in MODEL_SIZE}
-    return Transfusion(num_text_tokens = record['tokenizer']['vocab_size'],
-                       transformer = dict(size, separate_modality_weights = config.separate_modality_weights), **options)
+    try:
+        return Transfusion(num_text_tokens = record['tokenizer']['vocab_size'],
+                           transformer = dict(size, separate_modality_weights = config.separate_modality_weights), **options)
+    except ValueError as error:                 # a value the model rejects (an odd dim_head, a negative flow_loss_weight)
+        raise ConfigError(f'config: {error}') from None
 
 
 def default_prompts(folders: list[Prepared], tokenizer, count: int = 4) -> list[str]:

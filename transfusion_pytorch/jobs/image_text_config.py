@@ -113,6 +113,8 @@ class ImageTextConfig:
             raise ValueError(f"'text_weight' must lie in [0, 1), got {self.text_weight}")
         if self.workers < 0:
             raise ValueError(f"'workers' must be >= 0, got {self.workers}")
+        if self.threads < 0:
+            raise ValueError(f"'threads' must be >= 0 (0: the torch default), got {self.threads}")
         if not (self.loader_timeout >= 0 and math.isfinite(self.loader_timeout)):
             raise ValueError(f"'loader_timeout' must be a number of seconds >= 0 (0: wait forever), got {self.loader_timeout}")
         if self.activation_checkpointing not in CHECKPOINTING:
