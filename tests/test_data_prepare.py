@@ -237,6 +237,21 @@ def test_bad_prepare_arguments_are_errors_naming_them(tmp_path):
         run(vae = str(source))
     with pytest.raises(FileNotFoundError, match = r'tokenizer: .*missing is not a folder \(a local Hugging Face tokenizer folder'):
         run(tokenizer = str(tmp_path / 'missing'))
+    # a folder that holds no tokenizer, and a damaged one, were a traceback over several lines
+    with pytest.raises(FileNotFoundError, match = r'tokenizer: .*set has no tokenizer_config.json or tokenizer.json \(a local Hugging Face'):
+        run(tokenizer = str(source))
+    damaged = tmp_path / 'damaged'
+    damaged.mkdir()
+    (damaged / 'tokenizer.json').write_text('not json')
+    with pytest.raises(ValueError, match = r'tokenizer: .*damaged does not load as a Hugging Face tokenizer \(JSONDecodeError: [^\n]*\)$'):
+        run(tokenizer = str(damaged))
+    # a VAE folder whose config.json is damaged, or without weights, named neither option nor folder
+    (damaged / 'config.json').write_text('not json')
+    with pytest.raises(ValueError, match = r'vae: .*damaged/config.json is not valid JSON \(Expecting value'):
+        run(vae = str(damaged))
+    (damaged / 'config.json').write_text('{}')
+    with pytest.raises(ValueError, match = r'vae: .*damaged does not load as a diffusers AutoencoderKL \(OSError: [^\n]*\)$'):
+        run(vae = str(damaged))
 
 
 @pytest.mark.parametrize('missing, load, message', [
@@ -251,6 +266,7 @@ def test_a_missing_extra_is_an_error_naming_what_needs_it_and_the_extra(tmp_path
     folder = tmp_path / 'vae'
     folder.mkdir()
     (folder / 'config.json').write_text('{}')
+    (folder / 'tokenizer_config.json').write_text('{}')
     monkeypatch.setitem(sys.modules, missing, None)         # import fails as if it were not installed
     with pytest.raises(ImportError, match = message + r".*pip install 'transfusion-pytorch\[data\]'"):
         load(folder)

@@ -141,6 +141,109 @@ def test_a_moved_tokenizer_and_vae_are_given_to_every_command(tmp_path, capsys):
     cli.main(['sample', str(again), '--prompt', 'a red circle at the top left', '--num', '1', '--out', out])
 
 
+def test_a_tokenizer_or_vae_given_to_a_run_of_bytes_and_patches_is_refused(trained, tmp_path, capsys):
+    """A run prepared without --tokenizer and --vae has no such folders: one given to it was
+    silently ignored (a mistyped path passed); it is one line naming the option."""
+    run, prepared = trained
+    out = str(tmp_path / 'grid.png')
+    sample = ['sample', str(run), '--prompt', 'a red circle at the top left', '--num', '1', '--out', out]
+    assert '--tokenizer /nowhere: the data was tokenized as UTF-8 bytes, which need no tokenizer folder' in \
+        error_of(sample + ['--tokenizer', '/nowhere'], capsys)
+    assert '--vae /nowhere: the data was encoded by the patch codec (patch 4), not a VAE' in error_of(sample + ['--vae', '/nowhere'], capsys)
+    err = error_of(train_args(prepared.folder, tmp_path / 'runs', 'other', tokenizer = '/nowhere'), capsys)
+    assert '--tokenizer /nowhere: the data was tokenized as UTF-8 bytes' in err
+    assert not (tmp_path / 'runs' / 'other').exists()
+
+
+def test_shapes_refuses_what_it_cannot_write_in_one_line(tmp_path, capsys):
+    """`transfusion shapes` wrote 0 drawings and exited 0 for --num 0, drew unreadable 5-pixel
+    pictures, and a file as OUT was a FileExistsError traceback."""
+    assert 'argument --num: expected an int >= 1, got 0' in error_of(['shapes', str(tmp_path / 'a'), '--num', '0'], capsys)
+    assert f'argument --size: expected an int >= {shapes.MIN_SIZE}, got 5' in error_of(['shapes', str(tmp_path / 'a'), '--size', '5'], capsys)
+    a_file = tmp_path / 'a-file'
+    a_file.write_text('')
+    assert f'OUT: {a_file} is a file; give a folder to write the drawings to' in error_of(['shapes', str(a_file), '--num', '2'], capsys)
+    assert f'OUT: {a_file} is a file, so the folder {a_file}/set cannot be made' in \
+        error_of(['shapes', str(a_file / 'set'), '--num', '2'], capsys)
+    assert not (tmp_path / 'a').exists()
+    out = cli.main(['shapes', str(tmp_path / 'small'), '--num', '2', '--size', str(shapes.MIN_SIZE)])
+    assert [picture_size(path) for path in sorted((out / 'images').iterdir())] == [(shapes.MIN_SIZE, shapes.MIN_SIZE)] * 2
+
+
+def test_prepare_with_a_folder_that_is_no_tokenizer_is_one_line(tmp_path, capsys):
+    """`prepare --tokenizer` of a folder without a tokenizer printed transformers' message over
+    five lines, naming neither the option nor the folder."""
+    source = shapes.write_set(tmp_path / 'set', 4, 16)
+    err = error_of(['prepare', str(source), '--out', str(tmp_path / 'out'), '--tokenizer', str(source)], capsys)
+    assert f'tokenizer: {source} has no tokenizer_config.json or tokenizer.json' in err
+
+
+def test_sampling_options_of_an_image_text_run_are_checked_in_one_line(trained, tmp_path, capsys):
+    """`sample` and `eval` of an image-text run handed the sampling options to `model.sample`
+    unchecked: --ode-method foo or --cfg-scale nan was a ValueError traceback."""
+    run, _ = trained
+    sample = ['sample', str(run), '--prompt', 'a red circle at the top left', '--num', '1', '--out', str(tmp_path / 'grid.png')]
+    assert "ode_method must be one of ('euler', 'midpoint'" in error_of(sample + ['--ode-method', 'foo'], capsys)
+    assert 'cfg_scale must be a finite number (1: no guidance), got nan' in error_of(sample + ['--cfg-scale', 'nan'], capsys)
+    assert 'guidance_schedule must be one of' in error_of(['eval', str(run), '--guidance-schedule', 'x'], capsys)
+    assert not (tmp_path / 'grid.png').exists() and not (run / 'eval.json').exists()
+    cli.main(sample + ['--ode-method', 'midpoint', '--modality-steps', '1'])
+    assert picture_size(tmp_path / 'grid.png')[1] == 64 + 2
+
+
+def test_prepare_split_of_a_source_without_splits_is_refused(tmp_path, capsys):
+    """`prepare --split test` of a saved Dataset (not a DatasetDict) or an imagefolder prepared
+    every record, the option silently ignored; it is one line, and the corrected command runs."""
+    pytest.importorskip('datasets')
+    saved, folder = shapes.write_set(tmp_path / 'saved', 4, 16, format = 'datasets'), shapes.write_set(tmp_path / 'folder', 4, 16)
+    out = tmp_path / 'out'
+    assert f"--split 'test': {saved} holds one Dataset, which has no splits" in \
+        error_of(['prepare', str(saved), '--out', str(out), '--image-size', '16', '--split', 'test'], capsys)
+    assert f"--split 'test': {folder} is a source of kind imagefolder, which has no splits" in \
+        error_of(['prepare', str(folder), '--out', str(out), '--image-size', '16', '--split', 'test'], capsys)
+    assert cli.main(['prepare', str(saved), '--out', str(out), '--image-size', '16']).num_samples == 4
+
+
+def test_caption_of_a_folder_or_a_missing_file_says_which(trained, tmp_path, capsys):
+    """`caption RUN folder` said 'no such picture file' of a folder that is there."""
+    run, _ = trained
+    assert f'{tmp_path} is a folder; give its picture files (such as {tmp_path / "*.png"})' in \
+        error_of(['caption', str(run), str(tmp_path)], capsys)
+    assert f'no such picture file: {tmp_path / "gone.png"}' in error_of(['caption', str(run), str(tmp_path / 'gone.png')], capsys)
+
+
+def test_a_data_folder_of_the_other_kind_is_one_line(trained, tmp_path, capsys):
+    """`train --data TEXT_FOLDER` (or --text-data of image-caption rows) was a ValueError traceback."""
+    _, prepared = trained
+    corpus = tmp_path / 'corpus.txt'
+    corpus.write_text('some text\nmore text\n')
+    text = prepare(PrepareConfig(source = str(corpus), out = str(tmp_path / 'text'), progress = False))
+    err = error_of(train_args(text.folder, tmp_path / 'runs', 'text'), capsys)
+    assert f"'data': {text.folder} holds text rows; image-caption folders go in 'data', text-only ones in 'text_data'" in err
+    err = error_of(train_args(prepared.folder, tmp_path / 'runs', 'text') + ['--text-data', str(prepared.folder)], capsys)
+    assert f"'text_data': {prepared.folder} holds image_text rows, not text-only rows" in err
+    assert not (tmp_path / 'runs').exists()
+
+
+def test_a_bad_training_or_sampling_value_is_one_line_and_the_corrected_command_runs(trained, tmp_path, capsys):
+    """`train --job image_text --lr -1` (or --ema-beta 2) was a ValueError traceback after
+    config.toml was written, so the corrected command was refused as another run; --cfg-scale
+    nan failed only after training, at the first grid; --data-weights 0 divided by zero; a
+    value the model rejects was a traceback; --threads -1 passed."""
+    _, prepared = trained
+    root = tmp_path / 'runs'
+    for option, value, message in (('lr', -1, 'config: lr must be a finite number >= 0, got -1.0'),
+                                   ('ema_beta', 2, 'config: ema_beta must lie in [0, 1) or be None, got 2.0'),
+                                   ('cfg_scale', 'nan', 'config: cfg_scale must be a finite number (1: no guidance), got nan'),
+                                   ('data_weights', 0, "'data_weights' must be finite numbers >= 0, not all 0, got (0.0,)"),
+                                   ('dim_head', 7, 'config: transformer.dim_head must be even (rotary positions rotate pairs of dims)'),
+                                   ('flow_loss_weight', -1, 'config: flow_loss_weight must be a finite number >= 0'),
+                                   ('threads', -1, "'threads' must be >= 0 (0: the torch default), got -1")):
+        assert message in error_of(train_args(prepared.folder, root, 'run', **{option: value}), capsys)
+        assert not (root / 'run').exists()
+    assert cli.main(train_args(prepared.folder, root, 'run')) == root / 'run'
+
+
 # item 16 and 17: a bucketed run on other captions
 
 @pytest.fixture(scope = 'module')

@@ -90,13 +90,19 @@ class VAECodec:
         if not config_path.exists():
             raise FileNotFoundError(f'vae: {self.path} has no config.json (a local diffusers autoencoder folder, as save_pretrained writes)')
         diffusers = require('diffusers', f'vae: loading the autoencoder in {self.path}')
-        config = json.loads(config_path.read_text())
+        try:
+            config = json.loads(config_path.read_text())
+        except ValueError as error:
+            raise ValueError(f'vae: {config_path} is not valid JSON ({error})') from None
         name = config.get('_class_name', 'AutoencoderKL')
         cls = getattr(diffusers, name, None)
         if cls is None or not hasattr(cls, 'encode') or not hasattr(cls, 'decode'):
             raise ValueError(f'vae: {self.path} holds a {name!r}, not a diffusers autoencoder with encode and decode')
         self.name, self.patch = name, patch
-        self.vae = cls.from_pretrained(str(self.path), low_cpu_mem_usage = False).eval().requires_grad_(False).to(device)
+        try:
+            self.vae = cls.from_pretrained(str(self.path), low_cpu_mem_usage = False).eval().requires_grad_(False).to(device)
+        except (OSError, ValueError, KeyError, TypeError) as error:     # missing or damaged weights, a config they do not fit
+            raise ValueError(f'vae: {self.path} does not load as a diffusers {name} ({type(error).__name__}: {" ".join(str(error).split())})') from None
         self.scaling_factor = float(getattr(self.vae.config, 'scaling_factor', None) or 1.)
         self.shift_factor = float(getattr(self.vae.config, 'shift_factor', None) or 0.)
         self.in_channels = int(getattr(self.vae.config, 'in_channels', 3))
@@ -153,8 +159,11 @@ def load_codec(vae: str | Path | None, patch: int | None = None, device = 'cpu')
 
 def from_description(description: dict, vae_path: str | Path | None = None, device = 'cpu'):
     """The codec a manifest or run describes (the VAE from `vae_path` or its recorded path),
-    checked to be the same one."""
+    checked to be the same one. A path for the patch codec, which has no folder, is refused
+    rather than ignored."""
     if description['kind'] == 'patch':
+        if vae_path is not None:
+            raise ValueError(f"the data was encoded by the patch codec (patch {description['patch']}), not a VAE: leave the option out")
         return PatchCodec(description['patch'])
     codec = VAECodec(vae_path or description['path'], description['patch'], device)
     check_same(description, codec.describe(), 'the recorded codec', f'the VAE at {codec.path}')

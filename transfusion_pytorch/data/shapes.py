@@ -158,6 +158,7 @@ def match_rate(images: Tensor, captions: list[str]) -> float:
 # writing the set in each input format
 
 FORMATS = ('imagefolder', 'datasets', 'parquet', 'webdataset')
+MIN_SIZE = 8        # the smallest side whose drawings the checker reads (98% at 8 pixels, 33% at 4)
 
 
 def png_bytes(image) -> bytes:

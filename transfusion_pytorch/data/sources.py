@@ -90,6 +90,9 @@ def records(source: str | Path, kind: str | None = None, *, caption_column: str 
     kind = kind or detect(source)
     if kind not in KINDS:
         raise SourceError(f'kind must be one of {KINDS}, got {kind!r}')
+    if split != 'train' and kind != 'datasets':
+        raise SourceError(f'--split {split!r}: {source} is a source of kind {kind}, which has no splits (--split picks one of a saved '
+                          'DatasetDict); leave it out')
     path = Path(source)
     if kind == 'imagefolder':
         return imagefolder(path, caption_column)
@@ -158,6 +161,9 @@ def saved_dataset(path: Path, image_column: str, caption_column: str, split: str
         if split not in dataset:
             raise SourceError(f'{path}: a DatasetDict without the split {split!r}; its splits are {sorted(dataset)} (--split picks one)')
         dataset = dataset[split]
+    elif split != 'train':
+        raise SourceError(f'--split {split!r}: {path} holds one Dataset, which has no splits (--split picks one of a saved '
+                          'DatasetDict); leave it out')
     check_columns(dataset.column_names, (image_column, caption_column), str(path))
     if isinstance(dataset.features[image_column], datasets.Image):
         dataset = dataset.cast_column(image_column, datasets.Image(decode = False))

@@ -35,6 +35,9 @@ class ByteTokenizer:
         return dict(kind = 'bytes', vocab_size = 256, fingerprint = 'utf-8-bytes')
 
 
+TOKENIZER_FILES = ('tokenizer_config.json', 'tokenizer.json')      # what a tokenizer's save_pretrained writes
+
+
 class HFTokenizer:
     """A Hugging Face tokenizer from a local folder; captions are encoded without special
     tokens (the model adds its own start and end)."""
@@ -43,8 +46,15 @@ class HFTokenizer:
         self.path = Path(path)
         if not self.path.is_dir():
             raise FileNotFoundError(f'tokenizer: {self.path} is not a folder (a local Hugging Face tokenizer folder, as save_pretrained writes)')
+        if not any((self.path / name).exists() for name in TOKENIZER_FILES):
+            raise FileNotFoundError(f'tokenizer: {self.path} has no {" or ".join(TOKENIZER_FILES)} (a local Hugging Face tokenizer '
+                                    'folder, as save_pretrained writes)')
         transformers = require('transformers', f'tokenizer: loading the tokenizer in {self.path}')
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(self.path))
+        try:
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(self.path))
+        except (OSError, ValueError, KeyError, TypeError) as error:     # a damaged folder; transformers' messages run over several lines
+            raise ValueError(f'tokenizer: {self.path} does not load as a Hugging Face tokenizer '
+                             f'({type(error).__name__}: {" ".join(str(error).split())})') from None
         self.vocab_size = len(self.tokenizer)
 
     def encode(self, texts: list[str]) -> list[list[int]]:
@@ -70,8 +80,11 @@ def load_tokenizer(path: str | Path | None):
 
 def from_description(description: dict, path: str | Path | None = None):
     """The tokenizer a manifest or run describes, loaded from `path` (or its recorded path)
-    and checked to be the same one."""
+    and checked to be the same one. A path for UTF-8 bytes, which have no folder, is refused
+    rather than ignored."""
     if description['kind'] == 'bytes':
+        if path is not None:
+            raise ValueError('the data was tokenized as UTF-8 bytes, which need no tokenizer folder: leave the option out')
         return ByteTokenizer()
     tokenizer = HFTokenizer(path or description['path'])
     check_same(description, tokenizer.describe(), 'the recorded tokenizer', f'the tokenizer at {tokenizer.path}')

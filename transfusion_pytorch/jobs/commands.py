@@ -53,7 +53,7 @@ def train_image_text(config_path: str | None, extra: list[str]):
 
 
 def add_parsers(commands):
-    from ..cli_options import add_run_options
+    from ..cli_options import add_run_options, int_at_least, positive_int
     from ..data import documents, shapes, sources
     prepare = commands.add_parser(
         'prepare', help = 'encode a folder of captioned images (or text) once into shards for training',
@@ -93,8 +93,9 @@ def add_parsers(commands):
                                description = 'Writes NUM pictures of coloured shapes, captioned "a red circle at the top left", '
                                              'in one of the input layouts `transfusion prepare` reads.')
     walk.add_argument('out', help = 'the folder to write')
-    walk.add_argument('--num', type = int, default = 4000, help = 'number of pictures (default 4000)')
-    walk.add_argument('--size', type = int, default = 32, help = 'picture side in pixels (default 32)')
+    walk.add_argument('--num', type = positive_int, default = 4000, help = 'number of pictures (default 4000)')
+    walk.add_argument('--size', type = int_at_least(shapes.MIN_SIZE), default = 32,
+                      help = f'picture side in pixels, at least {shapes.MIN_SIZE} (default 32)')
     walk.add_argument('--seed', type = int, default = 0)
     walk.add_argument('--format', choices = shapes.FORMATS, default = 'imagefolder', help = 'layout (default imagefolder)')
 
@@ -141,8 +142,18 @@ def os_error_message(error: OSError, out: Path) -> str:
 
 
 def command_shapes(args):
+    from ..cli_options import UsageError
     from ..data.shapes import write_set
-    out = write_set(args.out, args.num, args.size, args.seed, args.format)
+    out = Path(args.out)
+    blocking = next((path for path in (out, *out.parents) if path.exists() and not path.is_dir()), None)
+    if blocking == out:
+        raise UsageError(f'OUT: {out} is a file; give a folder to write the drawings to')
+    if blocking is not None:
+        raise UsageError(f'OUT: {blocking} is a file, so the folder {out} cannot be made')
+    try:
+        out = write_set(out, args.num, args.size, args.seed, args.format)
+    except OSError as error:
+        raise UsageError(f'OUT: cannot write the drawings to {out} ({error.strerror or error})') from None
     print(f'wrote {args.num} captioned drawings ({args.size} x {args.size}, {args.format}) to {out}')
     return out
 

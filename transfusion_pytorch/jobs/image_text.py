@@ -31,6 +31,7 @@ from ..config_files import ConfigError, check_rerun, to_toml, write_text_atomic
 from ..data.loader import LoaderConfig, StreamingLoader, modality_tokens_of, refuse_untrainable
 from ..data.shards import Prepared, write_json
 from ..model import Transfusion
+from ..sampler import SampleOptions
 from ..training import Every, TrainConfig, Trainer, distributed
 from . import language_model, sampling
 from .image_text_config import JOB, MODEL_SIZE, RERUN_KEYS, ImageTextConfig, load_config  # noqa: F401 (load_config: the job's own name)
@@ -65,16 +66,18 @@ def mix_weights(config: ImageTextConfig, images: list[Prepared], texts: list[Pre
 
 
 def open_data(config: ImageTextConfig, run_dir: Path) -> tuple[list[Prepared], dict]:
+    """The data folders, image-caption then text-only, and the record of them; a folder of the
+    other kind is a ConfigError (one line from the CLI)."""
     images = [Prepared(folder) for folder in config.data]
     texts = [Prepared(folder) for folder in config.text_data]
     for p in images + texts:
         refuse_untrainable(p)
     for p in images:
         if p.kind != 'image_text':
-            raise ValueError(f"'data': {p.folder} holds {p.kind} rows; image-caption folders go in 'data', text-only ones in 'text_data'")
+            raise ConfigError(f"'data': {p.folder} holds {p.kind} rows; image-caption folders go in 'data', text-only ones in 'text_data'")
     for p in texts:
         if p.kind != 'text':
-            raise ValueError(f"'text_data': {p.folder} holds {p.kind} rows, not text-only rows")
+            raise ConfigError(f"'text_data': {p.folder} holds {p.kind} rows, not text-only rows")
     weights = mix_weights(config, images, texts)
     record = describe_data(config, images, texts, weights)
     before = run_dir / 'data.json'
@@ -98,8 +101,11 @@ def build_model(config: ImageTextConfig, record: dict) -> Transfusion:
         except (FileNotFoundError, ValueError) as error:
             raise ConfigError(f"'language_model': {error}") from None
     size = {name: getattr(config, name) for name in MODEL_SIZE}
-    return Transfusion(num_text_tokens = record['tokenizer']['vocab_size'],
-                       transformer = dict(size, separate_modality_weights = config.separate_modality_weights), **options)
+    try:
+        return Transfusion(num_text_tokens = record['tokenizer']['vocab_size'],
+                           transformer = dict(size, separate_modality_weights = config.separate_modality_weights), **options)
+    except ValueError as error:                 # a value the model rejects (an odd dim_head, a negative flow_loss_weight)
+        raise ConfigError(f'config: {error}') from None
 
 
 def default_prompts(folders: list[Prepared], tokenizer, count: int = 4) -> list[str]:
@@ -144,6 +150,22 @@ def train(config: ImageTextConfig) -> Path:
         return run_job(config)
 
 
+def trainer_config(config: ImageTextConfig) -> TrainConfig:
+    """The trainer's config, and the sampling settings of the grids checked as `model.sample`
+    checks them: a value either rejects (a negative `lr`, a NaN `cfg_scale`) is a ConfigError
+    before anything is written, so that the corrected command is not refused as another run."""
+    try:
+        SampleOptions(modality_steps = config.modality_steps, cfg_scale = config.cfg_scale, **sampling.SAMPLING)
+        return TrainConfig(
+            out_dir = str(config.run_dir), max_steps = config.steps, max_tokens = config.max_tokens, grad_accum = config.grad_accum,
+            lr = config.lr, warmup_steps = config.warmup_steps, weight_decay = config.weight_decay, ema_beta = config.ema_beta,
+            seed = config.seed, strategy = config.strategy, checkpoint_every = config.checkpoint_every, log_every = config.log_every,
+            keep_last = 2, compile = config.compile, activation_checkpointing = config.activation_checkpointing,
+        )
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f'config: {error}') from None
+
+
 def open_loader(config: ImageTextConfig, folders: list[Prepared], model, record: dict, dist) -> StreamingLoader:
     """The run's loader. What the loader refuses in this run's settings (more readers, ranks x
     --workers, than a folder has samples; a sample over --max-tokens) is a ConfigError: one
@@ -181,18 +203,13 @@ def run_job(config: ImageTextConfig, callbacks = ()) -> Path:
     model = build_model(config, record)
     loader = open_loader(config, folders, model, record, dist)
     prompts = list(config.prompts) or default_prompts(folders, assets.tokenizer)
+    train_config = trainer_config(config)
     if dist.is_main:
         run_dir.mkdir(parents = True, exist_ok = True)
         if lm is not None:
             language_model.record(run_dir, lm)
         write_text_atomic(run_dir / 'config.toml', to_toml(config, version))
         write_json(run_dir / 'data.json', record)
-    train_config = TrainConfig(
-        out_dir = str(run_dir), max_steps = config.steps, max_tokens = config.max_tokens, grad_accum = config.grad_accum, lr = config.lr,
-        warmup_steps = config.warmup_steps, weight_decay = config.weight_decay, ema_beta = config.ema_beta, seed = config.seed,
-        strategy = config.strategy, checkpoint_every = config.checkpoint_every, log_every = config.log_every, keep_last = 2,
-        compile = config.compile, activation_checkpointing = config.activation_checkpointing,
-    )
     if dist.is_main:
         total, trained = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in model.parameters() if p.requires_grad)
         counts = f'{total:,} parameters' + (f' ({trained:,} trained)' if trained < total else '')

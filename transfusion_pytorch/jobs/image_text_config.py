@@ -97,6 +97,8 @@ class ImageTextConfig:
             self.data_weights = tuple(float(w) for w in self.data_weights.split(','))
         if self.data_weights is not None and len(self.data_weights) != len(self.data):
             raise ValueError(f"'data_weights' needs one weight per data folder ({len(self.data)}), got {len(self.data_weights)}")
+        if self.data_weights is not None and not (all(w >= 0 and math.isfinite(w) for w in self.data_weights) and sum(self.data_weights) > 0):
+            raise ValueError(f"'data_weights' must be finite numbers >= 0, not all 0, got {tuple(self.data_weights)}")
         if isinstance(self.prompts, str):
             self.prompts = tuple(p.strip() for p in self.prompts.split('|') if p.strip())
         self.resolve_model_options()
@@ -111,6 +113,8 @@ class ImageTextConfig:
             raise ValueError(f"'text_weight' must lie in [0, 1), got {self.text_weight}")
         if self.workers < 0:
             raise ValueError(f"'workers' must be >= 0, got {self.workers}")
+        if self.threads < 0:
+            raise ValueError(f"'threads' must be >= 0 (0: the torch default), got {self.threads}")
         if not (self.loader_timeout >= 0 and math.isfinite(self.loader_timeout)):
             raise ValueError(f"'loader_timeout' must be a number of seconds >= 0 (0: wait forever), got {self.loader_timeout}")
         if self.activation_checkpointing not in CHECKPOINTING:

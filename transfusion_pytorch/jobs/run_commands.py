@@ -15,12 +15,26 @@ import torch
 
 from ..cli_options import UsageError, given_options, output_path, write_json
 from ..data import images, shapes
+from ..sampler import SampleOptions
 from .sampling import Assets, caption, draw, load_picture, load_run, run_setting, shapes_match_rate
 
 
 def given_sampling(args) -> dict:
     """The sampling options given on the command line besides the steps and the scale (the run's own when not given)."""
     return given_options(args, ('ode_method', 'time_shift', 'guidance_interval', 'guidance_schedule'))
+
+
+def sampling_settings(args) -> dict:
+    """modality_steps, cfg_scale (the run's own when not given) and the other sampling options
+    given, checked as `model.sample` checks them: a bad one is an error in what was asked,
+    found before any drawing."""
+    settings = dict(modality_steps = run_setting(args.model, 'modality_steps', args.modality_steps),
+                    cfg_scale = run_setting(args.model, 'cfg_scale', args.cfg_scale), **given_sampling(args))
+    try:
+        SampleOptions(**settings)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    return settings
 
 
 def prompt_rows(prompt: str | None) -> list[str]:
@@ -42,8 +56,7 @@ def command_sample(args):
     model, assets, _ = load_run(args.model, ema = not args.no_ema, vae = args.vae, tokenizer = args.tokenizer, threads = args.threads)
     shape = assets.latent_shape(args.shape) if args.shape is not None else None
     prompts = [p for p in rows for _ in range(args.num)]
-    pixels = draw(model, assets, prompts, run_setting(args.model, 'modality_steps', args.modality_steps),
-                  run_setting(args.model, 'cfg_scale', args.cfg_scale), seed = args.seed, shape = shape, **given_sampling(args))
+    pixels = draw(model, assets, prompts, seed = args.seed, shape = shape, **sampling_settings(args))
     save_image_grid(pixels.reshape(len(rows), args.num, *pixels.shape[1:]), out, rows)
     rate = shapes_match_rate(pixels, prompts)
     read = f'; the checker reads {rate:.0%} of them as their prompt' if rate is not None else ''
@@ -53,6 +66,9 @@ def command_sample(args):
 
 
 def command_caption(args):
+    folder = next((p for p in args.pictures if Path(p).is_dir()), None)
+    if folder is not None:
+        raise UsageError(f'{folder} is a folder; give its picture files (such as {Path(folder) / "*.png"})')
     missing = [p for p in args.pictures if not Path(p).is_file()]
     if missing:
         raise UsageError(f'no such picture file: {missing[0]}')
@@ -95,9 +111,7 @@ def command_eval(args):
     out = output_path(args.out) if args.out else Path(args.model) / 'eval.json'
     model, assets, record = load_run(args.model, ema = not args.no_ema, vae = args.vae, tokenizer = args.tokenizer, threads = args.threads)
     check_walk_through(args.model, record, assets)
-    results = evaluate_shapes(model, assets, per_caption = args.per_caption, cfg_scale = run_setting(args.model, 'cfg_scale', args.cfg_scale),
-                              seed = args.seed or 0, modality_steps = run_setting(args.model, 'modality_steps', args.modality_steps),
-                              **given_sampling(args))
+    results = evaluate_shapes(model, assets, per_caption = args.per_caption, seed = args.seed or 0, **sampling_settings(args))
     print(f"text to image: {results['text_to_image']:.1%} of {results['num_drawings']} drawings read by the checker as their caption "
           f"(shape {results['text_to_image_shape']:.0%}, colour {results['text_to_image_colour']:.0%}, "
           f"position {results['text_to_image_position']:.0%})")
