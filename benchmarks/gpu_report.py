@@ -103,7 +103,7 @@ def print_summary(report: dict):
               f'{w["tokens_per_s"]:,.0f} tokens/s')
     if 'decoding' in report:
         d = report['decoding']
-        eager = d['eager'] if isinstance(d['eager'], str) else f'eager path {d["eager"]["steps_per_s"]:,.1f} steps/s, tokens equal: {d["tokens_equal_eager"]}'
+        eager = d['eager'] if isinstance(d['eager'], str) else f'eager path {d["eager"]["steps_per_s"]:,.1f} steps/s, tokens equal in float32: {d["tokens_equal_eager"]}, under bf16 {d["bf16_tokens_agreeing"]:.1%} of them'
         print(f'decoding: {d["steps_per_s"]:,.1f} steps/s, {d["new_tokens_per_s"]:,.0f} new tokens/s; images: {d["images_per_s"]:,.1f} per s; {eager}')
     print('\nissue 21 targets (now / before):')
     for t in report['targets']:

@@ -99,8 +99,8 @@ def decoding(device, dry_run: bool, eager_option: dict | None) -> dict:
     # default with CUDA only, is asked for, so that its code runs here too
     default = dict(static_decode = True) if device.type == 'cpu' else {}
 
-    def decode(**options):
-        with torch.no_grad(), torch.autocast(device.type, dtype = torch.bfloat16):
+    def decode(bf16: bool = True, **options):
+        with torch.no_grad(), torch.autocast(device.type, dtype = torch.bfloat16, enabled = bf16):
             return model.generate_text_only(prompt, size['prompt'] + size['new'], seed = 0, **(options or default))
 
     def images():
@@ -116,8 +116,12 @@ def decoding(device, dry_run: bool, eager_option: dict | None) -> dict:
     else:
         eager_seconds, _ = timed(lambda: decode(**eager_option), device, 1)
         out['eager'] = dict(option = eager_option, steps_per_s = size['new'] / eager_seconds)
-        out['tokens_equal_eager'] = gpu_training.check(torch.equal(decode(), decode(**eager_option)),
-                                                       f'decoding: the default call\'s tokens = those of the eager call ({eager_option})')
+        # equal tokens are checked in float32: under bf16 the two paths sum attention in other
+        # orders, and a random model's near-flat logits turn such rounding into other draws
+        out['tokens_equal_eager'] = gpu_training.check(torch.equal(decode(False), decode(False, **eager_option)),
+                                                       f'decoding: the default call\'s tokens = those of the eager call ({eager_option}), float32')
+        fast, slow = decode(), decode(**eager_option)
+        out['bf16_tokens_agreeing'] = (fast == slow).float().mean().item()
     image_seconds, _ = timed(images, device, size['repeats'])
     out['images_per_s'] = size['images'] / image_seconds
     print(f'  decoding: {out["steps_per_s"]:,.1f} steps/s, {out["new_tokens_per_s"]:,.0f} new tokens/s '
