@@ -3,8 +3,10 @@ their workers, and the image-text job trains on both (see data_distributed_run.p
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -54,6 +56,15 @@ def test_a_resumed_two_process_run_trains_each_rank_on_the_batches_of_the_uninte
     env = dict(os.environ, OMP_NUM_THREADS = '1', PYTHONPATH = os.pathsep.join([str(RUN.parents[1]), os.environ.get('PYTHONPATH', '')]))
     command = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--standalone', str(RESUME), str(prepared.folder), str(tmp_path)]
     result = subprocess.run(command, env = env, capture_output = True, text = True, timeout = 300)
+    if result.returncode != 0 and 'SIGABRT' in result.stderr and (tmp_path / 'batches.json').exists():
+        # once in about twenty runs a gloo process aborted while leaving the process group, after
+        # every batch was recorded ('terminate called without an active exception'): a teardown
+        # fault of its own, not of resuming; the whole run is made again from a clean folder
+        warnings.warn('a process aborted while leaving the process group; running again')
+        for name in ('full', 'crashed', 'batches.json'):
+            path = tmp_path / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        result = subprocess.run(command, env = env, capture_output = True, text = True, timeout = 300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     batches = json.loads((tmp_path / 'batches.json').read_text())
