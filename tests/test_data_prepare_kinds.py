@@ -92,6 +92,8 @@ def interleaved_dataset(documents = DOCUMENTS, broken: tuple | None = None):
 
 
 def write_interleaved(root: Path, layout: str, documents = DOCUMENTS) -> Path:
+    if layout == 'webdataset':
+        pytest.importorskip('webdataset')           # reading tars (the data extra)
     root.mkdir(parents = True)
     if layout == 'datasets':
         interleaved_dataset(documents).save_to_disk(str(root / 'docs'))
@@ -154,6 +156,8 @@ def edit_dataset(names = INSTRUCTPIX2PIX):
 
 
 def write_edits(root: Path, layout: str, names = INSTRUCTPIX2PIX) -> Path:
+    if layout == 'webdataset':
+        pytest.importorskip('webdataset')           # reading tars (the data extra)
     root.mkdir(parents = True)
     source, instruction, target = names
     if layout == 'datasets':

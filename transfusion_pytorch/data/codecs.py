@@ -89,11 +89,11 @@ class VAECodec:
         config_path = self.path / 'config.json'
         if not config_path.exists():
             raise FileNotFoundError(f'vae: {self.path} has no config.json (a local diffusers autoencoder folder, as save_pretrained writes)')
-        diffusers = require('diffusers', f'vae: loading the autoencoder in {self.path}')
         try:
             config = json.loads(config_path.read_text())
         except ValueError as error:
             raise ValueError(f'vae: {config_path} is not valid JSON ({error})') from None
+        diffusers = require('diffusers', f'vae: loading the autoencoder in {self.path}')
         name = config.get('_class_name', 'AutoencoderKL')
         cls = getattr(diffusers, name, None)
         if cls is None or not hasattr(cls, 'encode') or not hasattr(cls, 'decode'):
